@@ -1,0 +1,1 @@
+"""Task families: what is specific to one task (config, probe, loss, trainable set)."""

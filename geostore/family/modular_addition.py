@@ -1,0 +1,99 @@
+"""Modular addition `(a + b) mod p` (Nanda et al. 2023): model config, probe grid, loss, split.
+
+Everything derives from the model config: `p = d_vocab - 1` (the `=` token has id p), the probe is
+the full `p * p` grid of `[a, b, =]` inputs, and the loss is the cross-entropy at the final
+position over the first `p` logits (the ARENA run has `d_vocab_out = p + 1`; its extra logit is
+ignored). Torch is imported here; import this module only where a model is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geostore.errors import SourceError
+from geostore.store.schema import WEIGHT_MATRICES
+
+NAME = "modular_addition"
+
+# The 9 weight matrices: biases are frozen at zero, as in the reference implementation.
+TRAINABLE = WEIGHT_MATRICES
+
+
+def model_config(
+    p: int,
+    *,
+    d_model: int = 128,
+    n_heads: int = 4,
+    d_head: int | None = None,
+    d_mlp: int | None = None,
+    act_fn: str = "relu",
+) -> dict[str, object]:
+    """The 1-layer HookedTransformer config of the task for prime `p` (paper: p=113, d_model=128)."""
+    if p < 2:
+        raise ValueError(f"p must be at least 2, got {p}")
+    if d_head is None:
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        d_head = d_model // n_heads
+    return {
+        "n_layers": 1,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "d_head": d_head,
+        "d_mlp": 4 * d_model if d_mlp is None else d_mlp,
+        "d_vocab": p + 1,
+        "d_vocab_out": p,
+        "n_ctx": 3,
+        "act_fn": act_fn,
+        "normalization_type": None,
+    }
+
+
+def prime_of(config: Mapping[str, object]) -> int:
+    """The modulus p of a model config: `d_vocab - 1`, checked against `d_vocab_out` and `n_ctx`."""
+    p = int(config["d_vocab"]) - 1
+    if int(config["d_vocab_out"]) not in (p, p + 1) or int(config["n_ctx"]) != 3:
+        raise SourceError(
+            f"config is not a modular-addition model: d_vocab={config['d_vocab']}, "
+            f"d_vocab_out={config['d_vocab_out']}, n_ctx={config['n_ctx']}"
+        )
+    return p
+
+
+def probe(p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full grid: tokens `(p*p, 3)` rows `[a, b, p]` in order `idx = a*p + b`, and labels `(a+b) % p`."""
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    tokens = torch.stack([a, b, torch.full_like(a, p)], dim=1)
+    return tokens, (a + b) % p
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor, p: int) -> torch.Tensor:
+    """Mean float32 cross-entropy at the final position over the first `p` logits."""
+    return F.cross_entropy(logits[:, -1, :p].float(), labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, p: int) -> float:
+    """Fraction of rows whose argmax over the first `p` final-position logits is the label."""
+    return (logits[:, -1, :p].argmax(dim=-1) == labels).float().mean().item()
+
+
+def loss_fn(model: torch.nn.Module, probe_data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The family's loss of `model` on a probe `(tokens, labels)`: the one flatness is measured with."""
+    tokens, labels = probe_data
+    p = int(model.cfg.d_vocab) - 1
+    return loss(model(tokens), labels, p)
+
+
+def split(p: int, train_fraction: float, data_seed: int) -> np.ndarray:
+    """Sorted flat grid indices (`a*p + b`) of the training set, a seeded random `train_fraction` of the grid."""
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train fraction must lie in (0, 1), got {train_fraction}")
+    generator = torch.Generator().manual_seed(data_seed)
+    order = torch.randperm(p * p, generator=generator).numpy()
+    n_train = round(train_fraction * p * p)
+    return np.sort(order[:n_train]).astype(np.int64)

@@ -1,0 +1,1 @@
+"""The Zarr store: its schema (the contract), the crash-safe writer and the read-only reader."""

@@ -1,0 +1,185 @@
+"""The read-only `Store` handle: lazy dask and xarray views of a geostore store.
+
+Reads go through the consolidated metadata (the commit record), so a store being written or left
+by a killed ingest shows only whole epochs. Torch and TransformerLens are imported only by
+`model_at`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from geostore.errors import StoreError
+from geostore.store import layout, schema
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import xarray as xr
+    from transformer_lens import HookedTransformer
+
+
+class Store:
+    """A geostore store opened for reading; use `geostore.open_store(path)`.
+
+    Parameters are dask arrays `(n_epoch, *shape)` chunked as stored along epoch; nothing is
+    read until computed. Works as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such store")
+        self.attrs: dict = layout.read_root_attrs(self.path)
+        self._group = layout.open_committed(self.path)
+        epochs = np.asarray(self._group[schema.EPOCH_DIM][:], dtype=np.int64)
+        pending = layout.pending_state(self.path)
+        # A staged insertion may have shifted stored epochs past its start: show the intact prefix.
+        self._n = int(pending["start"]) if pending and pending.get("complete") else epochs.size
+        self.interrupted = pending is not None
+        self._epochs = epochs[: self._n]
+        self._epochs.setflags(write=False)
+        self._params: Mapping[str, da.Array] | None = None
+
+    # ----------------------------------------------------------------------------- basic facts
+    @property
+    def epochs(self) -> np.ndarray:
+        """Stored epochs, strictly increasing (int64, read-only)."""
+        return self._epochs
+
+    @property
+    def params(self) -> Mapping[str, da.Array]:
+        """Parameter name (`W_E`, ..., `b_U`) -> lazy dask array `(n_epoch, *shape)`, float32.
+
+        Dask chunks follow the stored chunks (`chunk_epochs` epochs), not zarr's one-task-per-chunk
+        default of `da.from_zarr` with small inner chunks.
+        """
+        if self._params is None:
+            import dask.array as da
+
+            self._params = MappingProxyType({
+                name: da.from_zarr(self._group[name], chunks=(self.chunk_epochs, *self._group[name].shape[1:]))[
+                    : self._n
+                ]
+                for name in schema.PARAMETERS
+            })
+        return self._params
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-epoch shape of every parameter (no dask needed)."""
+        return {name: tuple(self._group[name].shape[1:]) for name in schema.PARAMETERS}
+
+    @property
+    def config(self) -> dict:
+        """The model config (HookedTransformerConfig fields)."""
+        return dict(self.attrs["model_config"])
+
+    @property
+    def task(self) -> dict:
+        """What the sources recorded of the task (family, p, seeds, training hyperparameters)."""
+        return dict(self.attrs.get("task", {}))
+
+    @property
+    def sources(self) -> list[dict]:
+        """Where the stored epochs came from (kind and path of each ingested source)."""
+        return list(self.attrs.get("sources", []))
+
+    @property
+    def chunk_epochs(self) -> int:
+        """Epochs per stored chunk."""
+        return int(self.attrs["geostore"]["chunk_epochs"])
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Per-epoch training metrics (`train_loss`, ...) that the sources recorded; NaN where unknown."""
+        out = {}
+        for name in schema.METRICS:
+            values = np.asarray(self._group[name][: self._n], dtype=np.float64)
+            if np.isfinite(values).any():
+                out[name] = values
+        return out
+
+    def train_mask(self) -> np.ndarray | None:
+        """The task's train split as a `(p, p)` bool grid (`[a, b]`), or None if not recorded."""
+        if schema.SPLIT not in self._group:
+            return None
+        return np.asarray(self._group[schema.SPLIT][:])
+
+    # ------------------------------------------------------------------------------ derived views
+    def flatten(self, group: str | Sequence[str] = "all") -> da.Array:
+        """Lazy `(n_epoch, D)` float32 matrix of a component group's flattened parameters.
+
+        Groups: `all` (the 9 weight matrices), `embedding`, `attention`, `mlp`, or a list of names.
+        """
+        try:
+            names = schema.resolve_group(group)
+        except KeyError as exc:
+            raise StoreError(str(exc.args[0])) from None
+        import dask.array as da
+
+        return da.concatenate([self.params[n].reshape(self._n, -1) for n in names], axis=1)
+
+    def params_at(self, epoch: int) -> dict[str, np.ndarray]:
+        """Every parameter at one stored epoch, as numpy arrays."""
+        index = self.index_of(epoch)
+        return {name: np.asarray(self._group[name][index]) for name in schema.PARAMETERS}
+
+    def index_of(self, epoch: int) -> int:
+        """Position of a stored epoch on the epoch axis; StoreError if it is not stored."""
+        index = int(np.searchsorted(self._epochs, epoch))
+        if index >= self._n or self._epochs[index] != epoch:
+            raise StoreError(f"{self.path}: epoch {epoch} is not stored")
+        return index
+
+    def model_at(self, epoch: int) -> HookedTransformer:
+        """The exact HookedTransformer of a stored epoch, rebuilt from the store alone."""
+        from geostore.model import build_model, load_parameters
+
+        model = build_model(self.config)
+        load_parameters(model, self.params_at(epoch))
+        return model
+
+    def to_xarray(self) -> xr.Dataset:
+        """The store as an xarray Dataset (lazy), as `xarray.open_zarr(path)` gives it."""
+        import xarray as xr
+
+        with layout.quiet_zarr():
+            ds = xr.open_zarr(str(self.path), consolidated=True)
+        return ds.isel({schema.EPOCH_DIM: slice(0, self._n)})
+
+    def analyses(self) -> list[str]:
+        """Names of the analyses stored (see `schema.ANALYSES`), e.g. `flatness`."""
+        return [name for name, arrays in schema.ANALYSES.items() if all(a in self._group for a in arrays)]
+
+    def describe(self) -> str:
+        """A human-readable summary: epochs, model, shapes, size, sources, analyses."""
+        from geostore.store.summary import describe
+
+        return describe(self)
+
+    def nbytes_on_disk(self) -> int:
+        """Bytes the store's files take on disk."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    # ---------------------------------------------------------------------------------- protocol
+    def close(self) -> None:
+        """Release the handle (a no-op for local stores; kept for the context-manager protocol)."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        span = f"{self._epochs[0]}..{self._epochs[-1]}" if self._n else "none"
+        return f"<geostore.Store {str(self.path)!r}: {self._n} epochs ({span})>"
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a geostore store read-only: `.epochs`, `.params` (dask), `.flatten(group)`, `.to_xarray()`."""
+    return Store(path)

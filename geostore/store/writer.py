@@ -1,0 +1,295 @@
+"""Crash-safe, incremental writes into a geostore store.
+
+The commit protocol (see layout.py): arrays are grown and their chunks written first; the root
+`zarr.json`, whose consolidated metadata lists every array with its committed shape, is then
+replaced atomically. Until that rename, readers see the previous epochs only, with unchanged data:
+appended chunks lie beyond the committed shape, and a rewritten edge chunk holds the same values
+for the committed epochs. An epoch inserted before stored ones shifts the stored tail, so the
+rewritten tail is first staged under `_pending/` with a `state.json` written last; a writer that
+finds a complete stage replays it (redo), an incomplete one is discarded. A killed ingest therefore
+leaves a store that opens with whole epochs only, and re-running it completes the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from geostore.errors import ModelMismatchError, StoreError
+from geostore.store import layout, schema
+
+
+def _atomic_write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=True))
+    os.replace(tmp, path)
+
+
+class StoreWriter:
+    """The one writer of a store: create or open, add epochs, commit each batch atomically.
+
+    Use `StoreWriter.open(path, config=..., task=...)`; it refuses a path that is not a geostore
+    store and a store of another model before writing anything, and finishes or discards the work
+    of a writer that was killed.
+    """
+
+    def __init__(self, path: Path, attrs: dict, *, created: bool) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.created = created
+        with layout.quiet_zarr():
+            self._group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        self._n = int(layout.open_committed(path)["epoch"].shape[0])
+        self._epochs = np.asarray(layout.open_committed(path)["epoch"][:], dtype=np.int64)
+        self._start_root = (path / layout.ROOT_META).read_bytes()
+        self._start_n = self._n
+        self._shifted = False
+
+    # ----------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        config: Mapping[str, object],
+        task: Mapping[str, object],
+        train_indices: np.ndarray | None = None,
+        chunk_epochs: int | None = None,
+    ) -> StoreWriter:
+        """Open `path` for writing, creating the store when the path is missing or an empty folder."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path}: exists and is not a geostore store (a file)")
+        if path.exists() and any(path.iterdir()):
+            attrs = layout.read_root_attrs(path)
+            _check_same_run(path, attrs, config, task, train_indices)
+            writer = cls(path, attrs, created=False)
+            writer._recover()
+            return writer
+        _create(path, config, task, train_indices, chunk_epochs)
+        return cls(path, layout.read_root_attrs(path), created=True)
+
+    @property
+    def epochs(self) -> np.ndarray:
+        """Epochs committed so far (strictly increasing)."""
+        return self._epochs.copy()
+
+    @property
+    def chunk_epochs(self) -> int:
+        """Epochs per chunk: batches aligned to it write every chunk once."""
+        return int(self.attrs["geostore"]["chunk_epochs"])
+
+    def _epoch_arrays(self) -> list[str]:
+        return [schema.EPOCH_DIM, *schema.PARAMETERS, *schema.METRICS]
+
+    def _array(self, name: str) -> zarr.Array:
+        return self._group[name]
+
+    # ------------------------------------------------------------------------------------ writing
+    def append(
+        self,
+        epochs: Sequence[int],
+        params: Mapping[str, np.ndarray],
+        metrics: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Add epochs after every stored one and commit them: `params[name]` is `(k, *shape)`."""
+        epochs = np.asarray(epochs, dtype=np.int64)
+        if epochs.size == 0:
+            return
+        if np.any(np.diff(epochs) <= 0) or (self._n and epochs[0] <= self._epochs[-1]):
+            raise StoreError(f"{self.path}: append needs new epochs after {self._epochs[-1:]}, got {epochs}")
+        columns = self._columns(epochs, params, metrics)
+        self._write_region(self._n, columns)
+        self._commit(np.concatenate([self._epochs, epochs]))
+
+    def insert(
+        self,
+        epochs: Sequence[int],
+        params: Mapping[str, np.ndarray],
+        metrics: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Add epochs anywhere on the axis (new ones only), keeping it sorted; staged, then committed."""
+        epochs = np.asarray(epochs, dtype=np.int64)
+        if epochs.size == 0:
+            return
+        if np.intersect1d(epochs, self._epochs).size or np.unique(epochs).size != epochs.size:
+            raise StoreError(f"{self.path}: insert needs new, distinct epochs")
+        start = int(np.searchsorted(self._epochs, epochs.min()))
+        if start == self._n:
+            order = np.argsort(epochs)
+            self.append(epochs[order], {k: np.asarray(v)[order] for k, v in params.items()},
+                        None if metrics is None else {k: np.asarray(v)[order] for k, v in metrics.items()})
+            return
+        new = self._columns(epochs, params, metrics)
+        old = {name: self._array(name)[start:self._n] for name in self._epoch_arrays()}
+        merged_epochs = np.concatenate([old[schema.EPOCH_DIM], epochs])
+        order = np.argsort(merged_epochs, kind="stable")
+        tail = {name: np.concatenate([old[name], new[name]])[order] for name in self._epoch_arrays()}
+        self._stage(start, tail)
+        self._shifted = True
+        self._replay()
+
+    def record_source(self, record: Mapping[str, object]) -> None:
+        """Remember where epochs came from (kept in the root attributes at the next commit)."""
+        sources = list(self.attrs.get("sources", []))
+        if dict(record) not in sources:
+            sources.append(dict(record))
+        self.attrs["sources"] = sources
+
+    def commit_attrs(self) -> None:
+        """Commit attribute changes alone (e.g. a recorded source with no new epochs)."""
+        self._commit(self._epochs)
+
+    def rollback(self) -> None:
+        """Undo everything this writer appended: back to the store as it was opened.
+
+        Only appends can be undone (they never touched stored epochs); after an insertion shifted
+        stored epochs, the store stays as committed.
+        """
+        if self._shifted:
+            return
+        (self.path / layout.ROOT_META).write_bytes(self._start_root)
+        self._n = self._start_n
+        self._epochs = self._epochs[: self._start_n]
+        self._shrink_to(self._n)
+
+    # ---------------------------------------------------------------------------------- internals
+    def _columns(self, epochs, params, metrics) -> dict[str, np.ndarray]:
+        k = epochs.size
+        sizes = schema.dim_sizes(self.attrs["model_config"])
+        columns = {schema.EPOCH_DIM: epochs}
+        for name, (_, dims) in schema.PARAMETERS.items():
+            value = np.asarray(params[name], dtype=np.float32)
+            expected = (k, *(sizes[d] for d in dims))
+            if value.shape != expected:
+                raise StoreError(f"{self.path}: {name} has shape {value.shape[1:]}, store holds {expected[1:]}")
+            columns[name] = value
+        for name in schema.METRICS:
+            given = None if metrics is None else metrics.get(name)
+            columns[name] = np.full(k, np.nan) if given is None else np.asarray(given, dtype=np.float64)
+        return columns
+
+    def _write_region(self, start: int, columns: Mapping[str, np.ndarray]) -> None:
+        stop = start + len(columns[schema.EPOCH_DIM])
+        for name, value in columns.items():
+            array = self._array(name)
+            if array.shape[0] != stop:
+                array.resize((stop, *array.shape[1:]))
+            array[start:stop] = value
+
+    def _commit(self, epochs: np.ndarray) -> None:
+        """Atomically replace the root metadata: the epochs in it become the store's epochs."""
+        n = int(epochs.size)
+        consolidated = {}
+        for name in self._epoch_arrays():
+            meta = json.loads((self.path / name / layout.ROOT_META).read_text())
+            consolidated[name] = {**meta, "shape": [n, *meta["shape"][1:]]}
+        if (self.path / schema.SPLIT / layout.ROOT_META).exists():
+            consolidated[schema.SPLIT] = json.loads((self.path / schema.SPLIT / layout.ROOT_META).read_text())
+        root = json.loads((self.path / layout.ROOT_META).read_text())
+        root["attributes"] = self.attrs
+        root["consolidated_metadata"] = {
+            "kind": "inline", "must_understand": False, "metadata": dict(sorted(consolidated.items())),
+        }
+        _atomic_write_json(self.path / layout.ROOT_META, root)
+        self._n = n
+        self._epochs = np.asarray(epochs, dtype=np.int64)
+
+    def _stage(self, start: int, tail: Mapping[str, np.ndarray]) -> None:
+        pending = self.path / layout.PENDING
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir()
+        for name, value in tail.items():
+            np.save(pending / f"{name}.npy", value)
+        _atomic_write_json(pending / "state.json", {"start": start, "length": len(tail["epoch"]),
+                                                    "complete": True})
+
+    def _replay(self) -> None:
+        """Apply a complete staged tail, commit it, then drop the stage (idempotent)."""
+        pending = self.path / layout.PENDING
+        state = layout.pending_state(self.path)
+        start = int(state["start"])
+        tail = {name: np.load(pending / f"{name}.npy") for name in self._epoch_arrays()}
+        self._write_region(start, tail)
+        self._commit(np.concatenate([self._epochs[:start], tail[schema.EPOCH_DIM]]))
+        shutil.rmtree(pending)
+
+    def _recover(self) -> None:
+        """Finish a killed writer's staged insertion, or discard its uncommitted appends."""
+        state = layout.pending_state(self.path)
+        if state is not None and state.get("complete"):
+            self._replay()
+        elif state is not None:
+            shutil.rmtree(self.path / layout.PENDING)
+        self._shrink_to(self._n)
+
+    def _shrink_to(self, n: int) -> None:
+        """Drop uncommitted epochs beyond `n` (and their chunks) from every array's own metadata."""
+        for name in self._epoch_arrays():
+            array = self._array(name)
+            if array.shape[0] != n:
+                array.resize((n, *array.shape[1:]))
+
+
+def _create(path: Path, config, task, train_indices, chunk_epochs) -> None:
+    """Write an empty store (no epochs) for `config`, committed."""
+    config = {k: config[k] for k in schema.CONFIG_FIELDS}
+    sizes = schema.dim_sizes(config)
+    largest = max(int(np.prod([sizes[d] for d in dims])) * 4 for _, dims in schema.PARAMETERS.values())
+    chunks = chunk_epochs or layout.chunk_epochs_for(largest)
+    path.mkdir(parents=True, exist_ok=True)
+    attrs = {
+        "geostore": {"format": schema.FORMAT_NAME, "version": schema.FORMAT_VERSION, "chunk_epochs": chunks},
+        "model_config": config,
+        "task": dict(task),
+        "sources": [],
+    }
+    with layout.quiet_zarr():
+        group = zarr.open_group(str(path), mode="w", attributes=attrs)
+        opts = {"compressors": layout.COMPRESSORS, "config": {"write_empty_chunks": True}}
+        group.create_array(schema.EPOCH_DIM, shape=(0,), chunks=(chunks,), dtype="int64",
+                           fill_value=-1, dimension_names=(schema.EPOCH_DIM,), **opts)
+        for name, (_, dims) in schema.PARAMETERS.items():
+            shape = tuple(sizes[d] for d in dims)
+            group.create_array(name, shape=(0, *shape), chunks=(chunks, *shape), dtype="float32",
+                               fill_value=0.0, dimension_names=(schema.EPOCH_DIM, *dims), **opts)
+        for name in schema.METRICS:
+            group.create_array(name, shape=(0,), chunks=(chunks,), dtype="float64",
+                               fill_value=float("nan"), dimension_names=(schema.EPOCH_DIM,), **opts)
+        if train_indices is not None:
+            p = int(task["p"])
+            mask = np.zeros(p * p, dtype=bool)
+            mask[np.asarray(train_indices, dtype=np.int64)] = True
+            split = group.create_array(schema.SPLIT, shape=(p, p), chunks=(p, p), dtype="bool",
+                                       fill_value=False, dimension_names=schema.SPLIT_DIMS, **opts)
+            split[:] = mask.reshape(p, p)
+        zarr.consolidate_metadata(str(path))
+
+
+def _check_same_run(path: Path, attrs: Mapping, config, task, train_indices) -> None:
+    """Refuse a source whose model (or recorded run) differs from the store's."""
+    stored = attrs.get("model_config", {})
+    for key in schema.CONFIG_FIELDS:
+        if stored.get(key) != config.get(key):
+            raise ModelMismatchError(
+                f"{path}: store holds another model ({key}={stored.get(key)!r}, source has {config.get(key)!r})"
+            )
+    stored_task = attrs.get("task", {})
+    for key in ("family", "p", "train_fraction", "data_seed", "model_seed", "seed"):
+        if key in stored_task and key in task and stored_task[key] != task[key]:
+            raise ModelMismatchError(
+                f"{path}: store holds another run ({key}={stored_task[key]!r}, source has {task[key]!r})"
+            )
+    if train_indices is not None and (path / schema.SPLIT).exists():
+        p = int(stored_task["p"])
+        mask = np.zeros(p * p, dtype=bool)
+        mask[np.asarray(train_indices, dtype=np.int64)] = True
+        stored_mask = layout.open_committed(path)[schema.SPLIT][:].reshape(-1)
+        if not np.array_equal(mask, stored_mask):
+            raise ModelMismatchError(f"{path}: store holds another run (the train/test split differs)")

@@ -1,0 +1,201 @@
+"""The store: schema on disk, appends, inserts, commit protocol, recovery, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import geostore
+from geostore.errors import ModelMismatchError, StoreError
+from geostore.store import layout, schema
+from geostore.store.writer import StoreWriter
+from tests.conftest import random_params, snapshot
+
+TASK = {"family": "modular_addition", "p": 7}
+
+
+def open_writer(path, config, **kw):
+    return StoreWriter.open(path, config=config, task=TASK, **kw)
+
+
+def test_append_reads_back_bit_equal_through_dask_and_xarray(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    first, second = random_params(tiny_config, range(3), 1), random_params(tiny_config, range(2), 2)
+    writer = open_writer(path, tiny_config, chunk_epochs=4)
+    writer.append([0, 10, 20], first, {"train_loss": np.array([3.0, 2.0, 1.0])})
+    writer.append([30, 40], second)  # crosses the chunk boundary at index 4
+
+    store = geostore.open_store(path)
+    np.testing.assert_array_equal(store.epochs, [0, 10, 20, 30, 40])
+    assert store.epochs.dtype == np.int64
+    for name in schema.PARAMETERS:
+        values = store.params[name].compute()
+        assert values.dtype == np.float32
+        assert values.tobytes() == np.concatenate([first[name], second[name]]).tobytes()
+    np.testing.assert_array_equal(store.metrics()["train_loss"], [3, 2, 1, np.nan, np.nan])
+
+    ds = xr.open_zarr(path)
+    assert list(ds["epoch"].values) == [0, 10, 20, 30, 40]
+    for name, (_, dims) in schema.PARAMETERS.items():
+        assert ds[name].dims == ("epoch", *dims)
+        assert ds[name].dtype == np.float32
+    assert ds["W_E"].encoding["chunks"][0] == 4
+    assert store.to_xarray().identical(ds)
+
+
+def test_flatten_concatenates_group_matrices_in_order(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    params = random_params(tiny_config, range(5))
+    open_writer(path, tiny_config, chunk_epochs=2).append(range(5), params)
+    store = geostore.open_store(path)
+    for group, names in schema.GROUPS.items():
+        expected = np.concatenate([params[n].reshape(5, -1) for n in names], axis=1)
+        flat = store.flatten(group)
+        assert flat.shape == expected.shape
+        np.testing.assert_array_equal(flat.compute(), expected)
+    np.testing.assert_array_equal(store.flatten(["W_in", "b_in"]).compute()[:, :16 * 64],
+                                  params["W_in"].reshape(5, -1))
+    assert store.flatten("all").shape[1] == sum(params[n][0].size for n in schema.WEIGHT_MATRICES)
+    with pytest.raises(StoreError, match="unknown group"):
+        store.flatten("bogus")
+
+
+def test_insert_keeps_epochs_sorted_and_stored_data_unchanged(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    old, new = random_params(tiny_config, range(4), 1), random_params(tiny_config, range(2), 2)
+    writer = open_writer(path, tiny_config, chunk_epochs=2)
+    writer.append([0, 10, 20, 30], old, {"test_loss": np.arange(4.0)})
+    writer.insert([25, 5], new, {"test_loss": np.array([9.0, 8.0])})
+    store = geostore.open_store(path)
+    np.testing.assert_array_equal(store.epochs, [0, 5, 10, 20, 25, 30])
+    w_e = store.params["W_E"].compute()
+    for epoch, value in zip([0, 10, 20, 30], old["W_E"], strict=True):
+        assert w_e[store.index_of(epoch)].tobytes() == value.tobytes()
+    assert w_e[store.index_of(25)].tobytes() == new["W_E"][0].tobytes()
+    assert w_e[store.index_of(5)].tobytes() == new["W_E"][1].tobytes()
+    np.testing.assert_array_equal(store.metrics()["test_loss"], [0, 8, 1, 2, 9, 3])
+    assert not (path / layout.PENDING).exists()
+    with pytest.raises(StoreError, match="new, distinct"):
+        StoreWriter.open(path, config=tiny_config, task=TASK).insert([5], random_params(tiny_config, [5]))
+
+
+def test_uncommitted_append_is_invisible_and_discarded_on_reopen(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    params = random_params(tiny_config, range(3))
+    writer = open_writer(path, tiny_config, chunk_epochs=2)
+    writer.append([0, 1], {k: v[:2] for k, v in params.items()})
+    committed = snapshot(path)
+    # A writer killed after writing chunks but before the commit (the root zarr.json rename).
+    writer._write_region(2, writer._columns(np.array([2]), {k: v[2:] for k, v in params.items()}, None))
+    assert zarr.open_array(str(path), path="W_E", mode="r").shape[0] == 3
+    store = geostore.open_store(path)
+    np.testing.assert_array_equal(store.epochs, [0, 1])
+    assert xr.open_zarr(path).sizes["epoch"] == 2
+    np.testing.assert_array_equal(store.params["W_E"].compute(), params["W_E"][:2])
+
+    reopened = open_writer(path, tiny_config)
+    assert zarr.open_array(str(path), path="W_E", mode="r").shape[0] == 2
+    reopened.append([2], {k: v[2:] for k, v in params.items()})
+    fresh = tmp_path / "fresh.zarr"
+    clean = open_writer(fresh, tiny_config, chunk_epochs=2)
+    clean.append([0, 1], {k: v[:2] for k, v in params.items()})
+    clean.append([2], {k: v[2:] for k, v in params.items()})
+    assert snapshot(path) == snapshot(fresh)
+    assert committed != snapshot(path)
+
+
+def test_staged_insert_is_replayed_after_a_crash(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    old, new = random_params(tiny_config, range(3), 1), random_params(tiny_config, range(1), 2)
+    writer = open_writer(path, tiny_config, chunk_epochs=2)
+    writer.append([0, 10, 20], old)
+    # Stage the insertion of epoch 5, then shift the tail half-way, then "die".
+    tail = {name: writer._array(name)[1:3] for name in writer._epoch_arrays()}
+    new_cols = writer._columns(np.array([5]), new, None)
+    staged = {name: np.concatenate([new_cols[name], tail[name]]) for name in tail}
+    writer._stage(1, staged)
+    writer._array("W_E")[1] = new["W_E"][0]  # a shifted write that overwrote stored epoch 10's slot
+
+    store = geostore.open_store(path)
+    assert store.interrupted
+    np.testing.assert_array_equal(store.epochs, [0])  # only the prefix the insertion did not touch
+
+    open_writer(path, tiny_config)  # recovery replays the staged tail
+    store = geostore.open_store(path)
+    assert not store.interrupted
+    np.testing.assert_array_equal(store.epochs, [0, 5, 10, 20])
+    w_e = store.params["W_E"].compute()
+    assert w_e[2].tobytes() == old["W_E"][1].tobytes() and w_e[1].tobytes() == new["W_E"][0].tobytes()
+
+
+def test_incomplete_stage_is_discarded(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    open_writer(path, tiny_config).append([0, 10], random_params(tiny_config, range(2)))
+    (path / layout.PENDING).mkdir()
+    (path / layout.PENDING / "W_E.npy").write_bytes(b"partial")
+    before = geostore.open_store(path).params["W_E"].compute()
+    open_writer(path, tiny_config)
+    assert not (path / layout.PENDING).exists()
+    np.testing.assert_array_equal(geostore.open_store(path).params["W_E"].compute(), before)
+
+
+def test_rollback_restores_the_store_as_opened(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    open_writer(path, tiny_config, chunk_epochs=2).append([0, 1, 2], random_params(tiny_config, range(3)))
+    before = snapshot(path)
+    writer = open_writer(path, tiny_config)
+    writer.append([3, 4], random_params(tiny_config, range(2), 5))
+    writer.rollback()
+    np.testing.assert_array_equal(geostore.open_store(path).epochs, [0, 1, 2])
+    after = snapshot(path)
+    assert after.keys() <= before.keys() | {k for k in after if k.startswith("W_") and "/c/" in k}
+    assert after["zarr.json"] == before["zarr.json"]
+
+
+def test_refuses_other_models_and_non_stores_without_writing(tmp_path, tiny_config):
+    from geostore.family.modular_addition import model_config
+
+    path = tmp_path / "s.zarr"
+    StoreWriter.open(path, config=tiny_config, task={**TASK, "data_seed": 0}, train_indices=[1, 2]).append(
+        [0], random_params(tiny_config, [0]))
+    before = snapshot(path)
+    with pytest.raises(ModelMismatchError, match="another model .*d_model=16"):
+        open_writer(path, model_config(7, d_model=32, n_heads=2))
+    with pytest.raises(ModelMismatchError, match="another run .*data_seed=0"):
+        StoreWriter.open(path, config=tiny_config, task={**TASK, "data_seed": 1})
+    with pytest.raises(ModelMismatchError, match="split differs"):
+        StoreWriter.open(path, config=tiny_config, task=TASK, train_indices=[1, 3])
+    assert snapshot(path) == before
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "readme.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not a geostore store"):
+        open_writer(other, tiny_config)
+    assert (other / "readme.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w")
+    with pytest.raises(StoreError, match="without geostore attributes"):
+        geostore.open_store(plain)
+    with pytest.raises(StoreError, match="no such store"):
+        geostore.open_store(tmp_path / "missing.zarr")
+
+
+def test_model_at_rebuilds_the_exact_model(tmp_path, tiny_config):
+    import torch
+
+    from geostore.model import build_model, named_parameters
+
+    model = build_model(tiny_config, seed=3)
+    params = named_parameters(model)
+    path = tmp_path / "s.zarr"
+    open_writer(path, tiny_config).append([7], {k: v[None] for k, v in params.items()})
+    rebuilt = geostore.open_store(path).model_at(7)
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    tokens = torch.tensor([[1, 2, 7], [3, 4, 7]])
+    assert torch.equal(rebuilt(tokens), model(tokens))
+    with pytest.raises(StoreError, match="epoch 8 is not stored"):
+        geostore.open_store(path).model_at(8)

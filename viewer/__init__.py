@@ -1,0 +1,1 @@
+"""geoview: the PySide6 + pyqtgraph desktop viewer of geostore stores (reads via `geostore.open_store`)."""
