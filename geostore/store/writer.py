@@ -47,8 +47,8 @@ class StoreWriter:
             self._group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         self._n = int(layout.open_committed(path)["epoch"].shape[0])
         self._epochs = np.asarray(layout.open_committed(path)["epoch"][:], dtype=np.int64)
-        self._start_root = (path / layout.ROOT_META).read_bytes()
         self._start_n = self._n
+        self._start_files = self._rollback_files()
         self._shifted = False
 
     # ----------------------------------------------------------------------------------- opening
@@ -154,10 +154,22 @@ class StoreWriter:
         """
         if self._shifted:
             return
-        (self.path / layout.ROOT_META).write_bytes(self._start_root)
         self._n = self._start_n
         self._epochs = self._epochs[: self._start_n]
         self._shrink_to(self._n)
+        for file, content in self._start_files.items():
+            file.write_bytes(content)
+
+    def _rollback_files(self) -> dict[Path, bytes]:
+        """Bytes of every file an append may rewrite: metadata and the chunk holding the last epoch."""
+        files = [self.path / layout.ROOT_META]
+        edge = self._n // self.chunk_epochs if self._n % self.chunk_epochs else None
+        for name in self._epoch_arrays():
+            files.append(self.path / name / layout.ROOT_META)
+            if edge is not None:  # the chunk key is a file for 1-d arrays, a folder of files otherwise
+                key = self.path / name / "c" / str(edge)
+                files.extend([key] if key.is_file() else [f for f in key.rglob("*") if f.is_file()])
+        return {f: f.read_bytes() for f in files if f.is_file()}
 
     # ---------------------------------------------------------------------------------- internals
     def _columns(self, epochs, params, metrics) -> dict[str, np.ndarray]:

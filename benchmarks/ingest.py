@@ -1,0 +1,111 @@
+"""Snapshot-ingest speed of a paper-size run against writing the same bytes with numpy.
+
+Builds a directory of N safetensors checkpoints of the p=113, d_model=128 model (a real
+HookedTransformer's weights with a per-epoch drift), then measures, on the same disk and in the same run:
+
+- baseline: `np.save` of every checkpoint's parameters (already in memory) into one file per checkpoint;
+- baseline+load: reading each safetensors file and `np.save`-ing it (the same I/O an ingest must do);
+- geostore: `geostore.ingest.ingest(source, store)` into a fresh store.
+
+Prints checkpoints/s and MB/s for each and the ratios; run with `.venv/bin/python benchmarks/ingest.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+from geostore.family.modular_addition import model_config
+from geostore.ingest import ingest
+from geostore.model import build_model
+
+
+def make_run(directory: Path, n: int, p: int, d_model: int) -> list[dict[str, np.ndarray]]:
+    """Write n checkpoints `checkpoint_{epoch}.safetensors` and return their parameters."""
+    model = build_model(model_config(p, d_model=d_model), seed=0)
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("mask", "IGNORE"))}
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        for value in state.values():
+            value.add_(torch.randn(value.shape, generator=generator) * 1e-3)
+        save_file({k: v.contiguous() for k, v in state.items()}, directory / f"checkpoint_{i * 100}.safetensors")
+        out.append({k: v.numpy().copy() for k, v in state.items()})
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--p", type=int, default=113)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    scratch = Path(tempfile.mkdtemp(prefix="geostore-bench-", dir=args.dir))
+    try:
+        source = scratch / "run"
+        source.mkdir()
+        params = make_run(source, args.checkpoints, args.p, args.d_model)
+        nbytes = sum(v.nbytes for checkpoint in params for v in checkpoint.values())
+        files = sorted(source.iterdir())
+
+        def numpy_write() -> None:
+            out = scratch / "npy"
+            out.mkdir()
+            for i, checkpoint in enumerate(params):
+                np.save(out / f"{i}.npy", np.concatenate([v.ravel() for v in checkpoint.values()]))
+
+        def numpy_load_write() -> None:
+            out = scratch / "npy"
+            out.mkdir()
+            for i, path in enumerate(files):
+                np.save(out / f"{i}.npy", np.concatenate([v.ravel() for v in load_file(path).values()]))
+
+        def geostore_ingest() -> None:
+            ingest(source, scratch / "store.zarr", progress=False)
+
+        results = {}
+        for name, fn, target in [("numpy write", numpy_write, scratch / "npy"),
+                                 ("numpy load+write", numpy_load_write, scratch / "npy"),
+                                 ("geostore ingest", geostore_ingest, scratch / "store.zarr")]:
+            times = []
+            for _ in range(args.repeats):
+                shutil.rmtree(target, ignore_errors=True)
+                times.append(timed(fn))
+            results[name] = statistics.median(times)
+
+        mb = nbytes / 1e6
+        print(f"paper-size run: p={args.p}, d_model={args.d_model}, {args.checkpoints} checkpoints, "
+              f"{mb:.1f} MB of parameters (median of {args.repeats})")
+        for name, seconds in results.items():
+            print(f"  {name:<18} {seconds:7.3f} s  {args.checkpoints / seconds:8.1f} ckpt/s  {mb / seconds:8.1f} MB/s")
+        base = results["numpy write"]
+        print(f"ratio geostore ingest / numpy write (throughput): {base / results['geostore ingest']:.2f}")
+        print(f"ratio geostore ingest / numpy load+write (throughput): "
+              f"{results['numpy load+write'] / results['geostore ingest']:.2f}")
+        store_bytes = sum(f.stat().st_size for f in (scratch / "store.zarr").rglob("*") if f.is_file())
+        print(f"store size on disk: {store_bytes / 1e6:.1f} MB ({store_bytes / nbytes:.2f} of raw)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
