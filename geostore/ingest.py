@@ -56,7 +56,8 @@ def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> In
     late = [c for c in new if last is None or c.epoch > last]
     writer.record_source({"kind": run.kind, "path": str(Path(run.path).resolve())})
 
-    with tqdm(total=len(new), unit="ckpt", desc="ingest", disable=not progress, file=sys.stderr,
+    # The bar shows on a terminal only (tqdm's disable=None), so logs and pipes get clean lines.
+    with tqdm(total=len(new), unit="ckpt", desc="ingest", disable=None if progress else True, file=sys.stderr,
               dynamic_ncols=True) as bar:
         early_batch = _load(early, run, bar)  # read (and validated) before anything is written
         n = stored.size

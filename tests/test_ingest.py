@@ -1,0 +1,281 @@
+"""Ingest end to end on real files: a trained run, state-dict folders, incremental and killed ingests."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+import geostore
+from geostore.cli import main
+from geostore.family.modular_addition import model_config
+from geostore.ingest import ingest
+from geostore.model import build_model
+from geostore.store import schema
+from geostore.store.writer import StoreWriter
+from tests.conftest import snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A real (tiny) geostore training run: p=11, 40 epochs, a checkpoint every 5."""
+    from geostore.train import TrainSpec, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    spec = TrainSpec(p=11, d_model=16, n_heads=2, train_fraction=0.5, lr=3e-3, epochs=40, schedule="0:41:5")
+    train(spec, out, progress=False)
+    return out
+
+
+def state_dict_dir(directory: Path, epochs, *, config=None, seed: int = 0, suffix: str = ".safetensors") -> dict:
+    """Real HookedTransformer state dicts, one file per epoch; returns {epoch: state_dict}."""
+    config = config or model_config(7, d_model=16, n_heads=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = build_model(config, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    states = {}
+    for epoch in epochs:
+        state = {k: (v + 0.01 * epoch * torch.randn(v.shape, generator=generator)).contiguous()
+                 for k, v in model.state_dict().items() if not k.endswith(("mask", "IGNORE"))}
+        if suffix == ".safetensors":
+            save_file(state, directory / f"model_step{epoch}.safetensors")
+        else:
+            torch.save(state, directory / f"ckpt_{epoch}{suffix}")
+        states[epoch] = state
+    return states
+
+
+def test_trained_run_ingests_bit_equal_with_metrics_and_split(trained_run, tmp_path):
+    store_path = tmp_path / "run.zarr"
+    report = ingest(trained_run, store_path, progress=False)
+    run = json.loads((trained_run / "run.json").read_text())
+    assert report.kind == "geostore-run" and report.added == len(run["checkpoints"]) == 9
+
+    store = geostore.open_store(store_path)
+    np.testing.assert_array_equal(store.epochs, [c["epoch"] for c in run["checkpoints"]])
+    for index, entry in enumerate(run["checkpoints"]):
+        tensors = load_file(trained_run / entry["file"])
+        for name, (key, _) in schema.PARAMETERS.items():
+            assert store.params[name][index].compute().tobytes() == tensors[key].tobytes(), (entry["epoch"], name)
+    metrics = store.metrics()
+    for name in schema.METRICS:
+        np.testing.assert_array_equal(metrics[name], [c[name] for c in run["checkpoints"]])
+    mask = store.train_mask().reshape(-1)
+    np.testing.assert_array_equal(np.flatnonzero(mask), run["task"]["train_indices"])
+    assert store.config == run["model_config"]
+    assert store.task["p"] == 11 and store.task["data_seed"] == run["task"]["data_seed"]
+    assert store.sources == [{"kind": "geostore-run", "path": str(trained_run.resolve())}]
+
+    ds = xr.open_zarr(store_path)
+    assert np.all(np.diff(ds["epoch"].values) > 0)
+    assert set(schema.PARAMETERS) <= set(ds.data_vars)
+    # The model of the last epoch, rebuilt from the store, scores what training recorded.
+    from geostore.family import modular_addition as fam
+
+    tokens, labels = fam.probe(11)
+    with torch.no_grad():
+        logits = store.model_at(int(store.epochs[-1]))(tokens)
+    test = ~mask
+    assert fam.loss(logits[test], labels[test], 11).item() == pytest.approx(run["checkpoints"][-1]["test_loss"],
+                                                                               rel=1e-5)
+    acc = (logits[:, -1, :11].argmax(-1) == labels).numpy()[test].mean()
+    assert acc == pytest.approx(run["checkpoints"][-1]["test_accuracy"], abs=1e-6)
+
+
+def test_reingest_adds_only_missing_epochs_and_inserts_in_order(tmp_path):
+    full = tmp_path / "full"
+    states = state_dict_dir(full, [0, 10, 20, 30, 40, 50])
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for epoch in (10, 30, 40):
+        shutil.copy(full / f"model_step{epoch}.safetensors", partial)
+
+    store_path = tmp_path / "s.zarr"
+    assert ingest(partial, store_path, progress=False).added == 3
+    before = geostore.open_store(store_path).params["W_in"].compute()
+    for epoch in (0, 20, 50):
+        shutil.copy(full / f"model_step{epoch}.safetensors", partial)
+    report = ingest(partial, store_path, progress=False)
+    assert (report.added, report.skipped, report.total) == (3, 3, 6)
+    store = geostore.open_store(store_path)
+    np.testing.assert_array_equal(store.epochs, [0, 10, 20, 30, 40, 50])
+    w_in = store.params["W_in"].compute()
+    for i, epoch in enumerate(store.epochs):
+        assert w_in[i].tobytes() == states[epoch]["blocks.0.mlp.W_in"].numpy().tobytes()
+    assert w_in[[1, 3, 4]].tobytes() == before.tobytes()
+    assert ingest(partial, store_path, progress=False).added == 0
+
+
+def test_pt_files_and_wrapped_state_dicts_ingest(tmp_path):
+    source = tmp_path / "pt"
+    states = state_dict_dir(source, [3, 1, 2], suffix=".pt")
+    torch.save({"model_state_dict": states[2], "optimizer": {}}, source / "ckpt_2.pt")
+    store = geostore.open_store(ingest(source, tmp_path / "s.zarr", progress=False) and tmp_path / "s.zarr")
+    np.testing.assert_array_equal(store.epochs, [1, 2, 3])
+    assert store.params["W_E"][1].compute().tobytes() == states[2]["embed.W_E"].numpy().tobytes()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "geostore.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_bad_input_is_one_line_non_zero_and_leaves_the_store_unchanged(tmp_path):
+    good = tmp_path / "good"
+    state_dict_dir(good, [0, 10, 20])
+    store_path = tmp_path / "s.zarr"
+    assert main(["ingest", str(good), str(store_path), "--quiet"]) == 0
+    before = snapshot(store_path)
+
+    # A truncated checkpoint among good new ones: nothing of this ingest may remain.
+    bad = tmp_path / "bad"
+    state_dict_dir(bad, [0, 10, 20, 30, 40, 50])
+    truncated = bad / "model_step40.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    assert_one_line_error(run_cli("ingest", str(bad), str(store_path)), str(truncated))
+    assert snapshot(store_path) == before
+
+    # Shapes that differ between checkpoints.
+    mixed = tmp_path / "mixed"
+    state_dict_dir(mixed, [0, 10, 20])
+    state_dict_dir(mixed, [30], config=model_config(7, d_model=32, n_heads=2))
+    assert_one_line_error(run_cli("ingest", str(mixed), str(store_path)), "model_step30.safetensors")
+    assert snapshot(store_path) == before
+
+    # A store of another model is refused before anything is written.
+    other = tmp_path / "other"
+    state_dict_dir(other, [60], config=model_config(11, d_model=16, n_heads=2))
+    assert_one_line_error(run_cli("ingest", str(other), str(store_path)), str(store_path), "another model")
+    assert snapshot(store_path) == before
+
+    # Missing and empty sources; a target that is not a store.
+    assert_one_line_error(run_cli("ingest", str(tmp_path / "nope"), str(store_path)), str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("ingest", str(tmp_path / "empty"), str(store_path)), str(tmp_path / "empty"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep")
+    assert_one_line_error(run_cli("ingest", str(good), str(notes)), str(notes), "not a geostore store")
+    assert [p.name for p in notes.iterdir()] == ["a.txt"]
+    assert snapshot(store_path) == before
+
+
+def test_failed_first_ingest_leaves_no_store_behind(tmp_path):
+    bad = tmp_path / "bad"
+    state_dict_dir(bad, [0, 10])
+    (bad / "model_step10.safetensors").write_bytes(b"\x00" * 10)
+    assert main(["ingest", str(bad), str(tmp_path / "new.zarr"), "--quiet"]) != 0
+    assert not (tmp_path / "new.zarr").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_MARKER",))
+
+
+def test_malicious_pickle_is_refused_and_never_executed(tmp_path):
+    source = tmp_path / "evil"
+    state_dict_dir(source, [0], suffix=".pt")
+    torch.save({"state_dict": _Evil()}, source / "ckpt_5.pt")
+    result = subprocess.run([sys.executable, "-m", "geostore.cli", "ingest", str(source), str(tmp_path / "s.zarr")],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert_one_line_error(result, str(source / "ckpt_5.pt"))
+    assert not (tmp_path / "PWNED_MARKER").exists()
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def committed(store: Path) -> int:
+    """Epochs in the commit record (the root zarr.json), read without zarr."""
+    try:
+        meta = json.loads((store / "zarr.json").read_text())
+    except ValueError:
+        return -1
+    return meta["consolidated_metadata"]["metadata"]["epoch"]["shape"][0]
+
+
+def test_sigkilled_ingest_shows_whole_epochs_and_resumes_to_the_same_store(tmp_path):
+    config = model_config(23, d_model=32, n_heads=4)
+    source = tmp_path / "run"
+    states = state_dict_dir(source, range(0, 1200, 10), config=config)
+    task = {"family": "modular_addition", "p": 23}
+
+    def fresh(path: Path) -> None:  # small chunks: many commits, so kills land between and inside them
+        StoreWriter.open(path, config=config, task=task, chunk_epochs=8)
+
+    reference = tmp_path / "reference.zarr"
+    fresh(reference)
+    assert main(["ingest", str(source), str(reference), "--quiet"]) == 0
+
+    store_path = tmp_path / "killed.zarr"
+    fresh(store_path)
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    seen = []
+    for _ in range(4):
+        start = committed(store_path)
+        proc = subprocess.Popen([sys.executable, "-m", "geostore.cli", "ingest", str(source), str(store_path),
+                                 "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while committed(store_path) == start and proc.poll() is None:  # wait until it is writing
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.03))  # then kill it at a random moment
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        store = geostore.open_store(store_path)
+        seen.append(store.epochs.size)
+        ds = xr.open_zarr(store_path)
+        assert ds.sizes["epoch"] == store.epochs.size
+        for i, epoch in enumerate(store.epochs):  # every visible epoch is whole and exact
+            assert store.params["W_out"][i].compute().tobytes() == states[epoch]["blocks.0.mlp.W_out"].numpy(
+            ).tobytes()
+            assert store.params["b_U"][i].compute().tobytes() == states[epoch]["unembed.b_U"].numpy().tobytes()
+    assert all(0 < n < len(states) for n in seen), seen  # every kill landed mid-ingest
+    assert main(["ingest", str(source), str(store_path), "--quiet"]) == 0
+    assert snapshot(store_path) == snapshot(reference), f"epochs visible after each kill: {seen}"
+
+
+def test_ingest_shows_a_progress_bar_on_a_terminal(tmp_path):
+    source = tmp_path / "run"
+    state_dict_dir(source, [0, 1, 2])
+    primary, replica = os.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", "geostore.cli", "ingest", str(source), str(tmp_path / "s.zarr")],
+                            stderr=replica, stdout=subprocess.DEVNULL, cwd=ROOT)
+    os.close(replica)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait() == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "ingest" in text and "3/3" in text and "ckpt/s" in text
