@@ -9,9 +9,11 @@ the file. Torch is imported on first use only.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 _CODE_OPCODES = {ord(c) for c in "cibRo"} | {0x81, 0x82, 0x83, 0x84, 0x92, 0x93}
 # safetensors dtypes numpy cannot represent: read through torch and widened to float32.
 _TORCH_ONLY_DTYPES = {"BF16", "F8_E4M3", "F8_E5M2"}
+_NUMPY_LOCK = threading.Lock()
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -64,6 +67,8 @@ def safetensors_header(path: str | Path) -> dict[str, dict]:
             if n > size - 8 or n > 100 * 2**20:
                 raise _cannot_read(path, f"invalid safetensors header length {n}")
             header = json.loads(f.read(n))
+    except SourceError:
+        raise
     except OSError as exc:
         raise _cannot_read(path, _short(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -71,6 +76,12 @@ def safetensors_header(path: str | Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise _cannot_read(path, "invalid safetensors header")
     header.pop("__metadata__", None)
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise _cannot_read(path, "invalid safetensors header (bad data_offsets)") from None
+    if size < 8 + n + end:
+        raise _cannot_read(path, f"truncated: {size} bytes, the header describes {8 + n + end}")
     return header
 
 
@@ -79,6 +90,8 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     path = Path(path)
     try:
         return {k: tuple(int(d) for d in v["shape"]) for k, v in safetensors_header(path).items()}
+    except SourceError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise _cannot_read(path, f"invalid safetensors header ({_short(exc)})") from None
 
@@ -120,7 +133,8 @@ def _numpy_safe_globals() -> list:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
     dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGUS"}
-    return [_reconstruct, scalar, np.ndarray, np.dtype, *sorted(dtype_classes, key=str)]
+    # `bytes`: numpy pickles empty arrays' data as bytes(...)
+    return [_reconstruct, scalar, np.ndarray, np.dtype, bytes, *sorted(dtype_classes, key=str)]
 
 
 def _refusal_detail(message: str) -> str | None:
@@ -151,9 +165,17 @@ def load_pickle(path: str | Path) -> object:
     path = Path(path)
     _exists(path)
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals()):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol-version notes of the weights-only unpickler
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                if "numpy" not in str(exc):
+                    raise
+            # numpy arrays or scalars (losses saved as np.float64): allow numpy's data constructors.
+            # `safe_globals` edits torch's global allowlist: one such load at a time.
+            with _NUMPY_LOCK, torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         detail = _refusal_detail(message)
@@ -172,7 +194,11 @@ def load_pickle(path: str | Path) -> object:
         if "central directory" in text:
             text = "corrupt or truncated zip archive (no central directory)"
         raise _cannot_read(path, text) from None
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # a seek past the end of a cut zip archive
+            raise _cannot_read(path, "corrupt or truncated file (invalid seek)") from None
+        raise _cannot_read(path, exc.strerror or _short(exc)) from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error) as exc:
         raise _cannot_read(path, f"not a torch checkpoint ({type(exc).__name__}: {_short(exc)})") from None
 
 

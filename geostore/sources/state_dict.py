@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,11 @@ def is_buffer(key: str) -> bool:
 
 
 def _is_array(value: object) -> bool:
-    return isinstance(value, np.ndarray) or type(value).__module__.startswith("torch")
+    """A numpy array or a torch tensor (torch is never imported for this)."""
+    if isinstance(value, np.ndarray):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def unwrap(obj: object, origin: str) -> Mapping[str, object]:
@@ -48,9 +53,9 @@ def unwrap(obj: object, origin: str) -> Mapping[str, object]:
     )
 
 
-def check_keys(keys: object, origin: str) -> None:
+def check_keys(keys: Iterable[object], origin: str) -> None:
     """SourceError for keys geostore cannot store: LayerNorm, layers above 0, unknown names."""
-    keys = [str(k) for k in keys]  # type: ignore[union-attr]
+    keys = [str(k) for k in keys]
     for key in keys:
         if re.search(r"(^|\.)ln\w*\.", key):
             raise SourceError(f"{origin}: has LayerNorm parameter {key!r}: {_UNSUPPORTED}")

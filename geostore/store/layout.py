@@ -21,6 +21,9 @@ from geostore.errors import StoreError
 from geostore.store import schema
 
 PENDING = "_pending"
+# Suffix of files being written before their atomic rename (zarr's LocalStore uses it too): a killed
+# writer can leave them behind; the next writer removes them.
+PARTIAL_SUFFIX = ".partial"
 ROOT_META = "zarr.json"
 
 # Blosc lz4 with byte shuffle: weights compress little (~7%), so favour decode speed for the

@@ -26,7 +26,7 @@ from geostore.store import layout, schema
 
 
 def _atomic_write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{layout.PARTIAL_SUFFIX}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=True))
     os.replace(tmp, path)
 
@@ -233,7 +233,9 @@ class StoreWriter:
         shutil.rmtree(pending)
 
     def _recover(self) -> None:
-        """Finish a killed writer's staged insertion, or discard its uncommitted appends."""
+        """Finish a killed writer's staged insertion, or discard its uncommitted appends and temp files."""
+        for partial in self.path.rglob(f"*{layout.PARTIAL_SUFFIX}"):
+            partial.unlink(missing_ok=True)
         state = layout.pending_state(self.path)
         if state is not None and state.get("complete"):
             self._replay()
