@@ -29,7 +29,7 @@ import numpy as np
 from geostore.errors import SourceError
 from geostore.sources.base import Checkpoint, RunSource
 from geostore.sources.common import as_epoch, family_task, finite_float, ordered
-from geostore.sources.infer import DEFAULTS, normalise_config
+from geostore.sources.infer import infer_config
 from geostore.sources.safe_load import PICKLE_SUFFIXES, load_pickle
 from geostore.sources.state_dict import check_keys, to_float32
 from geostore.store import schema
@@ -56,30 +56,18 @@ def bundle_file(path: Path) -> Path | None:
     return None
 
 
-def _shape(shapes: Mapping[str, tuple[int, ...]], short: str, ndim: int, origin: str) -> tuple[int, ...]:
-    key = _key(short)
-    if key not in shapes:
-        raise SourceError(f"{origin}: cannot infer the model config: no {key}")
-    if len(shapes[key]) != ndim:
-        raise SourceError(f"{origin}: {key} has shape {shapes[key]}, expected {ndim} dimensions")
-    return shapes[key]
-
-
 def infer_original_config(state_dict: Mapping[str, object], origin: str) -> dict[str, object]:
-    """The HookedTransformer config of an original-layout state dict, from its shapes."""
-    check_keys(state_dict.keys(), origin)
+    """The HookedTransformer config of an original-layout state dict, from its shapes.
+
+    The transposed matrices' shapes are swapped into HookedTransformer layout, then inferred as
+    for any state dict (W_O, the one rearranged matrix, tells nothing new).
+    """
     shapes = {str(k): tuple(int(d) for d in v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
-    d_model, d_vocab = _shape(shapes, "W_E", 2, origin)
-    n_heads, d_head, _ = _shape(shapes, "W_Q", 3, origin)
-    d_mlp, _ = _shape(shapes, "W_in", 2, origin)
-    _, d_vocab_out = _shape(shapes, "W_U", 2, origin)
-    n_ctx, _ = _shape(shapes, "W_pos", 2, origin)
-    config = {
-        **DEFAULTS,
-        "d_model": d_model, "n_heads": n_heads, "d_head": d_head, "d_mlp": d_mlp,
-        "d_vocab": d_vocab, "d_vocab_out": d_vocab_out, "n_ctx": n_ctx,
-    }
-    return normalise_config(config, origin)
+    for short in TRANSPOSED:
+        shape = shapes.get(_key(short))
+        if shape is not None and len(shape) >= 2:
+            shapes[_key(short)] = (*shape[:-2], shape[-1], shape[-2])
+    return infer_config(shapes, origin)
 
 
 def convert(state_dict: Mapping[str, object], config: Mapping[str, object], origin: str) -> dict[str, np.ndarray]:
