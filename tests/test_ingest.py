@@ -280,3 +280,45 @@ def test_ingest_shows_a_progress_bar_on_a_terminal(tmp_path):
     assert proc.wait() == 0
     text = b"".join(chunks).decode(errors="replace")
     assert "ingest" in text and "3/3" in text and "ckpt/s" in text
+
+
+def test_arena_bundle_ingests_into_the_exact_original_model(tmp_path):
+    from checkpoint_factories import (
+        arena_trajectory,
+        metrics_of,
+        original_forward,
+        to_original_layout,
+        write_arena_bundle,
+    )
+
+    traj = arena_trajectory(p=7, epochs=(0, 100, 200))
+    bundle = write_arena_bundle(tmp_path / "arena" / "full_run_data.pth", traj)
+    assert main(["ingest", str(bundle.parent), str(tmp_path / "a.zarr"), "--quiet"]) == 0
+    store = geostore.open_store(tmp_path / "a.zarr")
+    np.testing.assert_array_equal(store.epochs, [0, 100, 200])
+    assert store.config["d_vocab_out"] == 8 and store.task["p"] == 7
+    tokens = torch.tensor([[a, b, 7] for a in range(7) for b in range(7)])
+    for epoch in store.epochs:
+        with torch.no_grad():
+            ours = store.model_at(int(epoch))(tokens)
+            theirs = original_forward(to_original_layout(traj[int(epoch)]), tokens)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(store.metrics()["train_loss"], [metrics_of(e)["train_loss"] for e in store.epochs])
+
+
+def test_miscope_variant_ingests_metrics_and_split(tmp_path):
+    from checkpoint_factories import metrics_of, tiny_config, trajectory, write_miscope_variant
+
+    config = tiny_config()
+    traj = trajectory(config, (0, 5, 50), biases="none")
+    variant = write_miscope_variant(tmp_path / "modulo_addition_1layer_p7_seed3_dseed5", traj)
+    assert main(["ingest", str(variant), str(tmp_path / "m.zarr"), "--quiet"]) == 0
+    store = geostore.open_store(tmp_path / "m.zarr")
+    np.testing.assert_array_equal(store.epochs, [0, 5, 50])
+    for i, epoch in enumerate(store.epochs):
+        assert store.params["W_Q"][i].compute().tobytes() == traj[int(epoch)]["W_Q"].tobytes()
+    np.testing.assert_array_equal(store.metrics()["test_loss"], [metrics_of(e)["test_loss"] for e in (0, 5, 50)])
+    from geostore.family.modular_addition import split
+
+    np.testing.assert_array_equal(np.flatnonzero(store.train_mask().reshape(-1)), split(7, 0.3, 5))
+    assert store.sources[0]["kind"] == "miscope"
