@@ -50,7 +50,8 @@ def ingest(source: str | Path, store: str | Path, *, progress: bool = True) -> I
 
 def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> IngestReport:
     stored = writer.epochs
-    new = [c for c in run.checkpoints if c.epoch not in set(stored.tolist())]
+    have = set(stored.tolist())
+    new = [c for c in run.checkpoints if c.epoch not in have]
     last = int(stored[-1]) if stored.size else None
     early = [c for c in new if last is not None and c.epoch < last]
     late = [c for c in new if last is None or c.epoch > last]
