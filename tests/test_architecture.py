@@ -1,0 +1,60 @@
+"""Boundaries the layout promises, checked on the source: docs and schema agree, imports stay in their rooms."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from geostore.store import schema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_readme_documents_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `\(([^)]*)\)`", readme, re.M))
+    for name, (_, dims) in schema.PARAMETERS.items():
+        assert rows.get(name) == ", ".join(("epoch", *dims)), name
+    for name in schema.METRICS:
+        assert f"`{name}`" in readme
+    assert f"`{schema.SPLIT}` | `({', '.join(schema.SPLIT_DIMS)})`" in readme
+    for group, names in schema.GROUPS.items():
+        if group != "all":
+            assert f"`{group}` ({', '.join(f'`{n}`' for n in names)})" in readme, group
+
+
+def test_library_never_imports_qt_and_viewer_reads_only_the_public_api():
+    for path in modules("geostore"):
+        qt = {m for m in imports_of(path) if m.split(".")[0] in ("PySide6", "pyqtgraph")}
+        assert not qt, f"{path} imports {qt}"
+    for path in modules("viewer"):
+        private = {m for m in imports_of(path) if m.startswith(("geostore.store", "geostore.sources", "zarr"))}
+        assert not private, f"{path} reads the store past the public API: {private}"
+
+
+def test_only_the_store_package_touches_zarr_and_only_sources_know_file_formats():
+    for path in modules("geostore"):
+        imported = {m.split(".")[0] for m in imports_of(path)}
+        if "store" not in path.relative_to(ROOT / "geostore").parts:
+            assert "zarr" not in imported, path
+    for path in modules("geostore"):
+        if "sources" in path.parts:
+            continue
+        text = path.read_text()
+        assert "torch.load(" not in text and "safe_open(" not in text, path
