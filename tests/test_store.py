@@ -198,3 +198,100 @@ def test_model_at_rebuilds_the_exact_model(tmp_path, tiny_config):
     assert torch.equal(rebuilt(tokens), model(tokens))
     with pytest.raises(StoreError, match="epoch 8 is not stored"):
         geostore.open_store(path).model_at(8)
+
+
+# ------------------------------------------------------------------------------------------ flatness
+def flatness_rows(k: int, n_dir: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.5, 2.0, k), rng.standard_normal((k, n_dir)) * 1e-3
+
+
+def test_flatness_rows_read_back_lazily_and_through_xarray(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path, tiny_config, chunk_epochs=2)
+    writer.append([0, 10, 20, 30], random_params(tiny_config, range(4)))
+    baseline, deltas = flatness_rows(2)
+    writer.write_flatness([30, 10], baseline, deltas, epsilon=0.1, seed=7)
+
+    store = geostore.open_store(path)
+    assert store.analyses() == ["flatness"]
+    assert store.flatness_settings == {"epsilon": 0.1, "n_directions": 5, "seed": 7}
+    got_baseline, got_deltas = store.baseline_loss.compute(), store.delta_losses.compute()
+    np.testing.assert_array_equal(got_baseline, [np.nan, baseline[1], np.nan, baseline[0]])
+    np.testing.assert_array_equal(got_deltas[[3, 1]], deltas)
+    assert np.isnan(got_deltas[[0, 2]]).all()
+    np.testing.assert_array_equal(writer.flatness_missing(), [0, 20])
+
+    ds = xr.open_zarr(path)
+    assert ds["delta_losses"].dims == ("epoch", "direction") and ds["baseline_loss"].dims == ("epoch",)
+    np.testing.assert_array_equal(ds["delta_losses"].values[3], deltas[0])
+
+
+def test_an_epoch_without_its_baseline_is_not_visible(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path, tiny_config, chunk_epochs=2)
+    writer.append([0, 10], random_params(tiny_config, range(2)))
+    writer.enable_flatness({"epsilon": 0.1, "n_directions": 5, "seed": 0})
+    # A writer killed between the delta_losses write and the baseline write (which marks completion).
+    writer._array("delta_losses")[1] = np.arange(5.0)
+    store = geostore.open_store(path)
+    assert np.isnan(store.delta_losses.compute()).all()
+    np.testing.assert_array_equal(open_writer(path, tiny_config).flatness_missing(), [0, 10])
+
+
+def test_flatness_of_other_settings_is_refused_unless_recomputed(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path, tiny_config)
+    writer.append([0, 10], random_params(tiny_config, range(2)))
+    writer.write_flatness([0], *flatness_rows(1), epsilon=0.1, seed=0)
+    before = snapshot(path)
+    for settings in ({"epsilon": 0.2, "n_directions": 5, "seed": 0}, {"epsilon": 0.1, "n_directions": 6, "seed": 0},
+                     {"epsilon": 0.1, "n_directions": 5, "seed": 1}):
+        with pytest.raises(StoreError, match="holds flatness with epsilon=0.1, n_directions=5, seed=0"):
+            open_writer(path, tiny_config).enable_flatness(settings)
+    assert snapshot(path) == before
+    with pytest.raises(StoreError, match="not stored: \\[5\\]"):
+        open_writer(path, tiny_config).write_flatness([5], *flatness_rows(1))
+
+    weights = geostore.open_store(path).params["W_E"].compute()
+    writer = open_writer(path, tiny_config)
+    writer.enable_flatness({"epsilon": 0.2, "n_directions": 3, "seed": 0}, recompute=True)
+    store = geostore.open_store(path)
+    assert store.flatness_settings["n_directions"] == 3 and store.delta_losses.shape == (2, 3)
+    assert np.isnan(store.baseline_loss.compute()).all()
+    assert store.params["W_E"].compute().tobytes() == weights.tobytes()
+
+
+def test_flatness_rows_move_with_appends_inserts_and_rollbacks(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    writer = open_writer(path, tiny_config, chunk_epochs=2)
+    writer.append([0, 20], random_params(tiny_config, range(2)))
+    baseline, deltas = flatness_rows(4)
+    writer.write_flatness([0, 20], baseline[:2], deltas[:2], epsilon=0.1, seed=0)
+    writer.append([30], random_params(tiny_config, [0], 1),
+                  analyses={"baseline_loss": baseline[2:3], "delta_losses": deltas[2:3]})
+    writer.insert([10], random_params(tiny_config, [0], 2))  # no flatness: a NaN row in the middle
+    store = geostore.open_store(path)
+    np.testing.assert_array_equal(store.epochs, [0, 10, 20, 30])
+    np.testing.assert_array_equal(store.baseline_loss.compute(), [baseline[0], np.nan, baseline[1], baseline[2]])
+    np.testing.assert_array_equal(store.delta_losses.compute()[[0, 2, 3]], deltas[:3])
+    np.testing.assert_array_equal(writer.flatness_missing(), [10])
+
+    before = snapshot(path)
+    writer = open_writer(path, tiny_config)
+    writer.append([40], random_params(tiny_config, [0], 3),
+                  analyses={"baseline_loss": baseline[3:], "delta_losses": deltas[3:]})
+    writer.rollback()
+    assert snapshot(path) == before
+    with pytest.raises(StoreError, match="delta_losses has shape"):
+        writer.append([40], random_params(tiny_config, [0], 3),
+                      analyses={"baseline_loss": baseline[3:], "delta_losses": deltas[3:, :2]})
+
+
+def test_store_without_flatness_says_how_to_add_it(tmp_path, tiny_config):
+    path = tmp_path / "s.zarr"
+    open_writer(path, tiny_config).append([0, 1], random_params(tiny_config, range(2)))
+    store = geostore.open_store(path)
+    assert store.analyses() == []
+    with pytest.raises(StoreError, match="no flatness stored \\(run `geostore flatness"):
+        _ = store.delta_losses

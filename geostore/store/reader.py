@@ -151,6 +151,47 @@ class Store:
             ds = xr.open_zarr(str(self.path), consolidated=True)
         return ds.isel({schema.EPOCH_DIM: slice(0, self._n)})
 
+    # ----------------------------------------------------------------------------------- flatness
+    @property
+    def flatness_settings(self) -> dict:
+        """How the stored flatness was computed: `epsilon`, `n_directions`, `seed`, the loss, ..."""
+        self._require("flatness")
+        return dict(self.attrs["flatness"])
+
+    @property
+    def baseline_loss(self) -> da.Array:
+        """Lazy `(n_epoch,)` float64 loss at each epoch's weights; NaN where flatness is not computed."""
+        self._require("flatness")
+        import dask.array as da
+
+        return da.from_zarr(self._group["baseline_loss"])[: self._n]
+
+    @property
+    def delta_losses(self) -> da.Array:
+        """Lazy `(n_epoch, n_directions)` float64 `L(theta + eps d) - L(theta)`; NaN rows where not computed.
+
+        An epoch's row counts only once its baseline is written (the writer writes it last).
+        """
+        self._require("flatness")
+        import dask.array as da
+
+        deltas = da.from_zarr(self._group["delta_losses"])[: self._n]
+        return da.where(da.isnan(self.baseline_loss)[:, None], np.nan, deltas)
+
+    def flatness_summary(self, threshold: float = 0.1) -> dict[str, np.ndarray]:
+        """Per-epoch summaries of the stored distribution (mean, median, max, std, p10, p90, flatness ratio).
+
+        `flatness_ratio` is the fraction of directions whose loss rises by less than `threshold`
+        times the baseline (see `geostore.analysis.flatness.flatness_summary`).
+        """
+        from geostore.analysis.flatness import flatness_summary
+
+        return flatness_summary(self.baseline_loss.compute(), self.delta_losses.compute(), threshold)
+
+    def _require(self, analysis: str) -> None:
+        if analysis not in self.analyses():
+            raise StoreError(f"{self.path}: no {analysis} stored (run `geostore {analysis} {self.path}`)")
+
     def analyses(self) -> list[str]:
         """Names of the analyses stored (see `schema.ANALYSES`), e.g. `flatness`."""
         return [name for name, arrays in schema.ANALYSES.items() if all(a in self._group for a in arrays)]

@@ -93,7 +93,17 @@ def resolve_group(group: str | Sequence[str]) -> tuple[str, ...]:
         raise KeyError(f"unknown parameter names {unknown}: use names from {', '.join(PARAMETERS)}")
     return names
 
-# Analyses a store can hold, by the arrays that make them up (written by later stages).
+DIRECTION_DIM = "direction"
+
+# Per-epoch analysis arrays: name -> dimension names (float64, NaN where not computed). They share
+# the epoch axis with the weights, so appends and inserts move them along with the weights.
+ANALYSIS_ARRAYS: dict[str, tuple[str, ...]] = {
+    "delta_losses": (EPOCH_DIM, DIRECTION_DIM),
+    "baseline_loss": (EPOCH_DIM,),
+}
+
+# Analyses a store can hold, by the arrays that make them up. For flatness, `baseline_loss` is
+# written after `delta_losses`: an epoch's flatness is complete exactly when its baseline is finite.
 ANALYSES: dict[str, tuple[str, ...]] = {
     "flatness": ("baseline_loss", "delta_losses"),
 }

@@ -24,6 +24,10 @@ import zarr
 from geostore.errors import ModelMismatchError, StoreError
 from geostore.store import layout, schema
 
+# Root attribute holding the flatness settings; the keys that must agree to extend stored flatness.
+FLATNESS_ATTR = "flatness"
+FLATNESS_KEYS = ("epsilon", "n_directions", "seed")
+
 
 def _atomic_write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}{layout.PARTIAL_SUFFIX}")
@@ -86,7 +90,10 @@ class StoreWriter:
         return int(self.attrs["geostore"]["chunk_epochs"])
 
     def _epoch_arrays(self) -> list[str]:
-        return [schema.EPOCH_DIM, *schema.PARAMETERS, *schema.METRICS]
+        return [schema.EPOCH_DIM, *schema.PARAMETERS, *schema.METRICS, *self._analysis_arrays()]
+
+    def _analysis_arrays(self) -> list[str]:
+        return [name for name in schema.ANALYSIS_ARRAYS if name in self._group]
 
     def _array(self, name: str) -> zarr.Array:
         return self._group[name]
@@ -97,14 +104,19 @@ class StoreWriter:
         epochs: Sequence[int],
         params: Mapping[str, np.ndarray],
         metrics: Mapping[str, np.ndarray] | None = None,
+        analyses: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Add epochs after every stored one and commit them: `params[name]` is `(k, *shape)`."""
+        """Add epochs after every stored one and commit them: `params[name]` is `(k, *shape)`.
+
+        `analyses` gives rows of the stored analysis arrays (e.g. `baseline_loss`, `delta_losses`)
+        for these epochs; rows not given are NaN (not computed).
+        """
         epochs = np.asarray(epochs, dtype=np.int64)
         if epochs.size == 0:
             return
         if np.any(np.diff(epochs) <= 0) or (self._n and epochs[0] <= self._epochs[-1]):
             raise StoreError(f"{self.path}: append needs new epochs after {self._epochs[-1:]}, got {epochs}")
-        columns = self._columns(epochs, params, metrics)
+        columns = self._columns(epochs, params, metrics, analyses)
         self._write_region(self._n, columns)
         self._commit(np.concatenate([self._epochs, epochs]))
 
@@ -113,6 +125,7 @@ class StoreWriter:
         epochs: Sequence[int],
         params: Mapping[str, np.ndarray],
         metrics: Mapping[str, np.ndarray] | None = None,
+        analyses: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Add epochs anywhere on the axis (new ones only), keeping it sorted; staged, then committed."""
         epochs = np.asarray(epochs, dtype=np.int64)
@@ -123,10 +136,13 @@ class StoreWriter:
         start = int(np.searchsorted(self._epochs, epochs.min()))
         if start == self._n:
             order = np.argsort(epochs)
-            self.append(epochs[order], {k: np.asarray(v)[order] for k, v in params.items()},
-                        None if metrics is None else {k: np.asarray(v)[order] for k, v in metrics.items()})
+
+            def sort(rows):
+                return None if rows is None else {k: np.asarray(v)[order] for k, v in rows.items()}
+
+            self.append(epochs[order], sort(params), sort(metrics), sort(analyses))
             return
-        new = self._columns(epochs, params, metrics)
+        new = self._columns(epochs, params, metrics, analyses)
         old = {name: self._array(name)[start:self._n] for name in self._epoch_arrays()}
         merged_epochs = np.concatenate([old[schema.EPOCH_DIM], epochs])
         order = np.argsort(merged_epochs, kind="stable")
@@ -134,6 +150,90 @@ class StoreWriter:
         self._stage(start, tail)
         self._shifted = True
         self._replay()
+
+    # ----------------------------------------------------------------------------------- flatness
+    @property
+    def flatness_settings(self) -> dict | None:
+        """The flatness settings the store was computed with (epsilon, n_directions, seed, ...), or None."""
+        settings = self.attrs.get(FLATNESS_ATTR)
+        return dict(settings) if settings is not None and "delta_losses" in self._group else None
+
+    def enable_flatness(self, settings: Mapping[str, object], *, recompute: bool = False) -> None:
+        """Make the store hold flatness computed with `settings` (committed; no epoch is computed yet).
+
+        Settings must name `epsilon`, `n_directions` and `seed`. A store holding flatness with other
+        settings is refused unless `recompute`, which drops the stored values first.
+        """
+        settings = dict(settings)
+        stored = self.flatness_settings
+        if stored is not None and _same_flatness(stored, settings):
+            return
+        if stored is not None and not recompute:
+            raise StoreError(
+                f"{self.path}: holds flatness with {_describe_flatness(stored)}, asked for "
+                f"{_describe_flatness(settings)}: recompute to replace it"
+            )
+        if stored is not None:  # un-list the old arrays first, so a crash never shows them with new settings
+            self.attrs.pop(FLATNESS_ATTR)
+            present = self._analysis_arrays()
+            self._commit(self._epochs, without=present)
+            for name in present:
+                shutil.rmtree(self.path / name)
+        n_dir = int(settings["n_directions"])
+        chunks = self.chunk_epochs
+        with layout.quiet_zarr():
+            for name, dims in schema.ANALYSIS_ARRAYS.items():
+                shape = (self._n, n_dir)[: len(dims)]
+                self._group.create_array(
+                    name, shape=shape, chunks=(chunks, n_dir)[: len(dims)], dtype="float64",
+                    fill_value=float("nan"), dimension_names=dims, compressors=layout.COMPRESSORS,
+                    config={"write_empty_chunks": True}, overwrite=True,
+                )
+        self.attrs[FLATNESS_ATTR] = settings
+        self._commit(self._epochs)
+
+    def flatness_missing(self) -> np.ndarray:
+        """Stored epochs whose flatness is not complete (all of them when flatness is not enabled)."""
+        if self.flatness_settings is None:
+            return self.epochs
+        baseline = self._array("baseline_loss")[: self._n]
+        return self._epochs[np.isnan(baseline)]
+
+    def write_flatness(
+        self,
+        epochs: Sequence[int],
+        baseline_loss: np.ndarray,
+        delta_losses: np.ndarray,
+        *,
+        epsilon: float | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Write the flatness of stored epochs: `delta_losses` `(k, n_directions)` first, then the baseline.
+
+        Each chunk write is atomic and the baseline marks an epoch complete, so a killed writer
+        leaves whole epochs. With `epsilon` and `seed`, flatness is enabled with those settings
+        first (refused if the store holds other settings).
+        """
+        epochs = np.asarray(epochs, dtype=np.int64)
+        delta_losses = np.asarray(delta_losses, dtype=np.float64)
+        baseline_loss = np.asarray(baseline_loss, dtype=np.float64).reshape(-1)
+        if epsilon is not None or seed is not None:
+            self.enable_flatness({"epsilon": float(epsilon), "n_directions": int(delta_losses.shape[1]),
+                                  "seed": seed})
+        if self.flatness_settings is None:
+            raise StoreError(f"{self.path}: flatness is not enabled in this store")
+        index = np.searchsorted(self._epochs, epochs)
+        if np.any(index >= self._n) or np.any(self._epochs[np.minimum(index, self._n - 1)] != epochs):
+            missing = sorted(set(epochs.tolist()) - set(self._epochs.tolist()))
+            raise StoreError(f"{self.path}: flatness for epochs that are not stored: {missing}")
+        deltas = self._array("delta_losses")
+        if delta_losses.shape != (epochs.size, deltas.shape[1]) or baseline_loss.shape != (epochs.size,):
+            raise StoreError(f"{self.path}: flatness rows of shape {delta_losses.shape}, store holds "
+                             f"{deltas.shape[1]} directions")
+        if epochs.size == 0:
+            return
+        deltas.oindex[index, :] = delta_losses
+        self._array("baseline_loss").oindex[index] = baseline_loss
 
     def record_source(self, record: Mapping[str, object]) -> None:
         """Remember where epochs came from (kept in the root attributes at the next commit)."""
@@ -172,7 +272,7 @@ class StoreWriter:
         return {f: f.read_bytes() for f in files if f.is_file()}
 
     # ---------------------------------------------------------------------------------- internals
-    def _columns(self, epochs, params, metrics) -> dict[str, np.ndarray]:
+    def _columns(self, epochs, params, metrics, analyses=None) -> dict[str, np.ndarray]:
         k = epochs.size
         sizes = schema.dim_sizes(self.attrs["model_config"])
         columns = {schema.EPOCH_DIM: epochs}
@@ -185,6 +285,15 @@ class StoreWriter:
         for name in schema.METRICS:
             given = None if metrics is None else metrics.get(name)
             columns[name] = np.full(k, np.nan) if given is None else np.asarray(given, dtype=np.float64)
+        analyses = dict(analyses or {})
+        for name in self._analysis_arrays():
+            shape = (k, *self._array(name).shape[1:])
+            given = analyses.pop(name, None)
+            columns[name] = np.full(shape, np.nan) if given is None else np.asarray(given, dtype=np.float64)
+            if columns[name].shape != shape:
+                raise StoreError(f"{self.path}: {name} has shape {columns[name].shape}, store holds {shape}")
+        if analyses:
+            raise StoreError(f"{self.path}: no analysis arrays {sorted(analyses)} in the store (enable them first)")
         return columns
 
     def _write_region(self, start: int, columns: Mapping[str, np.ndarray]) -> None:
@@ -195,11 +304,13 @@ class StoreWriter:
                 array.resize((stop, *array.shape[1:]))
             array[start:stop] = value
 
-    def _commit(self, epochs: np.ndarray) -> None:
+    def _commit(self, epochs: np.ndarray, *, without: Sequence[str] = ()) -> None:
         """Atomically replace the root metadata: the epochs in it become the store's epochs."""
         n = int(epochs.size)
         consolidated = {}
         for name in self._epoch_arrays():
+            if name in without:
+                continue
             meta = json.loads((self.path / name / layout.ROOT_META).read_text())
             consolidated[name] = {**meta, "shape": [n, *meta["shape"][1:]]}
         if (self.path / schema.SPLIT / layout.ROOT_META).exists():
@@ -249,6 +360,14 @@ class StoreWriter:
             array = self._array(name)
             if array.shape[0] != n:
                 array.resize((n, *array.shape[1:]))
+
+
+def _same_flatness(stored: Mapping, asked: Mapping) -> bool:
+    return all(stored.get(k) == asked.get(k) for k in FLATNESS_KEYS)
+
+
+def _describe_flatness(settings: Mapping) -> str:
+    return ", ".join(f"{k}={settings.get(k)!r}" for k in FLATNESS_KEYS)
 
 
 def _create(path: Path, config, task, train_indices, chunk_epochs) -> None:
