@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ from geostore.store import layout, schema
 # Root attribute holding the flatness settings; the keys that must agree to extend stored flatness.
 FLATNESS_ATTR = "flatness"
 FLATNESS_KEYS = ("epsilon", "n_directions", "seed")
+
+# Arrays written at once: zarr's per-call overhead (metadata, event-loop round trips) overlaps.
+WRITE_THREADS = 8
 
 
 def _atomic_write_json(path: Path, obj: object) -> None:
@@ -47,6 +51,7 @@ class StoreWriter:
         self.path = path
         self.attrs = attrs
         self.created = created
+        self._arrays: dict[str, zarr.Array] = {}
         with layout.quiet_zarr():
             self._group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         self._n = int(layout.open_committed(path)["epoch"].shape[0])
@@ -96,7 +101,9 @@ class StoreWriter:
         return [name for name in schema.ANALYSIS_ARRAYS if name in self._group]
 
     def _array(self, name: str) -> zarr.Array:
-        return self._group[name]
+        if name not in self._arrays:  # opening an array reads its metadata: keep the handles
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     # ------------------------------------------------------------------------------------ writing
     def append(
@@ -179,6 +186,7 @@ class StoreWriter:
             self._commit(self._epochs, without=present)
             for name in present:
                 shutil.rmtree(self.path / name)
+                self._arrays.pop(name, None)
         n_dir = int(settings["n_directions"])
         chunks = self.chunk_epochs
         with layout.quiet_zarr():
@@ -259,6 +267,7 @@ class StoreWriter:
         self._shrink_to(self._n)
         for file, content in self._start_files.items():
             file.write_bytes(content)
+        self._arrays.clear()  # the handles' metadata predates the restored files
 
     def _rollback_files(self) -> dict[Path, bytes]:
         """Bytes of every file an append may rewrite: metadata and the chunk holding the last epoch."""
@@ -297,12 +306,20 @@ class StoreWriter:
         return columns
 
     def _write_region(self, start: int, columns: Mapping[str, np.ndarray]) -> None:
+        """Grow every array to cover the rows and write them; arrays are written concurrently."""
         stop = start + len(columns[schema.EPOCH_DIM])
-        for name, value in columns.items():
+
+        def write(name: str) -> None:
             array = self._array(name)
             if array.shape[0] != stop:
                 array.resize((stop, *array.shape[1:]))
-            array[start:stop] = value
+            array[start:stop] = columns[name]
+
+        arrays = list(columns)
+        for name in arrays:
+            self._array(name)  # open the handles in this thread
+        with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+            list(pool.map(write, arrays))
 
     def _commit(self, epochs: np.ndarray, *, without: Sequence[str] = ()) -> None:
         """Atomically replace the root metadata: the epochs in it become the store's epochs."""
