@@ -31,6 +31,8 @@ def test_readme_documents_the_schema():
     rows = dict(re.findall(r"^\| `(\w+)` \| `\(([^)]*)\)`", readme, re.M))
     for name, (_, dims) in schema.PARAMETERS.items():
         assert rows.get(name) == ", ".join(("epoch", *dims)), name
+    for name, dims in schema.ANALYSIS_ARRAYS.items():
+        assert rows.get(name) == ", ".join(dims), name
     for name in schema.METRICS:
         assert f"`{name}`" in readme
     assert f"`{schema.SPLIT}` | `({', '.join(schema.SPLIT_DIMS)})`" in readme

@@ -178,6 +178,12 @@ class Store:
         deltas = da.from_zarr(self._group["delta_losses"])[: self._n]
         return da.where(da.isnan(self.baseline_loss)[:, None], np.nan, deltas)
 
+    def flatness_epochs(self) -> np.ndarray:
+        """Epochs whose flatness is complete (read without dask)."""
+        self._require("flatness")
+        baseline = np.asarray(self._group["baseline_loss"][: self._n])
+        return self._epochs[np.isfinite(baseline)]
+
     def flatness_summary(self, threshold: float = 0.1) -> dict[str, np.ndarray]:
         """Per-epoch summaries of the stored distribution (mean, median, max, std, p10, p90, flatness ratio).
 

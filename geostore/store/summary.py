@@ -48,5 +48,9 @@ def describe(store: Store) -> str:
     for source in store.sources:
         lines.append(f"source      {source['kind']}: {source['path']}")
     analyses = store.analyses()
+    if "flatness" in analyses:
+        settings = store.flatness_settings
+        lines.append(f"flatness    {settings['n_directions']} directions, epsilon {settings['epsilon']}, "
+                     f"seed {settings['seed']}: {store.flatness_epochs().size} of {store.epochs.size} epochs complete")
     lines.append(f"analyses    {', '.join(analyses) if analyses else 'none stored yet'}")
     return "\n".join(lines)
