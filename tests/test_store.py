@@ -152,6 +152,12 @@ def test_rollback_restores_the_store_as_opened(tmp_path, tiny_config):
     np.testing.assert_array_equal(geostore.open_store(path).epochs, [0, 1, 2])
     assert snapshot(path) == before  # byte for byte, the edge chunk (epoch 2 of chunk [2, 4)) included
 
+    writer = open_writer(path, tiny_config)  # enabling flatness is undone too
+    writer.enable_flatness({"epsilon": 0.1, "n_directions": 4, "seed": 0})
+    writer.append([3], random_params(tiny_config, [0], 6))
+    writer.rollback()
+    assert snapshot(path) == before and geostore.open_store(path).analyses() == []
+
 
 def test_refuses_other_models_and_non_stores_without_writing(tmp_path, tiny_config):
     from geostore.family.modular_addition import model_config

@@ -12,6 +12,7 @@ leaves a store that opens with whole epochs only, and re-running it completes th
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ import zarr
 from geostore.errors import ModelMismatchError, StoreError
 from geostore.store import layout, schema
 
-# Root attribute holding the flatness settings; the keys that must agree to extend stored flatness.
+# Root attribute holding the flatness settings (named as the analysis in schema.ANALYSES: its
+# presence enables the analysis arrays); the keys that must agree to extend stored flatness.
 FLATNESS_ATTR = "flatness"
 FLATNESS_KEYS = ("epsilon", "n_directions", "seed")
 
@@ -56,9 +58,8 @@ class StoreWriter:
             self._group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         self._n = int(layout.open_committed(path)["epoch"].shape[0])
         self._epochs = np.asarray(layout.open_committed(path)["epoch"][:], dtype=np.int64)
-        self._start_n = self._n
-        self._start_files = self._rollback_files()
         self._shifted = False
+        self._mark_rollback_point()
 
     # ----------------------------------------------------------------------------------- opening
     @classmethod
@@ -98,7 +99,9 @@ class StoreWriter:
         return [schema.EPOCH_DIM, *schema.PARAMETERS, *schema.METRICS, *self._analysis_arrays()]
 
     def _analysis_arrays(self) -> list[str]:
-        return [name for name in schema.ANALYSIS_ARRAYS if name in self._group]
+        """Arrays of the analyses the committed attributes enable (an analysis is listed by its settings)."""
+        return [name for analysis, names in schema.ANALYSES.items() if analysis in self.attrs
+                for name in schema.ANALYSIS_ARRAYS if name in names]
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:  # opening an array reads its metadata: keep the handles
@@ -163,7 +166,7 @@ class StoreWriter:
     def flatness_settings(self) -> dict | None:
         """The flatness settings the store was computed with (epsilon, n_directions, seed, ...), or None."""
         settings = self.attrs.get(FLATNESS_ATTR)
-        return dict(settings) if settings is not None and "delta_losses" in self._group else None
+        return None if settings is None else dict(settings)
 
     def enable_flatness(self, settings: Mapping[str, object], *, recompute: bool = False) -> None:
         """Make the store hold flatness computed with `settings` (committed; no epoch is computed yet).
@@ -181,9 +184,9 @@ class StoreWriter:
                 f"{_describe_flatness(settings)}: recompute to replace it"
             )
         if stored is not None:  # un-list the old arrays first, so a crash never shows them with new settings
-            self.attrs.pop(FLATNESS_ATTR)
             present = self._analysis_arrays()
-            self._commit(self._epochs, without=present)
+            self.attrs.pop(FLATNESS_ATTR)
+            self._commit(self._epochs)
             for name in present:
                 shutil.rmtree(self.path / name)
                 self._arrays.pop(name, None)
@@ -199,6 +202,8 @@ class StoreWriter:
                 )
         self.attrs[FLATNESS_ATTR] = settings
         self._commit(self._epochs)
+        if stored is not None:
+            self._mark_rollback_point()  # the old values are gone: a rollback returns to the recomputed state
 
     def flatness_missing(self) -> np.ndarray:
         """Stored epochs whose flatness is not complete (all of them when flatness is not enabled)."""
@@ -255,19 +260,31 @@ class StoreWriter:
         self._commit(self._epochs)
 
     def rollback(self) -> None:
-        """Undo everything this writer appended: back to the store as it was opened.
+        """Undo everything this writer appended or enabled: back to the store as it was opened.
 
-        Only appends can be undone (they never touched stored epochs); after an insertion shifted
-        stored epochs, the store stays as committed.
+        Only appends and newly enabled analyses can be undone (they never touched stored values);
+        after an insertion shifted stored epochs, the store stays as committed, and a recompute
+        that replaced stored flatness is kept.
         """
         if self._shifted:
             return
         self._n = self._start_n
         self._epochs = self._epochs[: self._start_n]
         self._shrink_to(self._n)
+        added = set(self._analysis_arrays()) - self._start_arrays
         for file, content in self._start_files.items():
             file.write_bytes(content)
+        self.attrs = copy.deepcopy(self._start_attrs)
+        for name in added:
+            shutil.rmtree(self.path / name, ignore_errors=True)
         self._arrays.clear()  # the handles' metadata predates the restored files
+
+    def _mark_rollback_point(self) -> None:
+        """Remember the committed state that `rollback` returns to."""
+        self._start_n = self._n
+        self._start_files = self._rollback_files()
+        self._start_arrays = set(self._analysis_arrays())
+        self._start_attrs = copy.deepcopy(self.attrs)
 
     def _rollback_files(self) -> dict[Path, bytes]:
         """Bytes of every file an append may rewrite: metadata and the chunk holding the last epoch."""
@@ -321,13 +338,11 @@ class StoreWriter:
         with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
             list(pool.map(write, arrays))
 
-    def _commit(self, epochs: np.ndarray, *, without: Sequence[str] = ()) -> None:
+    def _commit(self, epochs: np.ndarray) -> None:
         """Atomically replace the root metadata: the epochs in it become the store's epochs."""
         n = int(epochs.size)
         consolidated = {}
         for name in self._epoch_arrays():
-            if name in without:
-                continue
             meta = json.loads((self.path / name / layout.ROOT_META).read_text())
             consolidated[name] = {**meta, "shape": [n, *meta["shape"][1:]]}
         if (self.path / schema.SPLIT / layout.ROOT_META).exists():
