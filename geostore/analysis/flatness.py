@@ -1,0 +1,161 @@
+"""Loss-landscape flatness (REQ_031): the loss change along seeded random unit directions in weight space.
+
+Directions are standard normal over the family's trainable vector (the 9 weight matrices of
+`schema.WEIGHT_MATRICES`, flattened and concatenated in that order: one vector, not one per matrix),
+each normalised to unit L2 norm, and drawn on the CPU from `torch.Generator().manual_seed(seed)`, one
+direction after the other, so direction `i` depends only on the seed, the parameter count and `i`: every
+epoch, device and caller sees the same directions (common random numbers across epochs). For each,
+`delta_loss = L(theta + epsilon d) - L(theta)` with `L` the family loss on the full grid.
+
+`compute_landscape_flatness` is the reference: it perturbs a HookedTransformer in place and calls the
+family's loss function. `flatness_for_params` is what ingest uses: the same directions and perturbed
+weights, evaluated by the family's fast exact evaluator (`geostore.family.modular_addition_fast`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import secrets
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from geostore.errors import GeostoreError
+from geostore.family.modular_addition import TRAINABLE
+from geostore.store import schema
+
+# Directions per call of the fast evaluator: a constant, so an epoch's result never depends on callers.
+DIRECTION_BLOCK = 8
+
+
+def draw_directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor:
+    """`(n_directions, n_params)` float32 unit rows (norm taken in float64), drawn on the CPU from `seed`.
+
+    Row `i` is the `i`-th draw of `torch.randn(n_params)` from a generator seeded with `seed`: it does
+    not depend on `n_directions`, the thread count or the device the caller runs on. A fresh copy.
+    """
+    return _directions(int(n_params), int(n_directions), int(seed)).clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor:
+    """Cached `draw_directions` (45 MB for the paper's model and 50 directions); callers must not modify it."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = np.empty((n_directions, n_params), dtype=np.float32)
+    for i in range(n_directions):
+        row = torch.randn(n_params, generator=generator, dtype=torch.float32).numpy().astype(np.float64)
+        rows[i] = row / math.sqrt(np.sum(row * row))  # numpy's pairwise sum: thread-independent
+    return torch.from_numpy(rows)
+
+
+def perturbed(weights: Mapping[str, torch.Tensor], directions: torch.Tensor, epsilon: float
+              ) -> dict[str, torch.Tensor]:
+    """The trainable matrices moved by `epsilon` along each row of `directions` `(B, D)`: `(B, *shape)` each.
+
+    Both flatness paths build perturbed weights here, so they evaluate bit-identical weights.
+    """
+    out, offset = {}, 0
+    for name in TRAINABLE:
+        w = weights[name]
+        step = directions[:, offset:offset + w.numel()].reshape(-1, *w.shape)
+        out[name] = w + epsilon * step
+        offset += w.numel()
+    if offset != directions.shape[1]:
+        raise ValueError(f"directions have {directions.shape[1]} entries, the trainable matrices {offset}")
+    return out
+
+
+def compute_landscape_flatness(
+    model: torch.nn.Module,
+    probe: object,
+    loss_fn: Callable[[torch.nn.Module, object], torch.Tensor] | None,
+    n_directions: int = 50,
+    epsilon: float = 0.1,
+    seed: int | None = None,
+) -> dict[str, object]:
+    """Flatness of `model` the plain way: perturb its weights in place, call `loss_fn(model, probe)`, restore.
+
+    Returns `baseline_loss` (float), `delta_losses` (float64 `(n_directions,)`, differences of the float32
+    losses) and `epsilon`. The weights are bit-identical afterwards, also when `loss_fn` raises. `seed=None`
+    draws a fresh seed. `loss_fn` must come from the model family: without one this raises, never guesses.
+    """
+    if loss_fn is None:
+        raise GeostoreError("flatness needs the model family's loss function (loss_fn is None), e.g. "
+                            "geostore.family.modular_addition.loss_fn; no default loss is assumed")
+    params = {name: model.get_parameter(schema.PARAMETERS[name][0]) for name in TRAINABLE}
+    original = {name: param.detach().clone() for name, param in params.items()}
+    n_params = sum(w.numel() for w in original.values())
+    directions = _directions(n_params, n_directions, secrets.randbits(63) if seed is None else seed)
+    device = next(iter(original.values())).device
+    deltas = np.empty(n_directions, dtype=np.float64)
+    try:
+        with torch.no_grad():
+            baseline = float(loss_fn(model, probe))
+            for i in range(n_directions):
+                moved = perturbed(original, directions[i:i + 1].to(device), epsilon)
+                for name, param in params.items():
+                    param.copy_(moved[name][0])
+                deltas[i] = float(loss_fn(model, probe)) - baseline
+    finally:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(original[name])
+    return {"baseline_loss": baseline, "delta_losses": deltas, "epsilon": float(epsilon)}
+
+
+def flatness_for_params(
+    params: Mapping[str, np.ndarray],
+    config: Mapping[str, object],
+    *,
+    n_directions: int,
+    epsilon: float,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[float, np.ndarray]:
+    """`(baseline_loss, delta_losses)` of one epoch's stored parameters (short names), with the fast evaluator.
+
+    The same directions and perturbed weights as `compute_landscape_flatness`; the losses come from
+    `modular_addition_fast.losses` (float32 matmuls, per-pair losses summed in float64), directions
+    evaluated in fixed blocks of `DIRECTION_BLOCK`. The result is float64 and depends only on
+    (seed, n_directions, epsilon, these weights) on a given machine and thread count: not on which
+    epochs a caller processes, in what order, or in which process. Torch's matmuls may round differently
+    under another thread count or device (see the module tests), so distributed runs pin the threads.
+    """
+    from geostore.family import modular_addition_fast as fast
+
+    tensors = {name: torch.as_tensor(np.asarray(params[name], dtype=np.float32)).to(device)
+               for name in schema.PARAMETERS}
+    weights = {name: tensors[name] for name in TRAINABLE}
+    biases = {name: value for name, value in tensors.items() if name not in TRAINABLE}
+    n_params = sum(w.numel() for w in weights.values())
+    directions = _directions(n_params, n_directions, seed)
+    with torch.no_grad():
+        baseline = fast.losses({name: w[None] for name, w in weights.items()}, biases, config)[0]
+        deltas = [fast.losses(perturbed(weights, directions[i:i + DIRECTION_BLOCK].to(device), epsilon), biases,
+                              config) - baseline for i in range(0, n_directions, DIRECTION_BLOCK)]
+    return float(baseline), torch.cat(deltas).cpu().numpy()
+
+
+def flatness_summary(baseline_loss: np.ndarray, delta_losses: np.ndarray, threshold: float = 0.1
+                     ) -> dict[str, np.ndarray]:
+    """Per-epoch statistics of `delta_losses` `(n_epoch, n_dir)`: each `(n_epoch,)` float64, NaN where not computed.
+
+    `flatness_ratio` is the fraction of directions with `delta < threshold * baseline` (`threshold` itself
+    where the baseline is 0, as the reference implementation does); percentiles interpolate linearly.
+    """
+    baseline = np.asarray(baseline_loss, dtype=np.float64)
+    deltas = np.asarray(delta_losses, dtype=np.float64)
+    missing = np.isnan(baseline) | np.isnan(deltas).any(axis=1)
+    limit = np.where(baseline == 0, threshold, threshold * baseline)
+    ratio = (deltas < limit[:, None]).mean(axis=1)
+    p10, p90 = np.percentile(deltas, [10, 90], axis=1)
+    out = {
+        "mean_delta_loss": deltas.mean(axis=1), "median_delta_loss": np.median(deltas, axis=1),
+        "max_delta_loss": deltas.max(axis=1), "std_delta_loss": deltas.std(axis=1),
+        "p10_delta_loss": p10, "p90_delta_loss": p90, "flatness_ratio": ratio, "baseline_loss": baseline.copy(),
+    }
+    for value in out.values():
+        value[missing] = np.nan
+    return out
