@@ -274,24 +274,25 @@ def test_flatness_rows_move_with_appends_inserts_and_rollbacks(tmp_path, tiny_co
     writer.append([0, 20], random_params(tiny_config, range(2)))
     baseline, deltas = flatness_rows(4)
     writer.write_flatness([0, 20], baseline[:2], deltas[:2], epsilon=0.1, seed=0)
-    writer.append([30], random_params(tiny_config, [0], 1),
-                  analyses={"baseline_loss": baseline[2:3], "delta_losses": deltas[2:3]})
+    writer.append([30], random_params(tiny_config, [0], 1))
+    assert np.isnan(geostore.open_store(path).delta_losses.compute()[2]).all()  # not computed yet
+    writer.write_flatness([30], baseline[2:3], deltas[2:3])
     writer.insert([10], random_params(tiny_config, [0], 2))  # no flatness: a NaN row in the middle
     store = geostore.open_store(path)
     np.testing.assert_array_equal(store.epochs, [0, 10, 20, 30])
     np.testing.assert_array_equal(store.baseline_loss.compute(), [baseline[0], np.nan, baseline[1], baseline[2]])
     np.testing.assert_array_equal(store.delta_losses.compute()[[0, 2, 3]], deltas[:3])
     np.testing.assert_array_equal(writer.flatness_missing(), [10])
+    np.testing.assert_array_equal(store.flatness_epochs(), [0, 20, 30])
 
     before = snapshot(path)
     writer = open_writer(path, tiny_config)
-    writer.append([40], random_params(tiny_config, [0], 3),
-                  analyses={"baseline_loss": baseline[3:], "delta_losses": deltas[3:]})
+    writer.append([40], random_params(tiny_config, [0], 3))
+    writer.write_flatness([40], baseline[3:], deltas[3:])
     writer.rollback()
     assert snapshot(path) == before
-    with pytest.raises(StoreError, match="delta_losses has shape"):
-        writer.append([40], random_params(tiny_config, [0], 3),
-                      analyses={"baseline_loss": baseline[3:], "delta_losses": deltas[3:, :2]})
+    with pytest.raises(StoreError, match="store holds 5 directions"):
+        writer.write_flatness([30], baseline[3:], deltas[3:, :2])
 
 
 def test_store_without_flatness_says_how_to_add_it(tmp_path, tiny_config):

@@ -114,19 +114,17 @@ class StoreWriter:
         epochs: Sequence[int],
         params: Mapping[str, np.ndarray],
         metrics: Mapping[str, np.ndarray] | None = None,
-        analyses: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Add epochs after every stored one and commit them: `params[name]` is `(k, *shape)`.
 
-        `analyses` gives rows of the stored analysis arrays (e.g. `baseline_loss`, `delta_losses`)
-        for these epochs; rows not given are NaN (not computed).
+        Their rows of the analysis arrays are NaN (not computed) until written.
         """
         epochs = np.asarray(epochs, dtype=np.int64)
         if epochs.size == 0:
             return
         if np.any(np.diff(epochs) <= 0) or (self._n and epochs[0] <= self._epochs[-1]):
             raise StoreError(f"{self.path}: append needs new epochs after {self._epochs[-1:]}, got {epochs}")
-        columns = self._columns(epochs, params, metrics, analyses)
+        columns = self._columns(epochs, params, metrics)
         self._write_region(self._n, columns)
         self._commit(np.concatenate([self._epochs, epochs]))
 
@@ -135,7 +133,6 @@ class StoreWriter:
         epochs: Sequence[int],
         params: Mapping[str, np.ndarray],
         metrics: Mapping[str, np.ndarray] | None = None,
-        analyses: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Add epochs anywhere on the axis (new ones only), keeping it sorted; staged, then committed."""
         epochs = np.asarray(epochs, dtype=np.int64)
@@ -150,9 +147,9 @@ class StoreWriter:
             def sort(rows):
                 return None if rows is None else {k: np.asarray(v)[order] for k, v in rows.items()}
 
-            self.append(epochs[order], sort(params), sort(metrics), sort(analyses))
+            self.append(epochs[order], sort(params), sort(metrics))
             return
-        new = self._columns(epochs, params, metrics, analyses)
+        new = self._columns(epochs, params, metrics)
         old = {name: self._array(name)[start:self._n] for name in self._epoch_arrays()}
         merged_epochs = np.concatenate([old[schema.EPOCH_DIM], epochs])
         order = np.argsort(merged_epochs, kind="stable")
@@ -298,7 +295,7 @@ class StoreWriter:
         return {f: f.read_bytes() for f in files if f.is_file()}
 
     # ---------------------------------------------------------------------------------- internals
-    def _columns(self, epochs, params, metrics, analyses=None) -> dict[str, np.ndarray]:
+    def _columns(self, epochs, params, metrics) -> dict[str, np.ndarray]:
         k = epochs.size
         sizes = schema.dim_sizes(self.attrs["model_config"])
         columns = {schema.EPOCH_DIM: epochs}
@@ -311,15 +308,8 @@ class StoreWriter:
         for name in schema.METRICS:
             given = None if metrics is None else metrics.get(name)
             columns[name] = np.full(k, np.nan) if given is None else np.asarray(given, dtype=np.float64)
-        analyses = dict(analyses or {})
         for name in self._analysis_arrays():
-            shape = (k, *self._array(name).shape[1:])
-            given = analyses.pop(name, None)
-            columns[name] = np.full(shape, np.nan) if given is None else np.asarray(given, dtype=np.float64)
-            if columns[name].shape != shape:
-                raise StoreError(f"{self.path}: {name} has shape {columns[name].shape}, store holds {shape}")
-        if analyses:
-            raise StoreError(f"{self.path}: no analysis arrays {sorted(analyses)} in the store (enable them first)")
+            columns[name] = np.full((k, *self._array(name).shape[1:]), np.nan)
         return columns
 
     def _write_region(self, start: int, columns: Mapping[str, np.ndarray]) -> None:
