@@ -140,7 +140,8 @@ def flatness_for_params(
 
 def flatness_summary(baseline_loss: np.ndarray, delta_losses: np.ndarray, threshold: float = 0.1
                      ) -> dict[str, np.ndarray]:
-    """Per-epoch statistics of `delta_losses` `(n_epoch, n_dir)`: each `(n_epoch,)` float64, NaN where not computed.
+    """Per-epoch statistics of `delta_losses` `(n_epoch, n_dir)`: each `(n_epoch,)` float64, NaN where an epoch's
+    baseline or any of its deltas is NaN (not computed); `baseline_loss` is passed through.
 
     `flatness_ratio` is the fraction of directions with `delta < threshold * baseline` (`threshold` itself
     where the baseline is 0, as the reference implementation does); percentiles interpolate linearly.
@@ -154,8 +155,8 @@ def flatness_summary(baseline_loss: np.ndarray, delta_losses: np.ndarray, thresh
     out = {
         "mean_delta_loss": deltas.mean(axis=1), "median_delta_loss": np.median(deltas, axis=1),
         "max_delta_loss": deltas.max(axis=1), "std_delta_loss": deltas.std(axis=1),
-        "p10_delta_loss": p10, "p90_delta_loss": p90, "flatness_ratio": ratio, "baseline_loss": baseline.copy(),
+        "p10_delta_loss": p10, "p90_delta_loss": p90, "flatness_ratio": ratio,
     }
     for value in out.values():
         value[missing] = np.nan
-    return out
+    return {**out, "baseline_loss": baseline.copy()}
