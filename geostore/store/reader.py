@@ -212,6 +212,45 @@ class Store:
         """Bytes the store's files take on disk."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
+    # --------------------------------------------------------------------------------- trajectory
+    def pca(
+        self,
+        group: str | Sequence[str] = "all",
+        n_components: int = 3,
+        *,
+        fit_epochs: tuple[int, int] | Sequence[int] | None = None,
+        loadings: bool = False,
+        memory_budget: int | None = None,
+    ) -> dict:
+        """Exact PCA of a group's trajectory, equal to scikit-learn's `PCA` on the float64 matrix up to sign.
+
+        Returns `projections` `(n_epoch, k)`, `explained_variance_ratio` and `explained_variance` `(k,)`,
+        `epochs`, and with `loadings=True` the unit `components` as a lazy dask array `(k, D)`. Centred
+        over the fit epochs: all epochs, an inclusive `(start, stop)` tuple, or a sequence of stored epochs;
+        every epoch is projected. Each component's sign makes its largest-magnitude fit projection positive.
+        Computed out of core from the Gram matrix of the epochs (panels of at most `memory_budget` bytes
+        per process, default 1 GiB) and cached in the store, so reopening is instant and new epochs cost
+        only their own rows (see `geostore.store.derived`).
+        """
+        from geostore.store import derived
+
+        return derived.pca(self, group, n_components, fit_epochs=fit_epochs, loadings=loadings,
+                           memory_budget=memory_budget)
+
+    def velocity(self, group: str | Sequence[str] = "all", *, per_epoch: bool = True,
+                 memory_budget: int | None = None) -> np.ndarray:
+        """`(n_epoch - 1,)` step lengths `||theta[i+1] - theta[i]||` of a group, divided by the epoch gap
+        when `per_epoch` (checkpoints are unevenly spaced); exact, from the same cached pass as `pca`."""
+        from geostore.store import derived
+
+        return derived.velocity(self, group, per_epoch=per_epoch, memory_budget=memory_budget)
+
+    def velocities(self, per_epoch: bool = True, *, memory_budget: int | None = None) -> dict[str, np.ndarray]:
+        """`velocity` of `all`, `embedding`, `attention` and `mlp`, computed in one pass."""
+        from geostore.store import derived
+
+        return derived.velocities(self, per_epoch=per_epoch, memory_budget=memory_budget)
+
     # ---------------------------------------------------------------------------------- protocol
     def close(self) -> None:
         """Release the handle (a no-op for local stores; kept for the context-manager protocol)."""

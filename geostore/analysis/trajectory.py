@@ -1,0 +1,236 @@
+"""Exact PCA and velocity of a parameter trajectory, from the Gram matrix of its epochs, with Dask.
+
+A trajectory is an `(n_epoch, D)` matrix `X` with `n_epoch << D`. PCA needs only the `n x n` Gram
+matrix `G = X X^T` (float64): centring over any set of fit epochs, the eigenvalues and the projection
+of every epoch follow from it exactly. Stored chunks are row (epoch) blocks, so `G` is built by row
+panels: a panel of rows, held in float64, is multiplied with itself (a symmetric rank-k update) and with
+every row outside it that it still needs, streamed chunk by chunk. When one panel holds every row (the
+data fit the memory budget) the data are read once; otherwise peak memory is the budget and the rows
+before a panel are read again for it. The rows may be any subset of epochs: extending a cached `G` with
+new epochs is the same computation, with the new rows as panels and the old rows as the stream.
+
+Velocities (consecutive steps) come from the same pass, as differences of the rows themselves: taking
+them from `G` would cancel catastrophically (`||x||^2 ~ 1e3` against late steps of `~1e-3`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.linalg
+from threadpoolctl import threadpool_limits
+
+# Bytes per panel element: the float64 panel plus its float32 chunks while it is assembled.
+_PANEL_BYTES_PER_VALUE = 12
+
+
+@dataclass(frozen=True)
+class TrajectoryPass:
+    """What one pass found for one unit (a group of arrays) over its `n` rows.
+
+    `gram` is `(n, n)` float64 with every entry in a computed row or column filled (others 0);
+    `steps2[i]` is `||x[i+1] - x[i]||^2` for the requested steps, NaN elsewhere.
+    """
+
+    gram: np.ndarray
+    steps2: np.ndarray
+
+
+# --------------------------------------------------------------------------------------- threads
+def scheduler_threads() -> int:
+    """Threads per process of the active dask scheduler: a distributed client's workers, else the local pool."""
+    if "distributed" in sys.modules:  # no client can be active before distributed is imported
+        from distributed import default_client
+
+        try:
+            return max(default_client().nthreads().values(), default=1)
+        except ValueError:
+            pass
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+def panel_rows(width: int, memory_budget: int, *, threads: int, chunk: int) -> int:
+    """Rows per panel so that `threads` panels `width` wide fit `memory_budget` bytes.
+
+    Whole stored chunks when possible (a chunk split between two panels is read twice); at least one row.
+    """
+    rows = memory_budget // (threads * _PANEL_BYTES_PER_VALUE * max(1, width))
+    return int(max(1, rows // chunk * chunk if rows >= chunk else rows))
+
+
+# ------------------------------------------------------------------------------------ the pass
+def trajectory_pass(
+    units: Mapping[str, Sequence[da.Array]],
+    rows: np.ndarray,
+    steps: np.ndarray,
+    *,
+    memory_budget: int,
+) -> dict[str, TrajectoryPass]:
+    """Gram rows and squared steps of each unit: arrays `(n, ...)` chunked along axis 0 only.
+
+    `rows`: positions whose Gram rows to compute, against every row; `steps`: positions `i` whose step
+    `x[i+1] - x[i]` to measure, each touching a row of `rows`. Float64 throughout, under the active dask
+    scheduler (threaded or distributed), one BLAS thread per dask thread; panels take at most
+    `memory_budget` bytes per process. One dask computation per panel.
+    """
+    arrays = [a for group in units.values() for a in group]
+    n = arrays[0].shape[0]
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    steps = np.unique(np.asarray(steps, dtype=np.int64))
+    in_rows = np.zeros(n, dtype=bool)
+    in_rows[rows] = True
+    if steps.size and not np.all(in_rows[steps] | in_rows[steps + 1]):
+        raise ValueError("every step to measure must touch a computed row")
+    width = max(int(np.prod(a.shape[1:])) for a in arrays)
+    size = panel_rows(width, memory_budget, threads=scheduler_threads(), chunk=max(arrays[0].chunks[0]))
+    results = {u: TrajectoryPass(np.zeros((n, n)), np.full(max(n - 1, 0), np.nan)) for u in units}
+    # Panel of each row; rows outside `rows` (-1) are only read as the stream.
+    panel_of = np.full(n, -1)
+    panels = [rows[i:i + size] for i in range(0, rows.size, size)]
+    for index, panel in enumerate(panels):
+        panel_of[panel] = index
+    for index, panel in enumerate(panels):
+        stream = np.flatnonzero((panel_of < index) | ~in_rows)
+        # A step belongs to the pass of the later panel of its two rows.
+        mine = steps[np.maximum(panel_of[steps], panel_of[steps + 1]) == index]
+        tasks, places = [], []
+        for unit, group in units.items():
+            for array in group:
+                for task, place in _panel_tasks(array, panel, stream, mine):
+                    tasks.append(task)
+                    places.append((unit, place))
+        with threadpool_limits(limits=1, user_api="blas"):
+            outputs = dask.compute(*tasks)
+        for (unit, (grows, gcols, step_index)), (block, step_values) in zip(places, outputs, strict=True):
+            result = results[unit]
+            result.gram[np.ix_(grows, gcols)] += block
+            if grows is not gcols:
+                result.gram[np.ix_(gcols, grows)] += block.T
+            partial = result.steps2[step_index]
+            result.steps2[step_index] = np.where(np.isnan(partial), 0.0, partial) + step_values
+    return results
+
+
+def _panel_tasks(array: da.Array, panel: np.ndarray, stream: np.ndarray, steps: np.ndarray):
+    """Delayed tasks of one array in one pass, each with where its output goes: (grows, gcols, steps).
+
+    `panel` and `stream` are sorted, disjoint row positions; every step has a row in the panel.
+    """
+    if any(len(c) > 1 for c in array.chunks[1:]):
+        array = array.rechunk({axis: -1 for axis in range(1, array.ndim)})
+    blocks = array.to_delayed().reshape(array.numblocks[0])
+    bounds = np.cumsum((0, *array.chunks[0]))
+    chunk_of = np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
+    panel_chunks = np.unique(chunk_of[panel])
+    loaded = dask.delayed(_gather)([blocks[c] for c in panel_chunks],
+                                   [panel[chunk_of[panel] == c] - bounds[c] for c in panel_chunks])
+    low_in, high_in = np.isin(steps, panel), np.isin(steps + 1, panel)
+    inside = steps[low_in & high_in]
+    yield (dask.delayed(_self_products)(loaded, np.searchsorted(panel, inside), np.searchsorted(panel, inside + 1)),
+           (panel, panel, inside))
+    across = steps[low_in ^ high_in]
+    mine = np.where(low_in[low_in ^ high_in], across, across + 1)  # the row in the panel
+    other = np.where(low_in[low_in ^ high_in], across + 1, across)  # the row in the stream
+    for c in np.unique(chunk_of[stream]):
+        picked = stream[chunk_of[stream] == c]
+        here = chunk_of[other] == c
+        yield (dask.delayed(_cross_products)(loaded, blocks[c], picked - bounds[c],
+                                             np.searchsorted(panel, mine[here]),
+                                             np.searchsorted(picked, other[here])),
+               (panel, picked, across[here]))
+
+
+def _gather(blocks: list[np.ndarray], picks: list[np.ndarray]) -> np.ndarray:
+    """The panel: the picked rows of each chunk, flattened, in one float64 array."""
+    out = np.empty((sum(len(p) for p in picks), blocks[0][0].size), dtype=np.float64)
+    start = 0
+    for block, pick in zip(blocks, picks, strict=True):
+        out[start:start + len(pick)] = block.reshape(len(block), -1)[pick]
+        start += len(pick)
+    return out
+
+
+def _squared_distances(a: np.ndarray, ia: np.ndarray, b: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """`||a[ia[k]] - b[ib[k]]||^2`, row by row (no full-size temporaries)."""
+    out = np.empty(len(ia))
+    for k, (i, j) in enumerate(zip(ia, ib, strict=True)):
+        step = a[i] - b[j]
+        out[k] = step @ step
+    return out
+
+
+def _self_products(panel: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.dot(panel, panel.T), _squared_distances(panel, ia, panel, ib)
+
+
+def _cross_products(panel: np.ndarray, block: np.ndarray, pick: np.ndarray, ia: np.ndarray,
+                    ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = block.reshape(len(block), -1)[pick].astype(np.float64)
+    return np.dot(panel, rows.T), _squared_distances(panel, ia, rows, ib)
+
+
+# -------------------------------------------------------------------------------- PCA from G
+@dataclass(frozen=True)
+class GramPCA:
+    """PCA of a trajectory from its Gram matrix; `weights` `(m, k)` map the fit rows to unit components."""
+
+    projections: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    fit: np.ndarray
+    weights: np.ndarray
+
+
+def pca_from_gram(gram: np.ndarray, n_components: int, fit: np.ndarray | None = None) -> GramPCA:
+    """PCA of the rows behind `gram`, fitted on rows `fit` (default: all), projecting every row.
+
+    Centres over the fit rows as scikit-learn does; `explained_variance` divides by `m - 1`. Sign: each
+    component's largest-magnitude projection among the fit rows is positive (scikit-learn's
+    `svd_flip(u_based_decision=True)`), deterministic and independent of the rows outside the fit.
+    Components of zero variance (`k` above the rank) get zero projections.
+    """
+    n = len(gram)
+    fit = np.arange(n) if fit is None else np.asarray(fit, dtype=np.int64)
+    m = fit.size
+    if m < 2:
+        raise ValueError(f"PCA needs at least 2 fit epochs, got {m}")
+    if not 1 <= n_components <= m:
+        raise ValueError(f"n_components must be between 1 and {m} (the fit epochs), got {n_components}")
+    g_all_fit = gram[:, fit]
+    dot_mean = g_all_fit.mean(axis=1)  # x_i . mean of the fit rows, for every row i
+    mean_sq = dot_mean[fit].mean()  # mean . mean
+    cross = g_all_fit - dot_mean[:, None] - dot_mean[fit][None, :] + mean_sq  # (x_i - mean) . (x_j - mean)
+    centred = (cross[fit] + cross[fit].T) / 2
+    values, vectors = scipy.linalg.eigh(centred, subset_by_index=[m - n_components, m - 1])
+    values, vectors = np.clip(values[::-1], 0.0, None), vectors[:, ::-1]
+    nonzero = values > values[0] * m * np.finfo(np.float64).eps
+    weights = np.where(nonzero, vectors / np.sqrt(np.where(nonzero, values, 1.0)), 0.0)
+    weights -= weights.mean(axis=0)  # exactly centred: components = weights^T X_fit, projections unchanged
+    projections = cross @ weights
+    biggest = np.abs(projections[fit]).argmax(axis=0)
+    signs = np.where(projections[fit][biggest, np.arange(n_components)] < 0, -1.0, 1.0)
+    total = float(np.trace(centred))
+    return GramPCA(
+        projections=projections * signs,
+        explained_variance=values / (m - 1),
+        explained_variance_ratio=values / total if total > 0 else np.zeros_like(values),
+        fit=fit,
+        weights=weights * signs,
+    )
+
+
+def components(x: da.Array, pca: GramPCA) -> da.Array:
+    """Lazy `(k, D)` unit principal axes of `x` (the matrix behind the Gram), matching the projections' signs."""
+    return da.from_array(pca.weights.T) @ x[pca.fit].astype(np.float64)
+
+
+def velocity(steps2: np.ndarray, epochs: np.ndarray, *, per_epoch: bool = True) -> np.ndarray:
+    """`||theta[i+1] - theta[i]||` from squared steps, divided by the epoch gap when `per_epoch`."""
+    speed = np.sqrt(steps2)
+    return speed / np.diff(np.asarray(epochs, dtype=np.float64)) if per_epoch else speed
