@@ -1,22 +1,237 @@
-"""geoview's window on a real store, offscreen (pytest-qt)."""
+"""geoview's window on real stores, offscreen (pytest-qt): the widgets are driven, plot items checked."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+from PySide6.QtCore import QPointF, QSettings, Qt
+from PySide6.QtGui import QImage
+
 import geostore
-from tests.conftest import random_params
-from viewer.app import build_window
+from tests.test_viewer_data import EPOCHS, make_store
+from viewer import palette
+from viewer.app import main
+from viewer.data import ViewerData
+from viewer.window import MainWindow
 
 
-def test_window_shows_the_store(qtbot, tmp_path, tiny_config):
-    from geostore.store.writer import StoreWriter
+@pytest.fixture(autouse=True)
+def private_settings(tmp_path, monkeypatch):
+    """Every test keeps geoview's settings in its own temp INI file, never in the user's home."""
+    path = tmp_path / "geoview.ini"
+    monkeypatch.setenv("GEOVIEW_SETTINGS", str(path))
+    return path
 
-    path = tmp_path / "run.zarr"
-    StoreWriter.open(path, config=tiny_config, task={"family": "modular_addition", "p": 7}).append(
-        [0, 10], random_params(tiny_config, range(2)))
-    window = build_window(geostore.open_store(path))
-    qtbot.addWidget(window)
-    window.show()
-    qtbot.waitExposed(window)
-    assert "run.zarr" in window.windowTitle()
-    assert "2 stored, 0..10" in window.centralWidget().toPlainText()
-    assert window.grab().width() > 0
+
+@pytest.fixture
+def open_window(qtbot, private_settings):
+    """`open_window(path, **kwargs)`: a shown MainWindow with its data loaded."""
+    palette.apply_theme()
+
+    def opener(path, **kwargs) -> MainWindow:
+        window = MainWindow(ViewerData(geostore.open_store(path)),
+                            settings=QSettings(str(private_settings), QSettings.Format.IniFormat), **kwargs)
+        qtbot.addWidget(window)
+        window.resize(1400, 900)
+        window.show()
+        qtbot.waitExposed(window)
+        assert window.jobs.wait()
+        return window
+
+    return opener
+
+
+@pytest.fixture
+def flat_store(tmp_path, tiny_config):
+    return make_store(tmp_path / "flat.zarr", tiny_config)
+
+
+@pytest.fixture
+def bare_store(tmp_path, tiny_config):
+    return make_store(tmp_path / "bare.zarr", tiny_config, flatness=False)
+
+
+def click(qtbot, dock, plot, x: float, y: float) -> None:
+    """A real left click on `plot` of `dock` at data coordinates (x, y)."""
+    scene = plot.vb.mapViewToScene(QPointF(x, y))
+    qtbot.mouseClick(dock.canvas.viewport(), Qt.MouseButton.LeftButton, pos=dock.canvas.mapFromScene(scene))
+
+
+def test_the_slider_moves_every_highlight(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    docks, data = window.docks, window.data
+    for index in (3, 6, 1):
+        window.epoch_control.slider.setValue(index)
+        epoch = EPOCHS[index]
+        assert window.state.index == index and window.epoch_control.spin.value() == epoch
+        x, y = docks["trajectory"].current.getData()
+        np.testing.assert_allclose([x[0], y[0]], data.trajectory("all").projections[index, :2])
+        assert docks["trajectory"].current_label.textItem.toPlainText() == f"epoch {epoch}"
+        assert [line.value() for line in docks["training"].lines] == [epoch] * 3  # loss, accuracy, rug
+        assert docks["velocity"].line.value() == epoch == docks["flatness"].line.value()
+        assert docks["flatness"].marker.getData()[1][0] == data.flatness.summary["mean_delta_loss"][index]
+        distribution = docks["distribution"]
+        edges, counts = distribution.histogram.getData()
+        np.testing.assert_array_equal(counts, data.flatness.counts[index])
+        np.testing.assert_array_equal(edges, data.flatness.edges)
+        assert distribution.mean.value() == pytest.approx(np.mean(data.flatness.deltas[index]))
+        assert distribution.median.value() == pytest.approx(np.median(data.flatness.deltas[index]))
+        assert f"{data.flatness.summary['flatness_ratio'][index]:.2f}" in distribution.caption.text
+
+
+def test_the_spin_box_and_keys_step_through_stored_epochs(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    window.epoch_control.spin.setValue(150)  # not stored: snaps to the nearest, 160
+    assert window.state.index == 5 and window.epoch_control.spin.value() == 160
+    window.epoch_control.spin.stepBy(1)
+    assert window.state.index == 6
+    window.activateWindow()
+    window.epoch_control.slider.setFocus()
+    for key, expected in ((Qt.Key.Key_Left, 5), (Qt.Key.Key_Home, 0), (Qt.Key.Key_End, 7), (Qt.Key.Key_PageUp, 0)):
+        qtbot.keyClick(window.epoch_control.slider, key)
+        assert window.state.index == expected, key
+
+
+def test_play_animates_to_the_end_and_stops(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    control = window.epoch_control
+    control.speed.setCurrentIndex(control.speed.count() - 1)
+    control.play_button.click()
+    qtbot.waitUntil(lambda: not control.play_button.isChecked(), timeout=5000)
+    assert window.state.index == len(EPOCHS) - 1
+
+
+def test_switching_group_and_components_changes_the_projection(qtbot, open_window, flat_store):
+    window = open_window(flat_store, group="attention")
+    trajectory = window.docks["trajectory"]
+    assert trajectory.group.currentData() == "attention"
+    expected = geostore.open_store(flat_store).pca("mlp", n_components=len(EPOCHS) - 1)["projections"]
+    trajectory.group.setCurrentIndex(trajectory.group.findData("mlp"))
+    qtbot.waitUntil(lambda: trajectory.ready)
+    assert window.state.group == "mlp"
+    x, y = trajectory.points.getData()
+    np.testing.assert_allclose(np.c_[x, y], expected[:, :2])
+    assert "MLP" in trajectory.trajectory_plot.getAxis("bottom").labelText
+    trajectory.pair.setCurrentIndex(trajectory.pair.findData("2-3"))
+    x, y = trajectory.points.getData()
+    np.testing.assert_allclose(np.c_[x, y], expected[:, 1:3])
+    assert trajectory.trajectory_plot.getAxis("left").labelText.startswith("PC3 (")
+
+
+def test_clicking_a_point_or_a_curve_selects_its_epoch(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    trajectory = window.docks["trajectory"]
+    x, y = window.data.trajectory("all").projections[4, :2]
+    click(qtbot, trajectory, trajectory.trajectory_plot, x, y)
+    assert window.state.index == 4
+    training = window.docks["training"]
+    (_, _), (low, high) = training.loss_plot.vb.viewRange()
+    click(qtbot, training, training.loss_plot, 35, (low + high) / 2)
+    assert window.state.index == EPOCHS.index(40)
+    velocity = window.docks["velocity"]
+    (_, _), (low, high) = velocity.velocity_plot.vb.viewRange()
+    click(qtbot, velocity, velocity.velocity_plot, 600, (low + high) / 2)
+    assert window.state.index == EPOCHS.index(640)
+
+
+def test_a_store_without_flatness_shows_those_docks_disabled_with_a_reason(qtbot, open_window, bare_store):
+    window = open_window(bare_store)
+    for name in ("flatness", "distribution"):
+        dock = window.docks[name]
+        assert dock.pages.currentWidget() is dock.message and "geostore flatness" in dock.message.text()
+        assert not dock.export_button.isEnabled() and dock.isVisible()
+    trajectory = window.docks["trajectory"]
+    assert not trajectory.colour.model().item(trajectory.colour.findData("baseline")).isEnabled()
+    window.epoch_control.slider.setValue(5)  # the disabled docks ignore scrubbing without failing
+    assert window.docks["velocity"].line.value() == EPOCHS[5]
+
+
+def test_colour_by_baseline_loss_when_flatness_is_stored(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    trajectory = window.docks["trajectory"]
+    trajectory.colour.setCurrentIndex(trajectory.colour.findData("baseline"))
+    qtbot.waitUntil(lambda: trajectory.ready)
+    assert "baseline loss" in trajectory.colour_bar.getAxis("left").labelText
+    baseline = window.data.flatness.summary["baseline_loss"]
+    assert trajectory.colour_bar.levels() == pytest.approx((np.log10(np.nanmin(baseline)),
+                                                            np.log10(np.nanmax(baseline))))
+
+
+def test_flatness_statistic_and_band(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    flatness = window.docks["flatness"]
+    summary = window.data.flatness.summary
+    flatness.statistic.setCurrentIndex(flatness.statistic.findData("flatness_ratio"))
+    np.testing.assert_array_equal(flatness.curve.getData()[1], summary["flatness_ratio"])
+    assert not flatness.band.isVisible()
+    flatness.statistic.setCurrentIndex(flatness.statistic.findData("p90_delta_loss"))
+    assert flatness.band.isVisible()
+    np.testing.assert_array_equal(flatness.band_high.getData()[1], summary["p90_delta_loss"])
+    np.testing.assert_array_equal(flatness.baseline.getData()[1], np.log10(summary["baseline_loss"]))
+
+
+def test_every_dock_exports_png_svg_and_csv(qtbot, open_window, flat_store, tmp_path):
+    window = open_window(flat_store)
+    window.epoch_control.slider.setValue(2)
+    for name, dock in window.docks.items():
+        png = dock.export("png", tmp_path / f"{name}.png")
+        image = QImage(str(png))
+        assert image.width() >= dock.canvas.width() and not image.isNull()
+        svg = dock.export("svg", tmp_path / f"{name}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg and svg.count("<path") > 3
+        rows = dock.export("csv", tmp_path / f"{name}.csv").read_text().splitlines()
+        assert len(rows) > 1, name
+    assert (tmp_path / "training.csv").read_text().startswith("epoch,train_loss,test_loss")
+    header, *rows = (tmp_path / "distribution.csv").read_text().splitlines()
+    assert header == "epoch,bin_low,bin_high,count" and {r.split(",")[0] for r in rows} == {"20"}
+    assert sum(int(r.split(",")[3]) for r in rows) == 16
+    header, first, *_ = (tmp_path / "flatness.csv").read_text().splitlines()
+    assert first.startswith("0,,")  # epoch 0 has no flatness: empty fields, not "nan"
+
+
+def test_layout_and_dock_settings_survive_a_restart(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    window.docks["velocity"].log_y.setChecked(False)
+    window.docks["trajectory"].pair.setCurrentIndex(2)
+    window.docks["distribution"].close()
+    window.close()
+    again = open_window(flat_store)
+    assert not again.docks["velocity"].log_y.isChecked()
+    assert again.docks["trajectory"].pair.currentData() == "2-3"
+    assert not again.docks["distribution"].isVisible() and again.docks["flatness"].isVisible()
+    again.reset_layout()
+    assert again.docks["distribution"].isVisible()
+
+
+def test_screenshot_renders_the_whole_window(flat_store, tmp_path, capsys, private_settings):
+    out = tmp_path / "shot.png"
+    assert main([str(flat_store), "--screenshot", str(out), "--epoch", "160", "--group", "mlp",
+                 "--size", "1400x900"]) == 0
+    image = QImage(str(out))
+    assert (image.width(), image.height()) == (1400, 900)
+    pixels = np.frombuffer(image.convertToFormat(QImage.Format.Format_RGB32).constBits(), np.uint32)
+    assert np.unique(pixels).size > 50
+    assert "wrote" in capsys.readouterr().out
+    assert not private_settings.exists()  # headless rendering leaves the settings alone
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["{tmp}/missing.zarr"], 3, "no such store"),
+    (["{tmp}"], 3, "not a geostore store"),
+    (["{one}"], 3, "needs at least two"),
+    (["{flat}", "--epoch", "7"], 3, "epoch 7 is not stored (nearest: 10)"),
+])
+def test_bad_input_is_one_line_and_an_exit_code(args, code, message, tmp_path, tiny_config, flat_store, capsys):
+    one = make_store(tmp_path / "one.zarr", tiny_config, [5], flatness=False)
+    argv = [a.format(tmp=tmp_path / "empty", one=one, flat=flat_store) for a in args]
+    (tmp_path / "empty").mkdir()
+    assert main([*argv, "--screenshot", str(tmp_path / "out.png")]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("geoview: error: ") and message in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_bad_size_is_a_usage_error(flat_store, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(flat_store), "--size", "big"])
+    assert exit_info.value.code == 2 and "WIDTHxHEIGHT" in capsys.readouterr().err

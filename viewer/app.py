@@ -1,53 +1,111 @@
-"""`geoview STORE`: the desktop viewer's entry point.
+"""`geoview STORE`: the desktop viewer's entry point, on screen or headless (`--screenshot`).
 
-For now a placeholder window that shows what the store holds (the docks arrive with their issue).
-It already reads only through the public API (`geostore.open_store`) and reports bad input as one
-line on stderr with a non-zero exit code.
+Bad input (no such path, not a store, one epoch, an unreadable store, an epoch not stored) is one
+line on stderr, a dialog as well when on screen, and a non-zero exit code — never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from geostore import GeostoreError, Store, open_store
+from geostore import GeostoreError, open_store
+from viewer.state import GROUPS
+
+DEFAULT_SIZE = (1600, 1000)
 
 
-def build_window(store: Store):
-    """The main window for an opened store."""
-    from PySide6.QtGui import QFontDatabase
-    from PySide6.QtWidgets import QMainWindow, QPlainTextEdit
+def parse_size(text: str) -> tuple[int, int]:
+    """`WxH` -> (W, H) in pixels, each at least 200."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1600x1000, not {text!r}") from None
+    if min(width, height) < 200:
+        raise argparse.ArgumentTypeError(f"size {text} is too small (at least 200x200)")
+    return width, height
 
-    window = QMainWindow()
-    window.setWindowTitle(f"geoview — {store.path.name}")
-    text = QPlainTextEdit(store.describe())
-    text.setReadOnly(True)
-    text.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
-    window.setCentralWidget(text)
-    window.resize(1000, 600)
-    window.statusBar().showMessage(f"{store.epochs.size} epochs — trajectory, velocity and flatness docks: "
-                                   "coming with the viewer issue")
-    return window
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `geoview`."""
+    parser = argparse.ArgumentParser(prog="geoview", description="Desktop viewer of a geostore store.")
+    parser.add_argument("store", metavar="STORE", help="a store written by `geostore ingest`")
+    parser.add_argument("--screenshot", metavar="OUT.png", type=Path,
+                        help="render the whole window offscreen into this image and exit")
+    parser.add_argument("--epoch", type=int, help="open at this stored epoch (default: the first)")
+    parser.add_argument("--group", choices=GROUPS, default="all", help="component group of the trajectory")
+    parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, metavar="WxH",
+                        help=f"window size (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]})")
+    parser.add_argument("--settings", metavar="FILE.ini",
+                        help="keep layout and settings in this INI file (default: $GEOVIEW_SETTINGS, "
+                             "else the user's geoview settings; --screenshot uses none)")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `geoview`; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="geoview", description="Desktop viewer of a geostore store.")
-    parser.add_argument("store", metavar="STORE", help="a store written by `geostore ingest`")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.screenshot is not None:
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     try:
-        store = open_store(args.store)
+        from viewer.data import ViewerData
+
+        data = ViewerData(open_store(args.store))
+        index = 0 if args.epoch is None else data.index_of(args.epoch)
     except GeostoreError as exc:
-        print(f"geoview: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(str(exc), exc.exit_code, dialog=args.screenshot is None)
+    except (OSError, ValueError, KeyError) as exc:
+        return fail(f"{args.store}: unreadable store ({exc})", 1, dialog=args.screenshot is None)
 
-    from PySide6.QtWidgets import QApplication
+    app = application()
+    from viewer import palette
+    from viewer.window import MainWindow, open_settings
 
-    app = QApplication.instance() or QApplication(sys.argv[:1])
-    window = build_window(store)
+    palette.apply_theme()
+    settings = None if args.screenshot is not None else open_settings(args.settings)
+    window = MainWindow(data, settings=settings, index=index, group=args.group)
+    if args.screenshot is not None:
+        return screenshot(window, args.screenshot, args.size)
+    if settings is None or settings.value("window/geometry") is None:
+        window.resize(*args.size)
     window.show()
     return app.exec()
+
+
+def screenshot(window, out: Path, size: tuple[int, int]) -> int:
+    """Lay out `window` at `size`, wait for its data, render it into `out`; returns the exit code."""
+    window.resize(*size)
+    window.show()
+    if not window.jobs.wait():
+        return fail("timed out waiting for the analyses to load", 1, dialog=False)
+    application().processEvents()
+    image = window.grab()
+    window.close()
+    if not image.save(str(out)):
+        return fail(f"{out}: could not write the image", 1, dialog=False)
+    print(f"wrote {out} ({image.width()}x{image.height()})")
+    return 0
+
+
+def application():
+    """The running QApplication, created if needed."""
+    from PySide6.QtWidgets import QApplication
+
+    return QApplication.instance() or QApplication(sys.argv[:1])
+
+
+def fail(message: str, code: int, *, dialog: bool) -> int:
+    """Report `message` as one line on stderr (and in a dialog when on a screen); returns `code`."""
+    print(f"geoview: error: {message}", file=sys.stderr)
+    if dialog and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
+        from PySide6.QtWidgets import QMessageBox
+
+        application()
+        QMessageBox.critical(None, "geoview", message)
+    return code
 
 
 if __name__ == "__main__":

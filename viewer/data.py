@@ -1,0 +1,187 @@
+"""The viewer's data, free of Qt: everything it shows, read once through the public `geostore.Store` API.
+
+`ViewerData` answers per-epoch questions from arrays held in memory (nearest stored epoch, the
+histogram row of an epoch), so scrubbing never touches the store. The `load_*` methods read or
+compute through the store (PCA, velocities, flatness) and may take seconds: the window runs them on
+a worker thread; each caches its result, so asking twice costs nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from geostore import Store, StoreError
+from viewer.state import GROUPS
+
+SCREE_COMPONENTS = 10
+"""Principal components asked of the store: three for the projections, the rest for the scree plot."""
+
+HISTOGRAM_BINS = 48
+FLATNESS_THRESHOLD = 0.1
+"""`flatness_ratio` counts directions whose loss rises by less than this fraction of the baseline."""
+
+GROUP_LABELS = {"all": "All", "embedding": "Embedding", "attention": "Attention", "mlp": "MLP"}
+METRIC_LABELS = {
+    "mean_delta_loss": "mean Δloss", "median_delta_loss": "median Δloss", "max_delta_loss": "max Δloss",
+    "std_delta_loss": "std of Δloss", "p90_delta_loss": "p90 Δloss", "flatness_ratio": "flatness ratio",
+}
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A group's PCA: `projections` `(n_epoch, k)`, the explained variance (ratio) of each component."""
+
+    group: str
+    projections: np.ndarray
+    explained_variance_ratio: np.ndarray
+    explained_variance: np.ndarray
+
+
+@dataclass(frozen=True)
+class Flatness:
+    """Stored flatness with what the docks draw from it, precomputed.
+
+    `summary` holds the per-epoch statistics of `Store.flatness_summary`; `counts[i]` is the histogram
+    of epoch `i`'s delta losses over `edges`, the same bins for every epoch so epochs compare by eye.
+    """
+
+    settings: dict
+    threshold: float
+    summary: dict[str, np.ndarray]
+    deltas: np.ndarray
+    edges: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def complete(self) -> np.ndarray:
+        """Bool `(n_epoch,)`: epochs whose flatness is computed."""
+        return np.isfinite(self.summary["mean_delta_loss"])
+
+
+def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histograms of every row of `values` `(n, m)` over one set of `bins` edges spanning all finite values.
+
+    Returns `(edges (bins+1,), counts (n, bins) int64)`; NaN values are not counted.
+    """
+    finite = np.isfinite(values)
+    if finite.any():
+        low, high = float(values[finite].min()), float(values[finite].max())
+    else:
+        low, high = 0.0, 1.0
+    if high <= low:
+        low, high = low - 0.5 * (abs(low) or 1.0), high + 0.5 * (abs(high) or 1.0)
+    edges = np.linspace(low, high, bins + 1)
+    which = np.clip(np.searchsorted(edges, np.where(finite, values, low), side="right") - 1, 0, bins - 1)
+    rows = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)
+    counts = np.zeros((values.shape[0], bins), dtype=np.int64)
+    np.add.at(counts, (rows[finite], which[finite]), 1)
+    return edges, counts
+
+
+class ViewerData:
+    """What the viewer shows of one store; see the module docstring."""
+
+    def __init__(self, store: Store) -> None:
+        epochs = np.asarray(store.epochs, dtype=np.int64)
+        if epochs.size < 2:
+            raise StoreError(f"{store.path}: {epochs.size} epoch(s) stored; the viewer needs at least two")
+        self.store = store
+        self.name = store.path.name
+        self.epochs = epochs
+        self.x = epochs.astype(np.float64)  # float64 x for pyqtgraph (float32 x is slow with clip-to-view)
+        self.metrics = store.metrics()
+        self.analyses = store.analyses()
+        self._lock = threading.Lock()
+        self._trajectories: dict[str, Trajectory] = {}
+        self._velocities: dict[bool, dict[str, np.ndarray]] = {}
+        self._flatness: Flatness | None = None
+
+    # --------------------------------------------------------------------------- epoch axis
+    @property
+    def n_epochs(self) -> int:
+        """Stored epochs."""
+        return int(self.epochs.size)
+
+    def nearest_index(self, epoch: float) -> int:
+        """Index of the stored epoch nearest to `epoch` (any real number)."""
+        right = int(np.searchsorted(self.x, epoch))
+        if right <= 0:
+            return 0
+        if right >= self.n_epochs:
+            return self.n_epochs - 1
+        return right if self.x[right] - epoch < epoch - self.x[right - 1] else right - 1
+
+    def index_of(self, epoch: int) -> int:
+        """Index of a stored epoch; StoreError naming the nearest one if `epoch` is not stored."""
+        index = self.nearest_index(epoch)
+        if self.epochs[index] != epoch:
+            raise StoreError(f"epoch {epoch} is not stored (nearest: {self.epochs[index]})")
+        return index
+
+    # ----------------------------------------------------------------------------- analyses
+    @property
+    def has_flatness(self) -> bool:
+        """Whether the store holds flatness."""
+        return "flatness" in self.analyses
+
+    def trajectory(self, group: str) -> Trajectory | None:
+        """The cached PCA of `group`, or None until `load_trajectory` ran."""
+        return self._trajectories.get(group)
+
+    def load_trajectory(self, group: str) -> Trajectory:
+        """The PCA of `group` over every stored epoch, through `Store.pca` (slow the first time)."""
+        if group not in GROUPS:
+            raise StoreError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
+        with self._lock:
+            if group not in self._trajectories:
+                k = min(SCREE_COMPONENTS, self.n_epochs - 1)
+                pca = self.store.pca(group, n_components=k)
+                self._trajectories[group] = Trajectory(
+                    group=group,
+                    projections=np.asarray(pca["projections"], dtype=np.float64),
+                    explained_variance_ratio=np.asarray(pca["explained_variance_ratio"], dtype=np.float64),
+                    explained_variance=np.asarray(pca["explained_variance"], dtype=np.float64),
+                )
+            return self._trajectories[group]
+
+    def velocities(self, per_epoch: bool) -> dict[str, np.ndarray] | None:
+        """The cached velocities `group -> (n_epoch - 1,)`, or None until `load_velocities` ran."""
+        return self._velocities.get(per_epoch)
+
+    def load_velocities(self, per_epoch: bool) -> dict[str, np.ndarray]:
+        """Velocity of every group, through `Store.velocities`: per epoch of training or per checkpoint step.
+
+        Value `i` is the step from stored epoch `i` to `i + 1`; the docks draw it at the later epoch.
+        """
+        with self._lock:
+            if per_epoch not in self._velocities:
+                found = self.store.velocities(per_epoch=per_epoch)
+                self._velocities[per_epoch] = {g: np.asarray(found[g], dtype=np.float64) for g in GROUPS}
+            return self._velocities[per_epoch]
+
+    @property
+    def flatness(self) -> Flatness | None:
+        """The cached flatness, or None until `load_flatness` ran."""
+        return self._flatness
+
+    def load_flatness(self) -> Flatness:
+        """Stored flatness and its per-epoch histograms; StoreError when the store has none."""
+        with self._lock:
+            if self._flatness is None:
+                summary = self.store.flatness_summary(threshold=FLATNESS_THRESHOLD)
+                deltas = np.asarray(self.store.delta_losses.compute(), dtype=np.float64)
+                edges, counts = fixed_histograms(deltas, HISTOGRAM_BINS)
+                self._flatness = Flatness(settings=self.store.flatness_settings, threshold=FLATNESS_THRESHOLD,
+                                          summary=summary, deltas=deltas, edges=edges, counts=counts)
+            return self._flatness
+
+    def missing(self, needs: str) -> str | None:
+        """Why a dock that `needs` `flatness`, `metrics` or `weights` cannot show this store, or None."""
+        if needs == "flatness" and not self.has_flatness:
+            return f"No flatness stored — run `geostore flatness {self.store.path}` to add it."
+        if needs == "metrics" and not self.metrics:
+            return "No training metrics recorded by this store's sources."
+        return None

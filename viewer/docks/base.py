@@ -1,0 +1,240 @@
+"""`ViewerDock`: what every dock shares — toolbar, busy indicator, export menu, the unavailable state,
+click-to-select and the current-epoch line.
+
+A dock builds its plots once (`build`), draws the whole-run data once it is loaded, and on every
+epoch change (`refresh(index)`) moves only its highlight items: that keeps scrubbing fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDockWidget,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QMenu,
+    QProgressBar,
+    QStackedWidget,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from viewer import palette
+from viewer.data import ViewerData
+from viewer.export import export_png, export_svg, write_csv
+from viewer.state import ViewerState
+from viewer.worker import Jobs
+
+EXPORTS = {"png": "PNG image (*.png)", "svg": "SVG vector image (*.svg)", "csv": "CSV data (*.csv)"}
+
+
+class ViewerDock(QDockWidget):
+    """Base of the docks; subclasses set `NAME`, `TITLE`, `NEEDS` and implement `build`, `refresh`, `table`."""
+
+    NAME = "dock"
+    TITLE = "Dock"
+    NEEDS: str | None = None
+    """`flatness` or `metrics`: the store data without which the dock is shown disabled."""
+
+    def __init__(self, data: ViewerData, state: ViewerState, jobs: Jobs, parent: QWidget | None = None) -> None:
+        super().__init__(self.TITLE, parent)
+        self.setObjectName(self.NAME)
+        self.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+                         | QDockWidget.DockWidgetFeature.DockWidgetClosable)
+        self.data, self.state, self.jobs = data, state, jobs
+        self.reason: str | None = None
+        self._running = 0
+
+        body = QWidget()
+        layout = QVBoxLayout(body)
+        layout.setContentsMargins(4, 2, 4, 4)
+        layout.setSpacing(2)
+        self.toolbar = QHBoxLayout()
+        self.toolbar.setSpacing(6)
+        layout.addLayout(self.toolbar)
+        self.canvas = pg.GraphicsLayoutWidget()
+        self.canvas.ci.setContentsMargins(4, 4, 8, 4)
+        self.message = QLabel(alignment=Qt.AlignmentFlag.AlignCenter, wordWrap=True)
+        self.message.setStyleSheet("color: #6b6b6b; font-size: 12pt; padding: 16px;")
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.canvas)
+        self.pages.addWidget(self.message)
+        layout.addWidget(self.pages, stretch=1)
+        self.setWidget(body)
+
+        self.busy_label = QLabel("computing…")
+        self.busy_label.setStyleSheet("color: #6b6b6b;")
+        self.busy_bar = QProgressBar(maximumWidth=60, maximumHeight=10, textVisible=False)
+        self.busy_bar.setRange(0, 0)
+        self.export_button = QToolButton(text="Export", toolTip="Save this dock as PNG or SVG, its data as CSV")
+        self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        menu = QMenu(self.export_button)
+        for kind, label in EXPORTS.items():
+            menu.addAction(f"Save {label.split(' (')[0]}…", lambda k=kind: self._ask_export(k))
+        self.export_button.setMenu(menu)
+
+        self.reason = data.missing(self.NEEDS) if self.NEEDS else None
+        self.build()
+        self.toolbar.addStretch(1)
+        self.toolbar.addWidget(self.busy_label)
+        self.toolbar.addWidget(self.busy_bar)
+        self.toolbar.addWidget(self.export_button)
+        self._show_busy(False)
+        if self.reason:
+            self.set_unavailable(self.reason)
+        else:
+            self.load()
+        state.epoch_changed.connect(self._on_epoch_changed)
+
+    # ------------------------------------------------------------------------ subclass hooks
+    def build(self) -> None:
+        """Create controls and plot items (empty)."""
+
+    def load(self) -> None:
+        """Ask for the whole-run data (usually through `run`) and draw it."""
+
+    def refresh(self, index: int) -> None:
+        """Move the highlight items to stored epoch `index`; must stay cheap."""
+
+    def table(self) -> dict[str, np.ndarray]:
+        """The dock's data as equal-length named columns, for CSV export."""
+        return {}
+
+    def get_settings(self) -> dict:
+        """JSON-able settings of the dock's controls, saved between sessions."""
+        return {}
+
+    def set_settings(self, settings: dict) -> None:
+        """Restore what `get_settings` returned (unknown keys and values are ignored)."""
+
+    # ---------------------------------------------------------------------------- helpers
+    @property
+    def ready(self) -> bool:
+        """Whether the dock has its data and no job of its own is running."""
+        return self.reason is None and self._running == 0
+
+    def run(self, fn: Callable[[], object], on_done: Callable[[object], None]) -> None:
+        """Run `fn` on the worker thread with this dock's busy indicator, then `on_done(result)` here."""
+        self._running += 1
+        self._show_busy(True)
+
+        def done(result: object) -> None:
+            self._finish()
+            on_done(result)
+            self.refresh(self.state.index)
+
+        def failed(message: str) -> None:
+            self._finish()
+            self.set_unavailable(f"Could not load: {message}")
+
+        self.jobs.submit(fn, done, failed)
+
+    def _finish(self) -> None:
+        self._running -= 1
+        self._show_busy(self._running > 0)
+
+    def _show_busy(self, busy: bool) -> None:
+        self.busy_label.setVisible(busy)
+        self.busy_bar.setVisible(busy)
+
+    def set_unavailable(self, reason: str) -> None:
+        """Show `reason` (one line) instead of the plots and disable the controls."""
+        self.reason = reason
+        self.message.setText(reason)
+        self.pages.setCurrentWidget(self.message)
+        for i in range(self.toolbar.count()):
+            widget = self.toolbar.itemAt(i).widget()
+            if widget is not None and widget not in (self.busy_label, self.busy_bar):
+                widget.setEnabled(False)
+
+    def _on_epoch_changed(self, index: int) -> None:
+        if self.reason is None:
+            self.refresh(index)
+
+    def add_control(self, widget: QWidget, label: str | None = None) -> QWidget:
+        """Put a control (with an optional text label before it) in the dock's toolbar."""
+        if label:
+            self.toolbar.addWidget(QLabel(label))
+        self.toolbar.addWidget(widget)
+        return widget
+
+    def combo(self, label: str | None, items: dict[str, str], slot: Callable[[], None]) -> QComboBox:
+        """A toolbar combo box of `items` (data -> text) calling `slot()` on change."""
+        box = QComboBox()
+        for key, text in items.items():
+            box.addItem(text, key)
+        box.currentIndexChanged.connect(lambda _i: slot())
+        return self.add_control(box, label)
+
+    def checkbox(self, text: str, checked: bool, slot: Callable[[], None]) -> QCheckBox:
+        """A toolbar check box calling `slot()` on toggle."""
+        box = QCheckBox(text, checked=checked)
+        box.toggled.connect(lambda _c: slot())
+        return self.add_control(box)
+
+    def plot(self, row: int = 0, col: int = 0, *, x_label: str | None = "epoch", y_label: str = "",
+             **kwargs) -> pg.PlotItem:
+        """A themed plot in the canvas: grid, labelled axes, clicks select the nearest epoch by x."""
+        item = self.canvas.addPlot(row=row, col=col, **kwargs)
+        item.showGrid(x=True, y=True, alpha=palette.GRID_ALPHA)
+        if x_label:
+            item.setLabel("bottom", x_label)
+        if y_label:
+            item.setLabel("left", y_label)
+        item.setMenuEnabled(False)
+        for side in ("left", "bottom"):
+            item.getAxis(side).enableAutoSIPrefix(False)
+        return item
+
+    @staticmethod
+    def set_key(plot: pg.PlotItem, entries: list[tuple[str, str]]) -> None:
+        """A one-line legend as the plot's title, a coloured dash before each text: never covers a curve."""
+        plot.setTitle("&nbsp;&nbsp;&nbsp;".join(f"<span style='color:{colour}'>━━</span>&nbsp;{text}"
+                                                for text, colour in entries), size="9pt")
+
+    def select_by_x(self, plot: pg.PlotItem) -> None:
+        """Clicking inside `plot` selects the stored epoch nearest the clicked x (an epoch axis)."""
+
+        def clicked(event) -> None:
+            if event.button() == Qt.MouseButton.LeftButton and plot.vb.sceneBoundingRect().contains(event.scenePos()):
+                self.state.set_index(self.data.nearest_index(plot.vb.mapSceneToView(event.scenePos()).x()))
+
+        self.canvas.scene().sigMouseClicked.connect(clicked)
+
+    def epoch_line(self, plot: pg.PlotItem) -> pg.InfiniteLine:
+        """The current-epoch line of `plot`; dragging it scrubs."""
+        line = pg.InfiniteLine(angle=90, movable=True, pen=palette.pen(palette.CURRENT, 1.5),
+                               hoverPen=palette.pen(palette.CURRENT, 3))
+        line.setZValue(20)
+        line.sigDragged.connect(lambda item: self.state.set_index(self.data.nearest_index(item.value())))
+        plot.addItem(line, ignoreBounds=True)
+        return line
+
+    # ----------------------------------------------------------------------------- export
+    def export(self, kind: str, path: str | os.PathLike) -> Path:
+        """Write the dock's plots (`png`, `svg`) or data (`csv`) to `path`."""
+        if kind == "png":
+            return export_png(self.canvas, path)
+        if kind == "svg":
+            return export_svg(self.canvas, path, title=f"{self.TITLE} — {self.data.name}")
+        if kind == "csv":
+            return write_csv(path, self.table())
+        raise ValueError(f"unknown export kind {kind!r}")
+
+    def _ask_export(self, kind: str) -> None:
+        stem = f"{Path(self.data.name).stem}-{self.NAME}"
+        path, _ = QFileDialog.getSaveFileName(self, f"Export {self.TITLE}", f"{stem}.{kind}", EXPORTS[kind])
+        if path:
+            self.export(kind, path)

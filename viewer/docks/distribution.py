@@ -1,0 +1,80 @@
+"""Distribution: the histogram of the delta losses at the current epoch, mean and median marked.
+
+Bins and the y range are fixed over the whole run (`ViewerData` precomputes every epoch's counts), so
+scrubbing shows the distribution narrowing or widening against a still frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+
+from viewer import palette
+from viewer.docks.base import ViewerDock
+
+
+class DistributionDock(ViewerDock):
+    """`delta_losses[epoch]` as a histogram over fixed bins, from `Store.delta_losses`."""
+
+    NAME = "distribution"
+    TITLE = "Δloss distribution"
+    NEEDS = "flatness"
+
+    def build(self) -> None:
+        self.histogram_plot = self.plot(x_label="Δloss = L(θ + εd) − L(θ)  (nats)", y_label="directions")
+        self.histogram = self.histogram_plot.plot(stepMode="center", fillLevel=0, fillOutline=True,
+                                                  pen=palette.pen(palette.MEAN, 1.2),
+                                                  brush=palette.translucent(palette.HISTOGRAM, 170))
+        self.mean = self._marker(palette.MEAN, Qt.PenStyle.SolidLine)
+        self.median = self._marker(palette.MEDIAN, Qt.PenStyle.DashLine)
+        self.threshold = self._marker(palette.THRESHOLD, Qt.PenStyle.DotLine)
+        self.set_key(self.histogram_plot, [("mean", palette.MEAN), ("median", palette.MEDIAN),
+                                           ("flat threshold (ratio × baseline)", palette.THRESHOLD)])
+        self.caption = pg.LabelItem(justify="right", size="10pt", color=palette.FOREGROUND)
+        self.caption.setParentItem(self.histogram_plot.vb)
+        self.caption.anchor(itemPos=(1, 0), parentPos=(1, 0), offset=(-8, 4))
+
+    def _marker(self, color: str, style: Qt.PenStyle) -> pg.InfiniteLine:
+        line = pg.InfiniteLine(angle=90, pen=palette.pen(color, 2, style))
+        line.setZValue(10)
+        self.histogram_plot.addItem(line, ignoreBounds=True)
+        return line
+
+    def load(self) -> None:
+        self.run(self.data.load_flatness, self._draw)
+
+    def _draw(self, flatness) -> None:
+        edges = flatness.edges
+        self.histogram_plot.setXRange(edges[0], edges[-1], padding=0.02)
+        self.histogram_plot.setYRange(0, max(1, int(flatness.counts.max())) * 1.08, padding=0)
+        self.histogram_plot.setLimits(xMin=edges[0] - (edges[-1] - edges[0]), xMax=edges[-1] + (edges[-1] - edges[0]))
+
+    def refresh(self, index: int) -> None:
+        flatness = self.data.flatness
+        if flatness is None:
+            return
+        epoch = int(self.data.epochs[index])
+        self.histogram.setData(flatness.edges, flatness.counts[index])
+        summary = flatness.summary
+        present = bool(flatness.complete[index])
+        for line, key in ((self.mean, "mean_delta_loss"), (self.median, "median_delta_loss")):
+            line.setVisible(present)
+            if present:
+                line.setValue(summary[key][index])
+        self.threshold.setVisible(present)
+        if present:
+            self.threshold.setValue(flatness.threshold * summary["baseline_loss"][index])
+            self.caption.setText(f"epoch {epoch} · flatness ratio <b>{summary['flatness_ratio'][index]:.2f}</b>"
+                                 f" · ε = {flatness.settings.get('epsilon', float('nan')):g}"
+                                 f" · {flatness.deltas.shape[1]} directions")
+        else:
+            self.caption.setText(f"epoch {epoch} · no flatness computed")
+
+    def table(self) -> dict[str, np.ndarray]:
+        flatness = self.data.flatness
+        if flatness is None:
+            return {}
+        index = self.state.index
+        return {"epoch": np.full(flatness.counts.shape[1], self.data.epochs[index]),
+                "bin_low": flatness.edges[:-1], "bin_high": flatness.edges[1:], "count": flatness.counts[index]}

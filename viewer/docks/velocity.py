@@ -1,0 +1,76 @@
+"""Velocity: how fast the weights move, globally and per component group, with the current epoch marked.
+
+Checkpoints are unevenly spaced (dense early), so the default is the rate per epoch of training;
+per checkpoint shows the raw step between stored epochs. Step `i -> i+1` is drawn at epoch `i+1`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from viewer import palette
+from viewer.data import GROUP_LABELS
+from viewer.docks.base import ViewerDock
+from viewer.state import GROUPS
+
+MODES = {"per_epoch": "per epoch", "per_checkpoint": "per checkpoint"}
+
+
+class VelocityDock(ViewerDock):
+    """`‖θ(i+1) − θ(i)‖` of every group, from `Store.velocities`."""
+
+    NAME = "velocity"
+    TITLE = "Velocity"
+
+    def build(self) -> None:
+        self.mode = self.combo("rate", MODES, self.load)
+        self.log_y = self.checkbox("log y", True, self._on_log_changed)
+        self.velocity_plot = self.plot(y_label="‖Δθ‖₂ per epoch")
+        self.set_key(self.velocity_plot, [(GROUP_LABELS[g], palette.GROUPS[g]) for g in GROUPS])
+        self.curves = {group: self.velocity_plot.plot(pen=palette.pen(palette.GROUPS[group],
+                                                                      2.2 if group == "all" else 1.5),
+                                                      connect="finite")
+                       for group in GROUPS}
+        self.select_by_x(self.velocity_plot)
+        self.line = self.epoch_line(self.velocity_plot)
+        self._on_log_changed()
+
+    @property
+    def per_epoch(self) -> bool:
+        """Whether the rate per epoch of training is shown (else the step per checkpoint)."""
+        return self.mode.currentData() == "per_epoch"
+
+    def load(self) -> None:
+        per_epoch = self.per_epoch
+        self.velocity_plot.setLabel("left", "‖Δθ‖₂ per epoch" if per_epoch else "‖Δθ‖₂ per checkpoint")
+        cached = self.data.velocities(per_epoch)
+        if cached is not None:
+            self._draw(cached)
+        else:
+            self.run(lambda: self.data.load_velocities(per_epoch), self._draw)
+
+    def _draw(self, velocities: dict[str, np.ndarray]) -> None:
+        for group, curve in self.curves.items():
+            curve.setData(self.data.x[1:], velocities[group])
+        self.velocity_plot.setXRange(self.data.x[0], self.data.x[-1], padding=0.02)
+
+    def refresh(self, index: int) -> None:
+        self.line.setValue(self.data.x[index])
+
+    def _on_log_changed(self) -> None:
+        self.velocity_plot.setLogMode(y=self.log_y.isChecked())
+
+    def table(self) -> dict[str, np.ndarray]:
+        velocities = self.data.velocities(self.per_epoch) or {}
+        unit = "per_epoch" if self.per_epoch else "per_checkpoint"
+        return {"epoch_from": self.data.epochs[:-1], "epoch_to": self.data.epochs[1:],
+                **{f"velocity_{g}_{unit}": v for g, v in velocities.items()}}
+
+    def get_settings(self) -> dict:
+        return {"mode": self.mode.currentData(), "log_y": self.log_y.isChecked()}
+
+    def set_settings(self, settings: dict) -> None:
+        index = self.mode.findData(settings.get("mode"))
+        if index >= 0:
+            self.mode.setCurrentIndex(index)
+        self.log_y.setChecked(bool(settings.get("log_y", self.log_y.isChecked())))

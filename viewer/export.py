@@ -1,0 +1,59 @@
+"""Export of a dock: its plots as PNG or SVG, its data as CSV.
+
+SVG is rendered by Qt itself (`QSvgGenerator` as the paint device of `QWidget.render`): pyqtgraph's
+own SVG exporter raises on every plot with Qt 6.11 (pyqtgraph issue 3485, ECOSYSTEM.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PySide6.QtCore import QRect
+from PySide6.QtGui import QColor, QImage, QPainter
+from PySide6.QtSvg import QSvgGenerator
+from PySide6.QtWidgets import QWidget
+
+
+def export_png(widget: QWidget, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
+    """Render `widget` into a PNG at `scale` times its on-screen size (sharp in documents)."""
+    image = QImage(round(widget.width() * scale), round(widget.height() * scale), QImage.Format.Format_ARGB32)
+    image.setDevicePixelRatio(scale)
+    image.fill(QColor("white"))
+    painter = QPainter(image)
+    widget.render(painter)
+    painter.end()
+    if not image.save(str(path)):
+        raise OSError(f"{path}: could not write the PNG")
+    return Path(path)
+
+
+def export_svg(widget: QWidget, path: str | os.PathLike, *, title: str = "") -> Path:
+    """Render `widget` as vector graphics into an SVG file."""
+    generator = QSvgGenerator()
+    generator.setFileName(str(path))
+    generator.setSize(widget.size())
+    generator.setViewBox(QRect(0, 0, widget.width(), widget.height()))
+    generator.setTitle(title)
+    generator.setDescription("geoview export")
+    painter = QPainter()
+    if not painter.begin(generator):
+        raise OSError(f"{path}: could not write the SVG")
+    widget.render(painter)
+    painter.end()
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, columns: Mapping[str, np.ndarray]) -> Path:
+    """Write equal-length columns with a header row; NaN (not computed) becomes an empty field."""
+    arrays = [np.asarray(v) for v in columns.values()]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(columns))
+        for row in zip(*arrays, strict=True):
+            writer.writerow(["" if isinstance(v, float | np.floating) and np.isnan(v) else
+                             (f"{v:.10g}" if isinstance(v, float | np.floating) else v) for v in row])
+    return Path(path)

@@ -1,0 +1,57 @@
+"""The viewer's shared state, free of Qt: the current epoch and component group.
+
+Docks read it and change it only through `set_index`/`set_group`; listeners run only on a real
+change (as napari's `Dims`), so a dock that echoes the state back cannot start a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+GROUPS = ("all", "embedding", "attention", "mlp")
+
+
+class Event:
+    """A list of callbacks called with the new value."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable] = []
+
+    def connect(self, callback: Callable) -> None:
+        """Call `callback(value)` on every emission."""
+        self._callbacks.append(callback)
+
+    def emit(self, value: object) -> None:
+        """Call every connected callback with `value`."""
+        for callback in list(self._callbacks):
+            callback(value)
+
+
+class ViewerState:
+    """Position on the epoch axis (an index into the stored epochs) and the selected component group."""
+
+    def __init__(self, n_epochs: int, *, index: int = 0, group: str = "all") -> None:
+        self.n_epochs = n_epochs
+        self.index = min(max(index, 0), n_epochs - 1)
+        self.group = group
+        self.epoch_changed = Event()
+        self.group_changed = Event()
+
+    def set_index(self, index: int) -> None:
+        """Move to stored epoch number `index` (clamped to the stored range)."""
+        index = min(max(int(index), 0), self.n_epochs - 1)
+        if index != self.index:
+            self.index = index
+            self.epoch_changed.emit(index)
+
+    def step(self, delta: int) -> None:
+        """Move `delta` stored epochs forward (negative: back)."""
+        self.set_index(self.index + delta)
+
+    def set_group(self, group: str) -> None:
+        """Select a component group (`all`, `embedding`, `attention`, `mlp`)."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
+        if group != self.group:
+            self.group = group
+            self.group_changed.emit(group)

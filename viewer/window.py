@@ -1,0 +1,190 @@
+"""The main window: one dock per view around the shared epoch control, menus, layout kept in QSettings.
+
+Like ephyviewer's main window it owns the state and hands it to every dock; docks never talk to each
+other. The layout (`saveState`, Qt's own format) and each dock's `get_settings()` (JSON) are saved on
+close and restored on open, never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QProgressBar, QToolBar
+
+from viewer.data import ViewerData
+from viewer.docks.base import ViewerDock
+from viewer.docks.distribution import DistributionDock
+from viewer.docks.flatness import FlatnessDock
+from viewer.docks.training import TrainingDock
+from viewer.docks.trajectory import TrajectoryDock
+from viewer.docks.velocity import VelocityDock
+from viewer.epoch_control import EpochControl
+from viewer.state import ViewerState
+from viewer.worker import Jobs
+
+SETTINGS_ENV = "GEOVIEW_SETTINGS"
+"""Environment variable naming an INI file to keep the settings in (tests point it into a temp dir)."""
+LAYOUT_VERSION = 1
+
+KEYS_HELP = """<b>Keys</b><br>
+← / → &nbsp; previous / next stored epoch<br>
+PgUp / PgDn &nbsp; ten epochs back / forward<br>
+Home / End &nbsp; first / last epoch<br>
+Space &nbsp; play / pause<br><br>
+<b>Mouse</b><br>
+click a plot &nbsp; select the nearest epoch (trajectory: the nearest point)<br>
+drag the red line &nbsp; scrub<br>
+wheel / right-drag &nbsp; zoom; double-click a dock title to float it"""
+
+
+def open_settings(path: str | os.PathLike | None = None) -> QSettings:
+    """The settings store: `path` (an INI file), else `$GEOVIEW_SETTINGS`, else the user's geoview settings."""
+    path = path or os.environ.get(SETTINGS_ENV)
+    if path:
+        return QSettings(str(path), QSettings.Format.IniFormat)
+    return QSettings("geostore", "geoview")
+
+
+class MainWindow(QMainWindow):
+    """geoview's window over one store; `docks` maps each dock's name to it."""
+
+    def __init__(self, data: ViewerData, *, settings: QSettings | None = None, index: int = 0,
+                 group: str = "all") -> None:
+        super().__init__()
+        self.data = data
+        self.state = ViewerState(data.n_epochs, index=index, group=group)
+        self.jobs = Jobs(self)
+        self.settings = settings
+        self.docks: dict[str, ViewerDock] = {}
+        self.setWindowTitle(f"geoview — {data.name}")
+        self.setDockNestingEnabled(True)
+        self.setDockOptions(QMainWindow.DockOption.AnimatedDocks | QMainWindow.DockOption.AllowNestedDocks
+                            | QMainWindow.DockOption.AllowTabbedDocks)
+
+        self.epoch_control = EpochControl(data, self.state)
+        bar = QToolBar("Epoch", objectName="epoch_toolbar", movable=False, floatable=False)
+        bar.addWidget(self.epoch_control)
+        self.addToolBar(Qt.ToolBarArea.BottomToolBarArea, bar)
+
+        trajectory = self.add_dock(TrajectoryDock, Qt.DockWidgetArea.LeftDockWidgetArea)
+        training = self.add_dock(TrainingDock, Qt.DockWidgetArea.RightDockWidgetArea)
+        velocity = self.add_dock(VelocityDock, Qt.DockWidgetArea.RightDockWidgetArea, below=training)
+        self.add_dock(FlatnessDock, Qt.DockWidgetArea.RightDockWidgetArea, below=velocity)
+        self.add_dock(DistributionDock, Qt.DockWidgetArea.LeftDockWidgetArea, below=trajectory)
+        self._default_layout = self.saveState(LAYOUT_VERSION)
+        self._sized = False
+
+        self._build_menus()
+        self._build_status_bar()
+        self.resize(1500, 940)
+        if settings is not None:
+            self._sized = self.restore_settings()
+
+    def add_dock(self, kind: type[ViewerDock], area: Qt.DockWidgetArea, *, below: ViewerDock | None = None
+                 ) -> ViewerDock:
+        """Create a dock of class `kind` on this window's state and place it in `area` (or below another)."""
+        dock = kind(self.data, self.state, self.jobs, self)
+        if below is None:
+            self.addDockWidget(area, dock)
+        else:
+            self.splitDockWidget(below, dock, Qt.Orientation.Vertical)
+        self.docks[dock.NAME] = dock
+        return dock
+
+    # ----------------------------------------------------------------------------- chrome
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        for dock in self.docks.values():
+            submenu = file_menu.addMenu(f"Export {dock.TITLE}")
+            submenu.addActions(dock.export_button.menu().actions())
+        file_menu.addSeparator()
+        quit_action = QAction("&Quit", self, shortcut=QKeySequence.StandardKey.Quit)
+        quit_action.triggered.connect(self.close)
+        file_menu.addAction(quit_action)
+        view_menu = self.menuBar().addMenu("&View")
+        for dock in self.docks.values():
+            view_menu.addAction(dock.toggleViewAction())
+        view_menu.addSeparator()
+        view_menu.addAction("Reset layout", self.reset_layout)
+        help_menu = self.menuBar().addMenu("&Help")
+        help_menu.addAction("Keys and mouse", lambda: QMessageBox.information(self, "geoview", KEYS_HELP))
+
+    def _build_status_bar(self) -> None:
+        data, task = self.data, self.data.store.task
+        what = f"{task.get('family', 'run').replace('_', ' ')}" + (f", p = {task['p']}" if "p" in task else "")
+        analyses = ", ".join(data.analyses) or "no analyses"
+        self.statusBar().addWidget(QLabel(f"  {data.name} · {what} · {data.n_epochs} epochs "
+                                          f"({data.epochs[0]}–{data.epochs[-1]}) · {analyses}"))
+        self.busy_label = QLabel("computing…")
+        self.busy_bar = QProgressBar(maximumWidth=120, maximumHeight=12, textVisible=False)
+        self.busy_bar.setRange(0, 0)
+        self.statusBar().addPermanentWidget(self.busy_label)
+        self.statusBar().addPermanentWidget(self.busy_bar)
+        self.jobs.busy_changed.connect(self._on_busy_changed)
+        self._on_busy_changed(self.jobs.busy)
+
+    def _on_busy_changed(self, busy: bool) -> None:
+        self.busy_label.setVisible(busy)
+        self.busy_bar.setVisible(busy)
+
+    def reset_layout(self) -> None:
+        """Put every dock back where, and as large as, it opens by default."""
+        for dock in self.docks.values():
+            dock.setFloating(False)
+            dock.show()
+        self.restoreState(self._default_layout, LAYOUT_VERSION)
+        self._default_sizes()
+
+    def _default_sizes(self) -> None:
+        """Trajectory and training curves side by side; a dock without data keeps only its one-line reason."""
+        d, width, height = self.docks, self.width(), self.height()
+        small = 90
+        self.resizeDocks([d["trajectory"], d["training"]], [width * 52 // 100, width * 48 // 100],
+                         Qt.Orientation.Horizontal)
+        self.resizeDocks([d["trajectory"], d["distribution"]],
+                         [height, small] if d["distribution"].reason else [height * 62 // 100, height * 38 // 100],
+                         Qt.Orientation.Vertical)
+        self.resizeDocks([d["training"], d["velocity"], d["flatness"]],
+                         [height, height, small * 3] if d["flatness"].reason else [height, height, height],
+                         Qt.Orientation.Vertical)
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not self._sized:
+            self._sized = True
+            self._default_sizes()
+
+    # -------------------------------------------------------------------------- settings
+    def save_settings(self) -> None:
+        """Save window geometry, dock layout and dock settings."""
+        if self.settings is None:
+            return
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/layout", self.saveState(LAYOUT_VERSION))
+        self.settings.setValue("docks", json.dumps({name: d.get_settings() for name, d in self.docks.items()}))
+        self.settings.sync()
+
+    def restore_settings(self) -> bool:
+        """Restore what `save_settings` saved (False if no layout was saved); anything unreadable keeps the default."""
+        geometry, layout = self.settings.value("window/geometry"), self.settings.value("window/layout")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        if layout is not None:
+            self.restoreState(layout, LAYOUT_VERSION)
+        try:
+            saved = json.loads(self.settings.value("docks", "{}"))
+        except (TypeError, ValueError):
+            saved = {}
+        for name, dock in self.docks.items():
+            if isinstance(saved.get(name), dict):
+                dock.set_settings(saved[name])
+        return layout is not None
+
+    def closeEvent(self, event) -> None:
+        self.epoch_control.timer.stop()
+        self.save_settings()
+        self.jobs.close()
+        super().closeEvent(event)

@@ -1,0 +1,90 @@
+"""Heavy work off the UI thread: a one-thread `QThreadPool` whose results come back on the UI thread.
+
+One thread, so store reads never compete with each other for the two cores and the store's own
+caches (PCA) are never written by two jobs at once. `busy_changed` drives the busy indicators.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from PySide6.QtCore import QCoreApplication, QElapsedTimer, QObject, QRunnable, QThreadPool, Signal, Slot
+
+
+class _Relay(QObject):
+    """Lives on the UI thread; the worker emits through it so results arrive there, queued."""
+
+    finished = Signal(int, bool, object)
+
+
+class _Job(QRunnable):
+    def __init__(self, key: int, fn: Callable[[], object], relay: _Relay) -> None:
+        super().__init__()
+        self.key, self.fn, self.relay = key, fn, relay
+
+    def run(self) -> None:
+        try:
+            result, ok = self.fn(), True
+        except Exception as exc:  # reported to the dock that asked, as one line
+            result, ok = str(exc) or type(exc).__name__, False
+        self.relay.finished.emit(self.key, ok, result)
+
+
+class Jobs(QObject):
+    """Runs callables on a worker thread; `on_done(result)` or `on_failed(message)` run on the UI thread."""
+
+    busy_changed = Signal(bool)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._pool = QThreadPool(self)
+        self._pool.setMaxThreadCount(1)
+        self._relay = _Relay(self)
+        self._relay.finished.connect(self._on_finished)
+        self._keys = itertools.count()
+        self._pending: dict[int, tuple[Callable, Callable | None]] = {}
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether any job is queued or running."""
+        return bool(self._pending)
+
+    def submit(self, fn: Callable[[], object], on_done: Callable[[object], None],
+               on_failed: Callable[[str], None] | None = None) -> None:
+        """Run `fn()` on the worker thread, then `on_done(result)` (or `on_failed(message)`) here."""
+        if self._closed:
+            return
+        key = next(self._keys)
+        self._pending[key] = (on_done, on_failed)
+        if len(self._pending) == 1:
+            self.busy_changed.emit(True)
+        self._pool.start(_Job(key, fn, self._relay))
+
+    @Slot(int, bool, object)
+    def _on_finished(self, key: int, ok: bool, result: object) -> None:
+        on_done, on_failed = self._pending.pop(key, (None, None))
+        if self._closed:
+            return
+        if ok and on_done is not None:
+            on_done(result)
+        elif not ok and on_failed is not None:
+            on_failed(result)
+        if not self._pending:
+            self.busy_changed.emit(False)
+
+    def wait(self, timeout_ms: int = 120_000) -> bool:
+        """Process events until every job, and any job their callbacks start, is done; False on timeout."""
+        clock = QElapsedTimer()
+        clock.start()
+        while self._pending and clock.elapsed() < timeout_ms:
+            self._pool.waitForDone(20)
+            QCoreApplication.processEvents()
+        return not self._pending
+
+    def close(self) -> None:
+        """Drop queued jobs, wait for the running one, and deliver no more results."""
+        self._closed = True
+        self._pool.clear()
+        self._pool.waitForDone()
