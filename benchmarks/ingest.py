@@ -5,7 +5,8 @@ HookedTransformer's weights with a per-epoch drift), then measures, on the same 
 
 - baseline: `np.save` of every checkpoint's parameters (already in memory) into one file per checkpoint;
 - baseline+load: reading each safetensors file and `np.save`-ing it (the same I/O an ingest must do);
-- geostore: `geostore.ingest.ingest(source, store)` into a fresh store.
+- geostore: `geostore.ingest.ingest(source, store, flatness=None)` into a fresh store (weights only;
+  benchmarks/flatness.py measures flatness).
 
 Prints checkpoints/s and MB/s for each and the ratios; run with `.venv/bin/python benchmarks/ingest.py`.
 """
@@ -80,7 +81,7 @@ def main() -> None:
                 np.save(out / f"{i}.npy", np.concatenate([v.ravel() for v in load_file(path).values()]))
 
         def geostore_ingest() -> None:
-            ingest(source, scratch / "store.zarr", progress=False)
+            ingest(source, scratch / "store.zarr", flatness=None, progress=False)
 
         results = {}
         for name, fn, target in [("numpy write", numpy_write, scratch / "npy"),

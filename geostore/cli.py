@@ -50,13 +50,57 @@ def _format_summary(summary: dict) -> str:
     )
 
 
+def _flatness_settings(args: argparse.Namespace):
+    from geostore.landscape import FlatnessSettings
+
+    return FlatnessSettings(n_directions=args.directions, epsilon=args.epsilon, seed=args.seed,
+                            device=_device(args.device))
+
+
+def _device(name: str) -> str:
+    """`auto` is CUDA when a GPU is present, the CPU otherwise."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _ingest(args: argparse.Namespace) -> int:
     from geostore.ingest import ingest
 
-    report = ingest(args.ckpts, args.store, progress=not args.quiet)
+    settings = None if args.no_flatness else _flatness_settings(args)
+    report = ingest(args.ckpts, args.store, flatness=settings, recompute_flatness=args.recompute,
+                    progress=not args.quiet)
     print(f"{args.store}: added {report.added} epochs from a {report.kind} source "
           f"({report.skipped} already stored); {report.total} epochs in the store")
+    if report.flatness_computed:
+        print(f"{args.store}: flatness computed for {report.flatness_computed} epochs")
     return 0
+
+
+def _flatness(args: argparse.Namespace) -> int:
+    from geostore.landscape import compute_store_flatness
+
+    report = compute_store_flatness(args.store, _flatness_settings(args), recompute=args.recompute,
+                                    progress=not args.quiet)
+    rate = f" in {report.seconds:.1f} s" if report.computed else ""
+    print(f"{args.store}: flatness computed for {report.computed} epochs{rate} "
+          f"({report.already} already complete)")
+    return 0
+
+
+def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--directions", type=int, default=50, metavar="N",
+                        help="random unit directions per epoch (default 50)")
+    parser.add_argument("--epsilon", type=float, default=0.1, metavar="E",
+                        help="perturbation length along each direction (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the directions, the same at every epoch (default 0)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where losses are evaluated (default: CUDA when present)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="replace stored flatness computed with other settings")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -64,6 +108,58 @@ def _info(args: argparse.Namespace) -> int:
 
     with open_store(args.store) as store:
         print(store.describe())
+    return 0
+
+
+def _group(text: str) -> str | list[str]:
+    """A group name, or comma-separated parameter names."""
+    return text.split(",") if "," in text else text
+
+
+def _epoch_range(text: str) -> tuple[int, int]:
+    """`A:B` -> (A, B), an inclusive epoch range."""
+    start, _, stop = text.partition(":")
+    try:
+        return int(start), int(stop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want START:STOP, got {text!r}") from None
+
+
+def _write_table(header: list[str], rows: list[list], csv_path: str | None) -> None:
+    """Rows as CSV at `csv_path`, or as an aligned table on stdout."""
+    if csv_path:
+        import csv
+
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+        return
+    cells = [header, *[[f"{v:.6g}" if isinstance(v, float) else str(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _pca(args: argparse.Namespace) -> int:
+    from geostore import open_store
+
+    with open_store(args.store) as store:
+        result = store.pca(_group(args.group), args.components, fit_epochs=args.fit_epochs)
+    k = args.components
+    ratios = ", ".join(f"PC{i + 1} {r:.4f}" for i, r in enumerate(result["explained_variance_ratio"]))
+    print(f"{args.store}: group {args.group}, explained variance ratio {ratios}", file=sys.stderr)
+    rows = [[int(e), *map(float, p)] for e, p in zip(result["epochs"], result["projections"], strict=True)]
+    _write_table(["epoch", *(f"PC{i + 1}" for i in range(k))], rows, args.csv)
+    return 0
+
+
+def _velocity(args: argparse.Namespace) -> int:
+    from geostore import open_store
+
+    with open_store(args.store) as store:
+        speed = store.velocity(_group(args.group), per_epoch=not args.per_checkpoint)
+        epochs = store.epochs
+    rows = [[int(a), int(b), float(v)] for a, b, v in zip(epochs[:-1], epochs[1:], speed, strict=True)]
+    _write_table(["from_epoch", "to_epoch", "velocity"], rows, args.csv)
     return 0
 
 
@@ -102,11 +198,46 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("ckpts", metavar="CKPTS", help="checkpoint directory or bundle file")
     ingest.add_argument("store", metavar="STORE", help="Zarr store to create or extend")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument("--no-flatness", action="store_true", help="store weights only, no flatness")
+    _add_flatness_options(ingest)
     ingest.set_defaults(handler=_ingest)
+
+    flatness = sub.add_parser("flatness", help="add or extend loss-landscape flatness from the stored weights",
+                              description="Compute baseline_loss and delta_losses (random-direction "
+                                          "perturbations) for every stored epoch that lacks them, from "
+                                          "the weights in the store alone.")
+    flatness.add_argument("store", metavar="STORE")
+    flatness.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_flatness_options(flatness)
+    flatness.set_defaults(handler=_flatness)
 
     info = sub.add_parser("info", help="what a store holds")
     info.add_argument("store", metavar="STORE")
     info.set_defaults(handler=_info)
+
+    pca = sub.add_parser("pca", help="exact PCA of the weight trajectory (cached in the store)",
+                         description="Project every epoch on the principal components of a component group's "
+                                     "flattened weights, centred over the fit epochs; prints epoch, PC1.. "
+                                     "(explained variance ratios on stderr).")
+    pca.add_argument("store", metavar="STORE")
+    pca.add_argument("--group", default="all", metavar="G",
+                     help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+    pca.add_argument("--components", type=int, default=3, metavar="K", help="principal components (default 3)")
+    pca.add_argument("--fit-epochs", type=_epoch_range, metavar="A:B",
+                     help="fit the basis on epochs A..B (inclusive) only")
+    pca.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
+    pca.set_defaults(handler=_pca)
+
+    velocity = sub.add_parser("velocity", help="distance moved in weight space between checkpoints",
+                              description="||theta[i+1] - theta[i]|| of a component group between consecutive "
+                                          "stored epochs, per epoch of training (divided by the epoch gap) "
+                                          "unless --per-checkpoint.")
+    velocity.add_argument("store", metavar="STORE")
+    velocity.add_argument("--group", default="all", metavar="G",
+                          help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+    velocity.add_argument("--per-checkpoint", action="store_true", help="step lengths, not divided by the gap")
+    velocity.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
+    velocity.set_defaults(handler=_velocity)
     return parser
 
 

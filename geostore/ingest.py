@@ -3,13 +3,15 @@
 Only epochs the store lacks are read. Epochs after the stored ones are appended in batches aligned
 to the store's chunks (each chunk written once) and committed batch by batch, so a killed ingest
 keeps its finished batches; epochs that sort before stored ones are read first and inserted last.
-Bad input anywhere rolls the store back to what it held before this ingest began.
+Bad input anywhere rolls the store back to what it held before this ingest began. Flatness (on by
+default) is then computed from the store for every epoch that lacks it, the same code path as
+`geostore flatness`, so values never depend on how the epochs arrived.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from geostore.errors import GeostoreError
+from geostore.landscape import DEFAULT_FLATNESS, FlatnessSettings, check_supported, fill_missing, progress_bar
 from geostore.sources import Checkpoint, RunSource, open_source
 from geostore.store import schema
 from geostore.store.writer import StoreWriter
@@ -24,21 +27,41 @@ from geostore.store.writer import StoreWriter
 
 @dataclass(frozen=True)
 class IngestReport:
-    """What an ingest did: the source format, epochs added, epochs already stored, total stored."""
+    """What an ingest did: the source format, epochs added, epochs already stored, total stored,
+    and the epochs whose flatness it computed."""
 
     kind: str
     added: int
     skipped: int
     total: int
+    flatness_computed: int = 0
 
 
-def ingest(source: str | Path, store: str | Path, *, progress: bool = True) -> IngestReport:
-    """Write every checkpoint of `source` that `store` lacks into `store` (created when missing)."""
+def ingest(
+    source: str | Path,
+    store: str | Path,
+    *,
+    flatness: FlatnessSettings | None = DEFAULT_FLATNESS,
+    recompute_flatness: bool = False,
+    progress: bool = True,
+) -> IngestReport:
+    """Write every checkpoint of `source` that `store` lacks into `store` (created when missing).
+
+    With `flatness` settings (the default), every stored epoch ends up with its flatness; a store
+    holding flatness of other settings is refused unless `recompute_flatness`. `None` skips it.
+    """
     run = open_source(source)
+    if flatness is not None:
+        check_supported(run.config, " (ingest with --no-flatness to store the weights alone)")
     store = Path(store)
     writer = StoreWriter.open(store, config=run.config, task=run.task, train_indices=run.train_indices)
     try:
+        if flatness is not None:
+            writer.enable_flatness(flatness.attrs(), recompute=recompute_flatness)
         report = _write_new_epochs(run, writer, progress)
+        if flatness is not None:
+            computed = fill_missing(writer, flatness, progress=progress).computed
+            report = dataclasses.replace(report, flatness_computed=computed)
     except BaseException as exc:
         if isinstance(exc, GeostoreError):
             writer.rollback()
@@ -57,9 +80,7 @@ def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> In
     late = [c for c in new if last is None or c.epoch > last]
     writer.record_source({"kind": run.kind, "path": str(Path(run.path).resolve())})
 
-    # The bar shows on a terminal only (tqdm's disable=None), so logs and pipes get clean lines.
-    with tqdm(total=len(new), unit="ckpt", desc="ingest", disable=None if progress else True, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with progress_bar(len(new), "ingest", progress) as bar:
         early_batch = _load(early, run, bar)  # read (and validated) before anything is written
         n = stored.size
         chunk = writer.chunk_epochs

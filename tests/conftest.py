@@ -30,3 +30,14 @@ def random_params(config: dict, epochs, seed: int = 0) -> dict[str, np.ndarray]:
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file under `path` with its bytes: equal snapshots mean an unchanged store."""
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A real (tiny) geostore training run: p=11, 40 epochs, a checkpoint every 5."""
+    from geostore.train import TrainSpec, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    spec = TrainSpec(p=11, d_model=16, n_heads=2, train_fraction=0.5, lr=3e-3, epochs=40, schedule="0:41:5")
+    train(spec, out, progress=False)
+    return out

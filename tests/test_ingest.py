@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -30,19 +27,9 @@ from geostore.model import build_model
 from geostore.store import schema
 from geostore.store.writer import StoreWriter
 from tests.conftest import snapshot
+from tests.terminal import run_on_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> Path:
-    """A real (tiny) geostore training run: p=11, 40 epochs, a checkpoint every 5."""
-    from geostore.train import TrainSpec, train
-
-    out = tmp_path_factory.mktemp("trained") / "run"
-    spec = TrainSpec(p=11, d_model=16, n_heads=2, train_fraction=0.5, lr=3e-3, epochs=40, schedule="0:41:5")
-    train(spec, out, progress=False)
-    return out
 
 
 def state_dict_dir(directory: Path, epochs, *, config=None, seed: int = 0, suffix: str = ".safetensors") -> dict:
@@ -263,23 +250,9 @@ def test_sigkilled_ingest_shows_whole_epochs_and_resumes_to_the_same_store(tmp_p
 def test_ingest_shows_a_progress_bar_on_a_terminal(tmp_path):
     source = tmp_path / "run"
     state_dict_dir(source, [0, 1, 2])
-    primary, replica = os.openpty()
-    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-    proc = subprocess.Popen([sys.executable, "-m", "geostore.cli", "ingest", str(source), str(tmp_path / "s.zarr")],
-                            stderr=replica, stdout=subprocess.DEVNULL, cwd=ROOT)
-    os.close(replica)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert proc.wait() == 0
-    text = b"".join(chunks).decode(errors="replace")
-    assert "ingest" in text and "3/3" in text and "ckpt/s" in text
+    code, text = run_on_terminal("ingest", str(source), str(tmp_path / "s.zarr"), "--directions", "4")
+    assert code == 0
+    assert "ingest" in text and "3/3" in text and "ckpt/s" in text and "dir/s" in text
 
 
 def test_arena_bundle_ingests_into_the_exact_original_model(tmp_path):
