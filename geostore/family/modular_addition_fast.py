@@ -82,14 +82,17 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
 
 
 def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Float64 sum of the rows' cross-entropies, each as `(top - l_y) + log1p(sum of exp(l_j - top), j != argmax)`.
+    """Float64 sum of the rows' cross-entropies, each as `log1p(sum over j != y of exp(l_j - l_y))`.
 
-    Mathematically `logsumexp(l) - l_y`, but without rounding `1 + rest` to float32: near zero loss (after
-    grokking) a row's loss stays accurate to its relative precision instead of being quantized to ~6e-8.
+    Mathematically `logsumexp(l) - l_y`, but `1 + rest` is never rounded to float32: near zero loss (after
+    grokking) each pair's loss keeps its relative precision instead of being quantized to ~6e-8. A block with
+    a logit ~88 above its label's (exp overflows) takes the usual form, accurate at such losses.
     """
-    top, arg = logits.max(dim=1, keepdim=True)
-    rest = (logits - top).exp_().scatter_(1, arg, 0.0).sum(dim=1)
-    return (torch.log1p(rest) + (top - logits.gather(1, labels[:, None]))[:, 0]).sum(dtype=torch.float64)
+    label = logits.gather(1, labels[:, None])
+    rest = (logits - label).scatter_(1, labels[:, None], -math.inf).exp_().sum(dim=1)
+    if not bool(torch.isfinite(rest).all()):
+        return (torch.logsumexp(logits, dim=1) - label[:, 0]).sum(dtype=torch.float64)
+    return torch.log1p(rest).sum(dtype=torch.float64)
 
 
 class _Mixer:

@@ -1,0 +1,122 @@
+"""Flatness speed and exactness on one paper-size checkpoint: the seed's loop against geostore's fast path.
+
+In one run, on the same checkpoint (a seeded random init of the p=113, d_model=128 model), the same seeded
+directions and the same torch thread count (2 by default), interleaving repeats and keeping the best of each:
+
+- matmul peak: float32 `torch.mm` on large matrices of the evaluator's shapes and a square one;
+- seed loop: `compute_landscape_flatness` (clone, add epsilon * d, HookedTransformer on the full grid, restore);
+- fast path: `flatness_for_params` (what ingest runs), with its counted matmul FLOPs against the peak.
+
+It then compares the deltas of both paths with each other and, for the first few directions, with the
+float64 HookedTransformer forward, and checks that one torch thread gives bit-identical fast deltas.
+Run with `.venv/bin/python benchmarks/flatness.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geostore.analysis.flatness import compute_landscape_flatness, flatness_for_params
+from geostore.family import modular_addition as fam
+from geostore.family.modular_addition_fast import flops_per_weight_set
+from geostore.model import build_model, named_parameters
+
+
+def best_time(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `fn` (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak(shapes: list[tuple[int, int, int]], repeats: int) -> float:
+    """Best float32 `torch.mm` GFLOP/s over `shapes` `(m, k, n)`."""
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        best = max(best, 2 * m * k * n / best_time(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), repeats) / 1e9)
+    return best
+
+
+def max_relative(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """Largest per-direction relative difference, and largest difference relative to the largest |want|."""
+    diff = np.abs(got - want)
+    return float((diff / np.abs(want)).max()), float(diff.max() / np.abs(want).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--p", type=int, default=113)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--directions", type=int, default=20)
+    parser.add_argument("--epsilon", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--truth", type=int, default=4, help="directions also computed in float64 (slow)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = fam.model_config(args.p, d_model=args.d_model)
+    model = build_model(config, seed=0)
+    params = named_parameters(model)
+    probe = fam.probe(args.p)
+    n = args.directions
+    kwargs = {"n_directions": n, "epsilon": args.epsilon, "seed": args.seed}
+    d, m, pairs = int(config["d_model"]), int(config["d_mlp"]), args.p * args.p
+    shapes = [(pairs, d + 1, m), (pairs, m, args.p), (2048, 2048, 2048)]
+
+    peak, seed_s, fast_s = 0.0, float("inf"), float("inf")
+    for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike
+        peak = max(peak, matmul_peak(shapes, 3))
+        with torch.no_grad():
+            seed_s = min(seed_s, best_time(lambda: compute_landscape_flatness(model, probe, fam.loss_fn, **kwargs), 1))
+        fast_s = min(fast_s, best_time(lambda: flatness_for_params(params, config, **kwargs), 1))
+
+    with torch.no_grad():
+        seed = compute_landscape_flatness(model, probe, fam.loss_fn, **kwargs)["delta_losses"]
+        truth = compute_landscape_flatness(  # the definition in float64: theta + eps d and the loss, no rounding
+            copy.deepcopy(model).double(), probe, lambda mdl, pr: F.cross_entropy(mdl(pr[0])[:, -1, :args.p], pr[1]),
+            n_directions=args.truth, epsilon=args.epsilon, seed=args.seed)["delta_losses"]
+    baseline, fast = flatness_for_params(params, config, **kwargs)
+    torch.set_num_threads(1)
+    one_thread = flatness_for_params(params, config, **kwargs)
+    torch.set_num_threads(args.threads)
+
+    k = args.truth
+    flops = flops_per_weight_set(config)
+    achieved = flops * (n + 1) / fast_s / 1e9  # n directions and the baseline
+    rows = [
+        ("matmul peak (float32 torch.mm, best shape)", f"{peak:8.1f} GFLOP/s"),
+        ("seed loop (clone, perturb, HookedTransformer, restore)", f"{1e3 * seed_s / n:8.1f} ms/direction"),
+        ("geostore fast path (flatness_for_params)", f"{1e3 * fast_s / n:8.1f} ms/direction"),
+        ("speedup", f"{seed_s / fast_s:8.1f} x"),
+        ("counted FLOPs per direction (fast path matmuls)", f"{flops / 1e9:8.3f} GFLOP"),
+        ("fast path achieved", f"{achieved:8.1f} GFLOP/s = {100 * achieved / peak:.0f}% of peak"),
+        ("baseline loss / largest |delta_loss|", f"{baseline:.6f} / {np.abs(fast).max():.3e}"),
+        ("fast vs seed loop: max rel diff (per dir; of max)", "{:.2e}; {:.2e}".format(*max_relative(fast, seed))),
+        (f"fast vs float64 forward, {args.truth} dirs", "{:.2e}; {:.2e}".format(*max_relative(fast[:k], truth))),
+        (f"seed loop vs float64 forward, {args.truth} dirs", "{:.2e}; {:.2e}".format(*max_relative(seed[:k], truth))),
+        ("fast path bit-identical with 1 thread", "yes" if np.array_equal(one_thread[1], fast)
+         and one_thread[0] == baseline else "NO"),
+    ]
+    print(f"flatness: p={args.p} d_model={d} n_heads={config['n_heads']} d_mlp={m}, {n} directions, "
+          f"epsilon={args.epsilon}, {args.threads} torch threads, best of {args.repeats}")
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
