@@ -119,9 +119,10 @@ def flatness_for_params(
     The same directions and perturbed weights as `compute_landscape_flatness`; the losses come from
     `modular_addition_fast.losses` (float32 matmuls, per-pair losses summed in float64), directions
     evaluated in fixed blocks of `DIRECTION_BLOCK`. The result is float64 and depends only on
-    (seed, n_directions, epsilon, these weights) on a given machine and thread count: not on which
-    epochs a caller processes, in what order, or in which process. Torch's matmuls may round differently
-    under another thread count or device (see the module tests), so distributed runs pin the threads.
+    (seed, n_directions, epsilon, these weights): not on which epochs a caller processes, in what order,
+    or in which process. Torch threads: 1 and 2 give bit-identical results here (MKL on an AMD EPYC;
+    benchmarks/flatness.py checks it), but BLAS kernels may round differently on another CPU, BLAS version
+    or on CUDA, so a run that must match bitwise keeps one machine type, thread count and device.
     """
     from geostore.family import modular_addition_fast as fast
 

@@ -44,9 +44,9 @@ def flops_per_weight_set(config: Mapping[str, object]) -> int:
     p = prime_of(config)
     d, m, h, dh = (int(config[k]) for k in ("d_model", "d_mlp", "n_heads", "d_head"))
     per_token = 2 * h * dh * d * (1 + 2 * (2 * p + 1) + 2 * p + 1)  # q; k, v of 2p+1 tokens; value @ W_O
-    mix = 2 * p * p * (3 * h + 1) * d  # the attention mix of every pair
+    mix = 2 * p * p * (3 * h + 1) * (d + 1)  # the attention mix of every pair (and its bias column)
     fold = 2 * m * d * p + 2 * d * p  # W_out @ W_U and b_out @ W_U
-    dense = 2 * p * p * (d * (m + p) + m * p)  # r @ [W_in | W_U], act(.) @ (W_out @ W_U)
+    dense = 2 * p * p * ((d + 1) * (m + p) + m * p)  # [r, 1] @ [W_in | W_U; biases], act(.) @ (W_out @ W_U)
     return per_token + mix + fold + dense
 
 
@@ -61,6 +61,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     scale = math.sqrt(int(config["d_head"]))
     rows = max(1, BLOCK_PAIRS // p)
     grid = torch.arange(p, device=weights["W_E"].device)
+    labels = [((grid[a0:a0 + rows, None] + grid) % p).reshape(-1) for a0 in range(0, p, rows)]
     totals = []
     for i in range(len(weights["W_E"])):
         w = {name: value[i] for name, value in weights.items()}
@@ -71,12 +72,10 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
         w_in = torch.cat([w["W_in"], biases["b_in"][None]])  # (d + 1, m)
         w_u = torch.cat([w_u, (biases["b_out"] @ w_u + biases["b_U"][:p])[None]])  # (d + 1, p)
         total = torch.zeros((), dtype=torch.float64, device=grid.device)
-        for a0 in range(0, p, rows):
-            a = grid[a0:a0 + rows]
-            resid = mixer.residual(a0, len(a))  # (pairs, d + 1)
+        for block, a0 in zip(labels, range(0, p, rows), strict=True):
+            resid = mixer.residual(a0, len(block) // p)  # (pairs, d + 1)
             logits = (resid @ w_u).addmm_(act(resid @ w_in), fold)
-            labels = ((a[:, None] + grid) % p).reshape(-1)
-            total += _cross_entropy_sum(logits, labels)
+            total += _cross_entropy_sum(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
 
@@ -120,6 +119,6 @@ class _Mixer:
 
     def residual(self, a0: int, n_a: int) -> torch.Tensor:
         """`(n_a * p, d + 1)`, last column 1: pairs `(a, b)`, `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`."""
-        resid = torch.bmm(self.coef[a0:a0 + n_a], self.vecs[a0:a0 + n_a])  # (n_a, p, d)
+        resid = torch.bmm(self.coef[a0:a0 + n_a], self.vecs[a0:a0 + n_a])  # (n_a, p, d + 1)
         resid += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.vecs_b).transpose(0, 1)
         return resid.view(-1, resid.shape[-1])
