@@ -67,11 +67,13 @@ def _device(name: str) -> str:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from geostore.cluster import open_client
     from geostore.ingest import ingest
 
     settings = None if args.no_flatness else _flatness_settings(args)
-    report = ingest(args.ckpts, args.store, flatness=settings, recompute_flatness=args.recompute,
-                    progress=not args.quiet)
+    with open_client(args.workers, args.scheduler) as client:
+        report = ingest(args.ckpts, args.store, flatness=settings, recompute_flatness=args.recompute,
+                        progress=not args.quiet, client=client)
     print(f"{args.store}: added {report.added} epochs from a {report.kind} source "
           f"({report.skipped} already stored); {report.total} epochs in the store")
     if report.flatness_computed:
@@ -80,10 +82,12 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _flatness(args: argparse.Namespace) -> int:
+    from geostore.cluster import open_client
     from geostore.landscape import compute_store_flatness
 
-    report = compute_store_flatness(args.store, _flatness_settings(args), recompute=args.recompute,
-                                    progress=not args.quiet)
+    with open_client(args.workers, args.scheduler) as client:
+        report = compute_store_flatness(args.store, _flatness_settings(args), recompute=args.recompute,
+                                        progress=not args.quiet, client=client)
     rate = f" in {report.seconds:.1f} s" if report.computed else ""
     print(f"{args.store}: flatness computed for {report.computed} epochs{rate} "
           f"({report.already} already complete)")
@@ -101,6 +105,10 @@ def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
                         help="where losses are evaluated (default: CUDA when present)")
     parser.add_argument("--recompute", action="store_true",
                         help="replace stored flatness computed with other settings")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="compute flatness on a local Dask cluster of N single-threaded worker processes")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="compute flatness on an existing Dask cluster (default: $DASK_SCHEDULER_ADDRESS)")
 
 
 def _info(args: argparse.Namespace) -> int:

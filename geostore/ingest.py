@@ -14,6 +14,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +24,9 @@ from geostore.landscape import DEFAULT_FLATNESS, FlatnessSettings, check_support
 from geostore.sources import Checkpoint, RunSource, open_source
 from geostore.store import schema
 from geostore.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,13 @@ def ingest(
     flatness: FlatnessSettings | None = DEFAULT_FLATNESS,
     recompute_flatness: bool = False,
     progress: bool = True,
+    client: Client | None = None,
 ) -> IngestReport:
     """Write every checkpoint of `source` that `store` lacks into `store` (created when missing).
 
     With `flatness` settings (the default), every stored epoch ends up with its flatness; a store
     holding flatness of other settings is refused unless `recompute_flatness`. `None` skips it.
+    With a `dask.distributed` client, flatness runs on its workers (one task per epoch).
     """
     run = open_source(source)
     if flatness is not None:
@@ -60,7 +66,7 @@ def ingest(
             writer.enable_flatness(flatness.attrs(), recompute=recompute_flatness)
         report = _write_new_epochs(run, writer, progress)
         if flatness is not None:
-            computed = fill_missing(writer, flatness, progress=progress).computed
+            computed = fill_missing(writer, flatness, progress=progress, client=client).computed
             report = dataclasses.replace(report, flatness_computed=computed)
     except BaseException as exc:
         if isinstance(exc, GeostoreError):

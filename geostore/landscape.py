@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +23,11 @@ from tqdm import tqdm
 from geostore.errors import GeostoreError, StoreError
 from geostore.store import schema
 from geostore.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from geostore.store.reader import Store
 
 LOSS_DEFINITION = "mean float32 cross-entropy at the final position over the first p logits, full p*p grid"
 DIRECTIONS_DEFINITION = (
@@ -86,11 +93,14 @@ def epoch_flatness(params: Mapping[str, np.ndarray], config: Mapping[str, object
                                seed=settings.seed, device=settings.device)
 
 
-def fill_missing(writer: StoreWriter, settings: FlatnessSettings, *, progress: bool = True) -> FlatnessReport:
+def fill_missing(
+    writer: StoreWriter, settings: FlatnessSettings, *, progress: bool = True, client: Client | None = None
+) -> FlatnessReport:
     """Compute flatness for every stored epoch that lacks it, from the stored weights.
 
-    Each stored chunk holding missing epochs is read once; finished epochs are written at least
-    every `FLUSH_SECONDS`, so a killed run loses little work.
+    Serially, each stored chunk holding missing epochs is read once; with a `dask.distributed`
+    client, each epoch is a task that reads its own weights on a worker. Either way this process
+    alone writes, finished epochs at least every `FLUSH_SECONDS`, so a killed run loses little work.
     """
     from geostore.store.reader import open_store
 
@@ -100,40 +110,77 @@ def fill_missing(writer: StoreWriter, settings: FlatnessSettings, *, progress: b
     if missing.size == 0:
         return FlatnessReport(0, already, 0.0)
     store = open_store(writer.path)
-    index = np.searchsorted(store.epochs, missing)
-    chunk = store.chunk_epochs
+    results = (_serial_results(store, missing, settings) if client is None
+               else _distributed_results(client, store, missing, settings))
     done: list[tuple[int, float, np.ndarray]] = []
     last_flush = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal last_flush
-        if done:
-            rows, baselines, deltas = zip(*done, strict=True)
-            writer.write_flatness(store.epochs[list(rows)], np.array(baselines), np.stack(deltas))
-            done.clear()
-        last_flush = time.perf_counter()
-
     with progress_bar(missing.size, "flatness", progress) as bar:
-        for block in np.unique(index // chunk):  # one read of each chunk that holds missing epochs
-            rows = index[index // chunk == block]
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            stored = {name: np.asarray(store.params[name][lo:hi]) for name in schema.PARAMETERS}
-            for row in rows:
-                start = time.perf_counter()
-                baseline, deltas = epoch_flatness({n: v[row - lo] for n, v in stored.items()}, store.config,
-                                                  settings)
-                done.append((int(row), baseline, deltas))
-                rate = settings.n_directions / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{rate:.0f} dir/s", refresh=False)
-                bar.update(1)
-                if time.perf_counter() - last_flush > FLUSH_SECONDS:
-                    flush()
-        flush()
+        for epoch, baseline, deltas in results:
+            done.append((epoch, baseline, deltas))
+            bar.update(1)
+            bar.set_postfix_str(f"{settings.n_directions * bar.n / (time.perf_counter() - began):.0f} dir/s",
+                                refresh=False)
+            if time.perf_counter() - last_flush > FLUSH_SECONDS:
+                _flush(writer, done)
+                last_flush = time.perf_counter()
+        _flush(writer, done)
     return FlatnessReport(int(missing.size), already, time.perf_counter() - began)
 
 
+def _flush(writer: StoreWriter, done: list[tuple[int, float, np.ndarray]]) -> None:
+    if done:
+        epochs, baselines, deltas = zip(*done, strict=True)
+        writer.write_flatness(list(epochs), np.array(baselines), np.stack(deltas))
+        done.clear()
+
+
+def _serial_results(store: Store, epochs: np.ndarray, settings: FlatnessSettings
+                    ) -> Iterator[tuple[int, float, np.ndarray]]:
+    """`(epoch, baseline, deltas)` in epoch order, reading each chunk that holds `epochs` once."""
+    index = np.searchsorted(store.epochs, epochs)
+    chunk = store.chunk_epochs
+    for block in np.unique(index // chunk):
+        rows = index[index // chunk == block]
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        stored = {name: np.asarray(store.params[name][lo:hi]) for name in schema.PARAMETERS}
+        for row in rows:
+            params = {name: value[row - lo] for name, value in stored.items()}
+            yield (int(store.epochs[row]), *epoch_flatness(params, store.config, settings))
+
+
+def _distributed_results(client: Client, store: Store, epochs: np.ndarray, settings: FlatnessSettings
+                         ) -> Iterator[tuple[int, float, np.ndarray]]:
+    """`(epoch, baseline, deltas)` as the cluster's workers finish them (one task per epoch)."""
+    from distributed import as_completed
+
+    futures = [client.submit(remote_epoch_flatness, str(store.path), int(epoch), settings,
+                             key=f"geostore-flatness-{store.path.name}-{int(epoch)}-{uuid.uuid4().hex[:8]}")
+               for epoch in epochs]
+    try:
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        client.cancel(futures)
+
+
+def remote_epoch_flatness(path: str, epoch: int, settings: FlatnessSettings) -> tuple[int, float, np.ndarray]:
+    """One epoch's flatness on a worker: its weights read from the store, torch on one thread.
+
+    One torch thread per task: a worker runs as many tasks at once as it has dask threads, so the
+    cluster uses exactly the cores its workers were given.
+    """
+    import torch
+
+    from geostore.store.reader import open_store
+
+    torch.set_num_threads(1)
+    store = open_store(path)
+    return (epoch, *epoch_flatness(store.params_at(epoch), store.config, settings))
+
+
 def compute_store_flatness(
-    store: str | Path, settings: FlatnessSettings, *, recompute: bool = False, progress: bool = True
+    store: str | Path, settings: FlatnessSettings, *, recompute: bool = False, progress: bool = True,
+    client: Client | None = None,
 ) -> FlatnessReport:
     """Add or extend flatness on an existing store from its weights alone (`geostore flatness`)."""
     from geostore.store.reader import open_store
@@ -142,7 +189,7 @@ def compute_store_flatness(
     check_supported(attrs["model_config"])
     writer = StoreWriter.open(store, config=attrs["model_config"], task=attrs.get("task", {}))
     writer.enable_flatness(settings.attrs(), recompute=recompute)
-    return fill_missing(writer, settings, progress=progress)
+    return fill_missing(writer, settings, progress=progress, client=client)
 
 
 def progress_bar(total: int, desc: str, progress: bool) -> tqdm:

@@ -1,0 +1,49 @@
+"""Where parallel work runs: a `dask.distributed` client for `--workers N`, `--scheduler ADDRESS` or
+`DASK_SCHEDULER_ADDRESS`, or none (serial, in this process)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from geostore.errors import GeostoreError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+# Variables LocalCluster sets to 1 in this process's environment too (see ECOSYSTEM.md): restored after.
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextmanager
+def open_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Client | None]:
+    """A client of an existing scheduler (argument, then environment), of a local cluster of `workers`
+    single-threaded processes, or None when neither is asked for."""
+    if workers is not None and workers < 1:
+        raise GeostoreError(f"--workers must be at least 1, got {workers}")
+    address = scheduler or os.environ.get(SCHEDULER_ENV)
+    if not address and not workers:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if address:
+        try:
+            client = Client(address, timeout="3s")
+        except OSError as exc:
+            raise GeostoreError(f"--scheduler {address}: cannot connect ({exc})") from None
+        with client:
+            yield client
+        return
+    saved = {name: os.environ.get(name) for name in _THREAD_ENV}
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    with cluster, Client(cluster) as client:
+        yield client
