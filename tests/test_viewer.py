@@ -179,6 +179,8 @@ def test_every_dock_exports_png_svg_and_csv(qtbot, open_window, flat_store, tmp_
         assert image.width() >= dock.canvas.width() and not image.isNull()
         svg = dock.export("svg", tmp_path / f"{name}.svg").read_text()
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg and svg.count("<path") > 3
+        # curves and points as vector paths, not pixmaps (the colour bar's gradient is the one image)
+        assert svg.count("<image") == (name == "trajectory")
         rows = dock.export("csv", tmp_path / f"{name}.csv").read_text().splitlines()
         assert len(rows) > 1, name
     assert (tmp_path / "training.csv").read_text().startswith("epoch,train_loss,test_loss")

@@ -8,14 +8,39 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PySide6.QtCore import QRect
 from PySide6.QtGui import QColor, QImage, QPainter
 from PySide6.QtSvg import QSvgGenerator
-from PySide6.QtWidgets import QWidget
+from PySide6.QtWidgets import QGraphicsItem, QGraphicsView, QWidget
+
+
+@contextmanager
+def export_mode(widget: QWidget) -> Iterator[None]:
+    """Let a graphics view's items draw for export, then restore them.
+
+    Item caches are turned off (the docks cache static curves as pixmaps for fast scrubbing) and
+    pyqtgraph's export mode is on (scatter points as paths, not pixmaps from its symbol atlas), so SVG
+    holds vectors and PNG is sharp at twice the screen resolution.
+    """
+    items = widget.scene().items() if isinstance(widget, QGraphicsView) else []
+    modes = [item.cacheMode() for item in items]
+    exporting = [item for item in items if hasattr(item, "setExportMode")]
+    for item in items:
+        item.setCacheMode(QGraphicsItem.CacheMode.NoCache)
+    for item in exporting:
+        item.setExportMode(True, {"antialias": True})
+    try:
+        yield
+    finally:
+        for item in exporting:
+            item.setExportMode(False)
+        for item, mode in zip(items, modes, strict=True):
+            item.setCacheMode(mode)
 
 
 def export_png(widget: QWidget, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
@@ -24,7 +49,8 @@ def export_png(widget: QWidget, path: str | os.PathLike, *, scale: float = 2.0) 
     image.setDevicePixelRatio(scale)
     image.fill(QColor("white"))
     painter = QPainter(image)
-    widget.render(painter)
+    with export_mode(widget):
+        widget.render(painter)
     painter.end()
     if not image.save(str(path)):
         raise OSError(f"{path}: could not write the PNG")
@@ -42,7 +68,8 @@ def export_svg(widget: QWidget, path: str | os.PathLike, *, title: str = "") -> 
     painter = QPainter()
     if not painter.begin(generator):
         raise OSError(f"{path}: could not write the SVG")
-    widget.render(painter)
+    with export_mode(widget):
+        widget.render(painter)
     painter.end()
     return Path(path)
 

@@ -28,6 +28,7 @@ from viewer.worker import Jobs
 SETTINGS_ENV = "GEOVIEW_SETTINGS"
 """Environment variable naming an INI file to keep the settings in (tests point it into a temp dir)."""
 LAYOUT_VERSION = 1
+LOAD_ORDER = ("training", "flatness", "distribution", "velocity", "trajectory")
 
 KEYS_HELP = """<b>Keys</b><br>
 ← / → &nbsp; previous / next stored epoch<br>
@@ -74,6 +75,8 @@ class MainWindow(QMainWindow):
         velocity = self.add_dock(VelocityDock, Qt.DockWidgetArea.RightDockWidgetArea, below=training)
         self.add_dock(FlatnessDock, Qt.DockWidgetArea.RightDockWidgetArea, below=velocity)
         self.add_dock(DistributionDock, Qt.DockWidgetArea.LeftDockWidgetArea, below=trajectory)
+        for name in LOAD_ORDER:  # one worker thread: the quick loads first, the PCA last
+            self.docks[name].start()
         self._default_layout = self.saveState(LAYOUT_VERSION)
         self._sized = False
 

@@ -48,6 +48,7 @@ class FlatnessDock(ViewerDock):
         self.baseline = pg.PlotDataItem(pen=palette.pen(palette.BASELINE, 1.6, Qt.PenStyle.DashLine), connect="finite")
         self.baseline.setLogMode(False, True)
         self.baseline_view.addItem(self.baseline)
+        self.static(self.band_low, self.band_high, self.band, self.curve, self.baseline)
         self.flatness_plot.vb.sigResized.connect(self._sync_views)
         self.select_by_x(self.flatness_plot)
         self.line = self.epoch_line(self.flatness_plot)

@@ -51,9 +51,10 @@ class TrainingDock(ViewerDock):
         x = self.data.x
         for name, values in self.data.metrics.items():
             target = self.loss_plot if name.endswith("loss") else self.accuracy_plot
-            target.plot(x, values, pen=palette.pen(CURVES[name], 1.8), connect="finite")
-        self.rug.addItem(pg.ScatterPlotItem(x, np.full(x.size, 0.5), symbol="|", size=16, pen=None,
-                                            brush=palette.RUG))
+            self.static(target.plot(x, values, pen=palette.pen(CURVES[name], 1.8), connect="finite"))
+        rug = pg.ScatterPlotItem(x, np.full(x.size, 0.5), symbol="|", size=16, pen=None, brush=palette.RUG)
+        self.static(rug)
+        self.rug.addItem(rug)
         self._on_log_changed()
         self.loss_plot.setXRange(x[0], x[-1], padding=0.02)
         self.refresh(self.state.index)

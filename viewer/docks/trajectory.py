@@ -64,6 +64,7 @@ class TrajectoryDock(ViewerDock):
         self.cumulative = self.scree.plot(pen=palette.pen(palette.FOREGROUND, 1.2), symbol="o", symbolSize=5,
                                           symbolBrush=palette.FOREGROUND)
         self.scree.setYRange(0, 100, padding=0.02)
+        self.static(self.path, self.points, self.scree_bars, self.cumulative)
         self.canvas.ci.layout.setColumnStretchFactor(0, 4)
         self.canvas.ci.layout.setColumnStretchFactor(2, 1)
         self.canvas.scene().sigMouseClicked.connect(self._on_clicked)

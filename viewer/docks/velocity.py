@@ -31,6 +31,7 @@ class VelocityDock(ViewerDock):
                                                                       2.2 if group == "all" else 1.5),
                                                       connect="finite")
                        for group in GROUPS}
+        self.static(*self.curves.values())
         self.select_by_x(self.velocity_plot)
         self.line = self.epoch_line(self.velocity_plot)
         self._on_log_changed()
