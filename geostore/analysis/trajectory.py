@@ -26,8 +26,8 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
-# Bytes per panel element: the float64 panel plus its float32 chunks while it is assembled.
-_PANEL_BYTES_PER_VALUE = 12
+# Bytes per panel element: panels are float64, filled chunk by chunk.
+_PANEL_BYTES_PER_VALUE = 8
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,26 @@ class TrajectoryPass:
 
     gram: np.ndarray
     steps2: np.ndarray
+
+
+class _Rows:
+    """Rows of a lazy array, read by the task that uses them.
+
+    Tasks read their own chunks rather than depend on read tasks: dask runs dependency-free read tasks
+    early, and the chunks would pile up in memory ahead of the products that consume them. (A plain
+    class: dask would compute a dask array held in a dataclass before the task runs.)
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: da.Array) -> None:
+        self.array = array
+
+    def read(self, pick: np.ndarray) -> np.ndarray:
+        """Rows `pick` (sorted positions in these rows), flattened; a view when they are consecutive."""
+        rows = np.asarray(self.array.compute(scheduler="sync")).reshape(self.array.shape[0], -1)
+        consecutive = pick.size and pick[-1] - pick[0] + 1 == pick.size
+        return rows[pick[0]:pick[-1] + 1] if consecutive else rows[pick]
 
 
 # --------------------------------------------------------------------------------------- threads
@@ -56,7 +76,7 @@ def scheduler_threads() -> int:
 
 
 def panel_rows(width: int, memory_budget: int, *, threads: int, chunk: int) -> int:
-    """Rows per panel so that `threads` panels `width` wide fit `memory_budget` bytes.
+    """Rows per panel so that `threads` float64 panels `width` wide fit `memory_budget` bytes.
 
     Whole stored chunks when possible (a chunk split between two panels is read twice); at least one row.
     """
@@ -76,19 +96,22 @@ def trajectory_pass(
 
     `rows`: positions whose Gram rows to compute, against every row; `steps`: positions `i` whose step
     `x[i+1] - x[i]` to measure, each touching a row of `rows`. Float64 throughout, under the active dask
-    scheduler (threaded or distributed), one BLAS thread per dask thread; panels take at most
-    `memory_budget` bytes per process. One dask computation per panel.
+    scheduler (threaded or distributed) with one BLAS thread per dask thread. Arrays run in one lane per
+    dask thread, one after the other within a lane, so at most one panel per thread is held: panels take
+    at most `memory_budget` bytes per process. One dask computation per panel.
     """
-    arrays = [a for group in units.values() for a in group]
-    n = arrays[0].shape[0]
+    arrays = [(unit, a) for unit, group in units.items() for a in group]
+    n = arrays[0][1].shape[0]
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     steps = np.unique(np.asarray(steps, dtype=np.int64))
     in_rows = np.zeros(n, dtype=bool)
     in_rows[rows] = True
     if steps.size and not np.all(in_rows[steps] | in_rows[steps + 1]):
         raise ValueError("every step to measure must touch a computed row")
-    width = max(int(np.prod(a.shape[1:])) for a in arrays)
-    size = panel_rows(width, memory_budget, threads=scheduler_threads(), chunk=max(arrays[0].chunks[0]))
+    threads = scheduler_threads()
+    widths = [int(np.prod(a.shape[1:])) for _, a in arrays]
+    size = panel_rows(max(widths), memory_budget, threads=threads, chunk=max(arrays[0][1].chunks[0]))
+    lanes = _lanes(widths, threads)
     results = {u: TrajectoryPass(np.zeros((n, n)), np.full(max(n - 1, 0), np.nan)) for u in units}
     # Panel of each row; rows outside `rows` (-1) are only read as the stream.
     panel_of = np.full(n, -1)
@@ -100,11 +123,16 @@ def trajectory_pass(
         # A step belongs to the pass of the later panel of its two rows.
         mine = steps[np.maximum(panel_of[steps], panel_of[steps + 1]) == index]
         tasks, places = [], []
-        for unit, group in units.items():
-            for array in group:
-                for task, place in _panel_tasks(array, panel, stream, mine):
-                    tasks.append(task)
+        for lane in lanes:
+            previous: list = []
+            for k in lane:
+                unit, array = arrays[k]
+                mine_tasks = []
+                for task, place in _panel_tasks(array, panel, stream, mine, after=previous):
+                    mine_tasks.append(task)
                     places.append((unit, place))
+                tasks += mine_tasks
+                previous = mine_tasks
         with threadpool_limits(limits=1, user_api="blas"):
             outputs = dask.compute(*tasks)
         for (unit, (grows, gcols, step_index)), (block, step_values) in zip(places, outputs, strict=True):
@@ -117,19 +145,34 @@ def trajectory_pass(
     return results
 
 
-def _panel_tasks(array: da.Array, panel: np.ndarray, stream: np.ndarray, steps: np.ndarray):
+def _lanes(widths: list[int], threads: int) -> list[list[int]]:
+    """Arrays (by index) dealt to `threads` lanes, widest first to the least loaded lane."""
+    lanes: list[list[int]] = [[] for _ in range(max(1, min(threads, len(widths))))]
+    loads = [0] * len(lanes)
+    for k in sorted(range(len(widths)), key=lambda k: -widths[k]):
+        lane = loads.index(min(loads))
+        lanes[lane].append(k)
+        loads[lane] += widths[k]
+    return lanes
+
+
+def _panel_tasks(array: da.Array, panel: np.ndarray, stream: np.ndarray, steps: np.ndarray, *, after: list):
     """Delayed tasks of one array in one pass, each with where its output goes: (grows, gcols, steps).
 
-    `panel` and `stream` are sorted, disjoint row positions; every step has a row in the panel.
+    `panel` and `stream` are sorted, disjoint row positions; every step has a row in the panel. The
+    panel is read only once the tasks `after` are done.
     """
     if any(len(c) > 1 for c in array.chunks[1:]):
         array = array.rechunk({axis: -1 for axis in range(1, array.ndim)})
-    blocks = array.to_delayed().reshape(array.numblocks[0])
     bounds = np.cumsum((0, *array.chunks[0]))
     chunk_of = np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
+
+    def chunk(c: int) -> _Rows:
+        return _Rows(array[int(bounds[c]):int(bounds[c + 1])])
+
     panel_chunks = np.unique(chunk_of[panel])
-    loaded = dask.delayed(_gather)([blocks[c] for c in panel_chunks],
-                                   [panel[chunk_of[panel] == c] - bounds[c] for c in panel_chunks])
+    loaded = dask.delayed(_gather)([chunk(c) for c in panel_chunks],
+                                   [panel[chunk_of[panel] == c] - bounds[c] for c in panel_chunks], after)
     low_in, high_in = np.isin(steps, panel), np.isin(steps + 1, panel)
     inside = steps[low_in & high_in]
     yield (dask.delayed(_self_products)(loaded, np.searchsorted(panel, inside), np.searchsorted(panel, inside + 1)),
@@ -140,18 +183,18 @@ def _panel_tasks(array: da.Array, panel: np.ndarray, stream: np.ndarray, steps: 
     for c in np.unique(chunk_of[stream]):
         picked = stream[chunk_of[stream] == c]
         here = chunk_of[other] == c
-        yield (dask.delayed(_cross_products)(loaded, blocks[c], picked - bounds[c],
+        yield (dask.delayed(_cross_products)(loaded, chunk(c), picked - bounds[c],
                                              np.searchsorted(panel, mine[here]),
                                              np.searchsorted(picked, other[here])),
                (panel, picked, across[here]))
 
 
-def _gather(blocks: list[np.ndarray], picks: list[np.ndarray]) -> np.ndarray:
-    """The panel: the picked rows of each chunk, flattened, in one float64 array."""
-    out = np.empty((sum(len(p) for p in picks), blocks[0][0].size), dtype=np.float64)
+def _gather(chunks: list[_Rows], picks: list[np.ndarray], after: list) -> np.ndarray:
+    """The panel: the picked rows of each chunk, in one float64 array, read one chunk at a time."""
+    out = np.empty((sum(len(p) for p in picks), int(np.prod(chunks[0].array.shape[1:]))), dtype=np.float64)
     start = 0
-    for block, pick in zip(blocks, picks, strict=True):
-        out[start:start + len(pick)] = block.reshape(len(block), -1)[pick]
+    for rows, pick in zip(chunks, picks, strict=True):
+        out[start:start + len(pick)] = rows.read(pick)
         start += len(pick)
     return out
 
@@ -169,9 +212,9 @@ def _self_products(panel: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[n
     return np.dot(panel, panel.T), _squared_distances(panel, ia, panel, ib)
 
 
-def _cross_products(panel: np.ndarray, block: np.ndarray, pick: np.ndarray, ia: np.ndarray,
+def _cross_products(panel: np.ndarray, chunk: _Rows, pick: np.ndarray, ia: np.ndarray,
                     ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rows = block.reshape(len(block), -1)[pick].astype(np.float64)
+    rows = chunk.read(pick).astype(np.float64)
     return np.dot(panel, rows.T), _squared_distances(panel, ia, rows, ib)
 
 
