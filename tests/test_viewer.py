@@ -237,3 +237,15 @@ def test_a_bad_size_is_a_usage_error(flat_store, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(flat_store), "--size", "big"])
     assert exit_info.value.code == 2 and "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_distribution_bins_fixed_for_the_run_or_fitted_to_the_epoch(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    distribution, flatness = window.docks["distribution"], window.data.flatness
+    window.epoch_control.slider.setValue(7)
+    distribution.bins.setCurrentIndex(distribution.bins.findData("epoch"))
+    edges, counts = distribution.histogram.getData()
+    row = flatness.deltas[7]
+    assert (edges[0], edges[-1]) == (row.min(), row.max()) and counts.sum() == row.size
+    distribution.bins.setCurrentIndex(distribution.bins.findData("run"))
+    np.testing.assert_array_equal(distribution.histogram.getData()[0], flatness.edges)

@@ -60,6 +60,13 @@ class Flatness:
         """Bool `(n_epoch,)`: epochs whose flatness is computed."""
         return np.isfinite(self.summary["mean_delta_loss"])
 
+    def histogram(self, index: int, *, same_bins: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """`(edges, counts)` of epoch `index`: over the run's fixed bins, or over bins spanning this epoch only."""
+        if same_bins:
+            return self.edges, self.counts[index]
+        edges, counts = fixed_histograms(self.deltas[index : index + 1], self.counts.shape[1])
+        return edges, counts[0]
+
 
 def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Histograms of every row of `values` `(n, m)` over one set of `bins` edges spanning all finite values.

@@ -13,21 +13,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PySide6.QtCore import QRect
+from PySide6.QtCore import QRect, QRectF
 from PySide6.QtGui import QColor, QImage, QPainter
 from PySide6.QtSvg import QSvgGenerator
-from PySide6.QtWidgets import QGraphicsItem, QGraphicsView, QWidget
+from PySide6.QtWidgets import QGraphicsItem, QGraphicsView
 
 
 @contextmanager
-def export_mode(widget: QWidget) -> Iterator[None]:
+def export_mode(view: QGraphicsView) -> Iterator[None]:
     """Let a graphics view's items draw for export, then restore them.
 
     Item caches are turned off (the docks cache static curves as pixmaps for fast scrubbing) and
     pyqtgraph's export mode is on (scatter points as paths, not pixmaps from its symbol atlas), so SVG
     holds vectors and PNG is sharp at twice the screen resolution.
     """
-    items = widget.scene().items() if isinstance(widget, QGraphicsView) else []
+    items = view.scene().items()
     modes = [item.cacheMode() for item in items]
     exporting = [item for item in items if hasattr(item, "setExportMode")]
     for item in items:
@@ -43,33 +43,36 @@ def export_mode(widget: QWidget) -> Iterator[None]:
             item.setCacheMode(mode)
 
 
-def export_png(widget: QWidget, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
-    """Render `widget` into a PNG at `scale` times its on-screen size (sharp in documents)."""
-    image = QImage(round(widget.width() * scale), round(widget.height() * scale), QImage.Format.Format_ARGB32)
-    image.setDevicePixelRatio(scale)
+def render(view: QGraphicsView, painter: QPainter, target: QRectF) -> None:
+    """Draw what `view` shows into `target` of `painter`'s device, scaled to fit."""
+    with export_mode(view):
+        view.render(painter, target, view.viewport().rect())
+
+
+def export_png(view: QGraphicsView, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
+    """Render a graphics view into a PNG at `scale` times its on-screen size (sharp in documents)."""
+    image = QImage(round(view.width() * scale), round(view.height() * scale), QImage.Format.Format_ARGB32)
     image.fill(QColor("white"))
     painter = QPainter(image)
-    with export_mode(widget):
-        widget.render(painter)
+    render(view, painter, QRectF(image.rect()))
     painter.end()
     if not image.save(str(path)):
         raise OSError(f"{path}: could not write the PNG")
     return Path(path)
 
 
-def export_svg(widget: QWidget, path: str | os.PathLike, *, title: str = "") -> Path:
-    """Render `widget` as vector graphics into an SVG file."""
+def export_svg(view: QGraphicsView, path: str | os.PathLike, *, title: str = "") -> Path:
+    """Render a graphics view as vector graphics into an SVG file."""
     generator = QSvgGenerator()
     generator.setFileName(str(path))
-    generator.setSize(widget.size())
-    generator.setViewBox(QRect(0, 0, widget.width(), widget.height()))
+    generator.setSize(view.size())
+    generator.setViewBox(QRect(0, 0, view.width(), view.height()))
     generator.setTitle(title)
     generator.setDescription("geoview export")
     painter = QPainter()
     if not painter.begin(generator):
         raise OSError(f"{path}: could not write the SVG")
-    with export_mode(widget):
-        widget.render(painter)
+    render(view, painter, QRectF(0, 0, view.width(), view.height()))
     painter.end()
     return Path(path)
 

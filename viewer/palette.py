@@ -19,6 +19,7 @@ TRAIN = "#0072B2"
 TEST = "#D55E00"
 GROUPS = {"all": "#2b2b2b", "embedding": "#0072B2", "attention": "#D55E00", "mlp": "#009E73"}
 METRIC = "#6a3d9a"
+BAND = "#b9a6d6"
 BASELINE = "#E69F00"
 HISTOGRAM = "#56B4E9"
 MEAN = "#0072B2"

@@ -151,7 +151,8 @@ class MainWindow(QMainWindow):
                          [height, small] if d["distribution"].reason else [height * 62 // 100, height * 38 // 100],
                          Qt.Orientation.Vertical)
         self.resizeDocks([d["training"], d["velocity"], d["flatness"]],
-                         [height, height, small * 3] if d["flatness"].reason else [height, height, height],
+                         [height * 45 // 100] * 2 + [small] if d["flatness"].reason
+                         else [height * 38 // 100, height * 31 // 100, height * 31 // 100],
                          Qt.Orientation.Vertical)
 
     def showEvent(self, event) -> None:

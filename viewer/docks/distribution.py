@@ -11,7 +11,10 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 
 from viewer import palette
+from viewer.data import Flatness
 from viewer.docks.base import ViewerDock
+
+BINS = {"run": "same for every epoch", "epoch": "fitted to this epoch"}
 
 
 class DistributionDock(ViewerDock):
@@ -22,6 +25,7 @@ class DistributionDock(ViewerDock):
     NEEDS = "flatness"
 
     def build(self) -> None:
+        self.bins = self.combo("bins", BINS, self._on_bins_changed)
         self.histogram_plot = self.plot(x_label="Δloss = L(θ + εd) − L(θ)  (nats)", y_label="directions")
         self.histogram = self.histogram_plot.plot(stepMode="center", fillLevel=0, fillOutline=True,
                                                   pen=palette.pen(palette.MEAN, 1.2),
@@ -44,18 +48,30 @@ class DistributionDock(ViewerDock):
     def load(self) -> None:
         self.run(self.data.load_flatness, self._draw)
 
-    def _draw(self, flatness) -> None:
-        edges = flatness.edges
-        self.histogram_plot.setXRange(edges[0], edges[-1], padding=0.02)
-        self.histogram_plot.setYRange(0, max(1, int(flatness.counts.max())) * 1.08, padding=0)
-        self.histogram_plot.setLimits(xMin=edges[0] - (edges[-1] - edges[0]), xMax=edges[-1] + (edges[-1] - edges[0]))
+    @property
+    def same_bins(self) -> bool:
+        """Whether every epoch is binned alike (the default: epochs compare by eye)."""
+        return self.bins.currentData() == "run"
+
+    def _on_bins_changed(self) -> None:
+        if self.data.flatness is not None:
+            self._draw(self.data.flatness)
+            self.refresh(self.state.index)
+
+    def _draw(self, flatness: Flatness) -> None:
+        """Fix the axes to the whole run's bins and counts (with run-wide bins)."""
+        self.histogram_plot.enableAutoRange(enable=not self.same_bins)
+        if self.same_bins:
+            edges = flatness.edges
+            self.histogram_plot.setXRange(edges[0], edges[-1], padding=0.02)
+            self.histogram_plot.setYRange(0, max(1, int(flatness.counts.max())) * 1.08, padding=0)
 
     def refresh(self, index: int) -> None:
         flatness = self.data.flatness
         if flatness is None:
             return
         epoch = int(self.data.epochs[index])
-        self.histogram.setData(flatness.edges, flatness.counts[index])
+        self.histogram.setData(*flatness.histogram(index, same_bins=self.same_bins))
         summary = flatness.summary
         present = bool(flatness.complete[index])
         for line, key in ((self.mean, "mean_delta_loss"), (self.median, "median_delta_loss")):
@@ -76,5 +92,14 @@ class DistributionDock(ViewerDock):
         if flatness is None:
             return {}
         index = self.state.index
-        return {"epoch": np.full(flatness.counts.shape[1], self.data.epochs[index]),
-                "bin_low": flatness.edges[:-1], "bin_high": flatness.edges[1:], "count": flatness.counts[index]}
+        edges, counts = flatness.histogram(index, same_bins=self.same_bins)
+        return {"epoch": np.full(counts.size, self.data.epochs[index]),
+                "bin_low": edges[:-1], "bin_high": edges[1:], "count": counts}
+
+    def get_settings(self) -> dict:
+        return {"bins": self.bins.currentData()}
+
+    def set_settings(self, settings: dict) -> None:
+        index = self.bins.findData(settings.get("bins"))
+        if index >= 0:
+            self.bins.setCurrentIndex(index)

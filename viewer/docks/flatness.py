@@ -26,9 +26,10 @@ class FlatnessDock(ViewerDock):
         self.statistic = self.combo("statistic", METRIC_LABELS, self._draw)
         self.log_y = self.checkbox("log y", False, self._on_log_changed)
         self.flatness_plot = self.plot(y_label="Δloss (nats)")
-        self.band_low = pg.PlotDataItem(pen=None, connect="finite")
-        self.band_high = pg.PlotDataItem(pen=None, connect="finite")
-        self.band = pg.FillBetweenItem(self.band_low, self.band_high, brush=palette.translucent(palette.METRIC, 50))
+        edge = pg.mkPen(palette.BAND, width=1)  # FillBetweenItem fills between drawn curves only
+        self.band_low = pg.PlotDataItem(pen=edge, connect="finite")
+        self.band_high = pg.PlotDataItem(pen=edge, connect="finite")
+        self.band = pg.FillBetweenItem(self.band_low, self.band_high, brush=palette.translucent(palette.BAND, 90))
         for item in (self.band_low, self.band_high, self.band):
             self.flatness_plot.addItem(item)
         self.curve = self.flatness_plot.plot(pen=palette.pen(palette.METRIC, 2), connect="finite")
@@ -74,10 +75,11 @@ class FlatnessDock(ViewerDock):
         self.curve.setData(x, summary[key])
         self.band_low.setData(x, summary["p10_delta_loss"])
         self.band_high.setData(x, summary["p90_delta_loss"])
-        self.band.setVisible(not ratio)
+        for item in (self.band, self.band_low, self.band_high):
+            item.setVisible(not ratio)
         self.baseline.setData(x, summary["baseline_loss"])
         self.set_key(self.flatness_plot, [(METRIC_LABELS[key], palette.METRIC)]
-                     + ([] if ratio else [("p10–p90 band", palette.translucent(palette.METRIC, 90).name())])
+                     + ([] if ratio else [("p10–p90 band", palette.BAND)])
                      + [("baseline loss (right axis)", palette.BASELINE)])
         threshold = f" (Δloss < {flatness.threshold:g}·baseline)" if ratio else " (nats)"
         self.flatness_plot.setLabel("left", ("share of flat directions" if ratio else METRIC_LABELS[key]) + threshold)

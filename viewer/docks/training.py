@@ -26,22 +26,26 @@ class TrainingDock(ViewerDock):
         self.log_y = self.checkbox("log loss", True, self._on_log_changed)
         has_accuracy = any(name.endswith("accuracy") for name in self.data.metrics)
         self.loss_plot = self.plot(0, 0, x_label=None, y_label="loss (nats)")
-        self.set_key(self.loss_plot, [("train", palette.TRAIN), ("test", palette.TEST)])
+        self.set_key(self.loss_plot, [("train", palette.TRAIN), ("test", palette.TEST),
+                                      ("checkpoints (rug)", palette.RUG)])
         self.plots = [self.loss_plot]
         if has_accuracy:
             self.canvas.nextRow()
             self.accuracy_plot = self.plot(1, 0, x_label=None, y_label="accuracy")
             self.accuracy_plot.setYRange(0, 1.02, padding=0)
             self.plots.append(self.accuracy_plot)
-        self.rug = self.plot(len(self.plots), 0, x_label="epoch", y_label="checkpoints")
+        self.rug = self.plot(len(self.plots), 0, x_label="epoch")
         self.rug.getAxis("left").setTicks([[]])
         self.rug.getAxis("left").setStyle(showValues=False)
-        self.rug.setFixedHeight(74)
+        self.rug.setFixedHeight(52)
         self.rug.setYRange(0, 1, padding=0)
         self.rug.showGrid(x=False, y=False)
         self.rug.setMouseEnabled(x=True, y=False)
         self.plots.append(self.rug)
         for plot in self.plots:
+            if plot is not self.rug:  # one epoch axis, under the rug
+                plot.getAxis("bottom").setStyle(showValues=False)
+                plot.getAxis("bottom").setHeight(4)
             plot.setXLink(self.loss_plot)
             plot.getAxis("left").setWidth(58)
             self.select_by_x(plot)

@@ -56,8 +56,7 @@ class TrajectoryDock(ViewerDock):
                                           colorMapMenu=False, width=14, label="epoch")
         self.canvas.addItem(self.colour_bar, row=0, col=1)
 
-        self.scree = self.plot(0, 2, x_label="principal component", y_label="variance explained (%)")
-        self.scree.setMaximumWidth(230)
+        self.scree = self.plot(0, 2, x_label="component", y_label="variance explained (%)")
         self.scree.setMouseEnabled(x=False, y=False)
         self.scree_bars = pg.BarGraphItem(x=[], height=[], width=0.65)
         self.scree.addItem(self.scree_bars)
@@ -65,7 +64,7 @@ class TrajectoryDock(ViewerDock):
                                           symbolBrush=palette.FOREGROUND)
         self.scree.setYRange(0, 100, padding=0.02)
         self.static(self.path, self.points, self.scree_bars, self.cumulative)
-        self.canvas.ci.layout.setColumnStretchFactor(0, 4)
+        self.canvas.ci.layout.setColumnStretchFactor(0, 3)
         self.canvas.ci.layout.setColumnStretchFactor(2, 1)
         self.canvas.scene().sigMouseClicked.connect(self._on_clicked)
         self.state.group_changed.connect(self._on_group_changed)
@@ -126,7 +125,7 @@ class TrajectoryDock(ViewerDock):
         self.scree_bars.setOpts(x=k, height=ratio, brushes=shown, pens=[None] * ratio.size)
         self.cumulative.setData(k, np.cumsum(ratio))
         self.scree.setXRange(0.4, ratio.size + 0.6, padding=0)
-        self.set_key(self.scree, [("shown", palette.CURRENT), ("cumulative", palette.FOREGROUND)])
+        self.set_key(self.scree, [("shown", palette.CURRENT), ("cumul.", palette.FOREGROUND)])
         self.refresh(self.state.index)
 
     def _brushes(self) -> list:
