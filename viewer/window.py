@@ -11,7 +11,7 @@ import json
 import os
 
 from PySide6.QtCore import QSettings, Qt
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtGui import QAction, QKeySequence, QPixmapCache
 from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QProgressBar, QToolBar
 
 from viewer.data import ViewerData
@@ -29,6 +29,9 @@ SETTINGS_ENV = "GEOVIEW_SETTINGS"
 """Environment variable naming an INI file to keep the settings in (tests point it into a temp dir)."""
 LAYOUT_VERSION = 1
 LOAD_ORDER = ("training", "flatness", "distribution", "velocity", "trajectory")
+PIXMAP_CACHE_KB = 256 * 1024
+"""Room for the item caches of every dock (`ViewerDock.static`): Qt's default 10 MB holds about a dozen
+plot-sized pixmaps, so with all docks open they evicted each other and every epoch change redrew all."""
 
 KEYS_HELP = """<b>Keys</b><br>
 ← / → &nbsp; previous / next stored epoch<br>
@@ -55,6 +58,7 @@ class MainWindow(QMainWindow):
     def __init__(self, data: ViewerData, *, settings: QSettings | None = None, index: int = 0,
                  group: str = "all") -> None:
         super().__init__()
+        QPixmapCache.setCacheLimit(max(QPixmapCache.cacheLimit(), PIXMAP_CACHE_KB))
         self.data = data
         self.state = ViewerState(data.n_epochs, index=index, group=group)
         self.jobs = Jobs(self)
