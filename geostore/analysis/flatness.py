@@ -39,7 +39,7 @@ def draw_directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor
     return _directions(int(n_params), int(n_directions), int(seed)).clone()
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor:
     """Cached `draw_directions` (45 MB for the paper's model and 50 directions); callers must not modify it."""
     generator = torch.Generator().manual_seed(seed)
