@@ -36,7 +36,7 @@ class FlatnessDock(ViewerDock):
         self.marker = pg.PlotDataItem(pen=None, symbol="o", symbolSize=9, symbolPen=palette.pen("w", 1.2),
                                       symbolBrush=palette.CURRENT)
         self.marker.setZValue(30)
-        self.flatness_plot.addItem(self.marker)
+        self.flatness_plot.addItem(self.marker, ignoreBounds=True)  # the y range must not follow it
 
         self.baseline_view = pg.ViewBox()
         self.flatness_plot.showAxis("right")

@@ -45,7 +45,7 @@ class TrajectoryDock(ViewerDock):
         self.trajectory_plot.addItem(self.points)
         self.current = pg.ScatterPlotItem(size=18, pen=palette.pen(palette.CURRENT, 2.8), brush=None)
         self.current.setZValue(30)
-        self.trajectory_plot.addItem(self.current)
+        self.trajectory_plot.addItem(self.current, ignoreBounds=True)
         self.current_label = pg.TextItem(color=palette.CURRENT, anchor=(0, 1.2))
         self.current_label.setZValue(31)
         self.trajectory_plot.addItem(self.current_label, ignoreBounds=True)
@@ -64,6 +64,7 @@ class TrajectoryDock(ViewerDock):
                                           symbolBrush=palette.FOREGROUND)
         self.scree.setYRange(0, 100, padding=0.02)
         self.static(self.path, self.points, self.scree_bars, self.cumulative)
+        self.canvas.ci.setContentsMargins(4, 4, 18, 4)  # room for the scree's last tick label
         self.canvas.ci.layout.setColumnStretchFactor(0, 3)
         self.canvas.ci.layout.setColumnStretchFactor(2, 1)
         self.canvas.scene().sigMouseClicked.connect(self._on_clicked)
