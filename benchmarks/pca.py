@@ -4,7 +4,7 @@ Builds real stores of synthetic random-walk weights (steps shrinking over traini
 - paper size: 400 checkpoints of the p=113, d_model=128 model (D = 226,048 for the 9 weight matrices);
 - large: more checkpoints of the same model, several times the memory budget given to `store.pca`.
 
-Each method runs in a fresh subprocess that reports its wall time and peak RSS (`ru_maxrss`); the
+Each method runs in a fresh subprocess that reports its wall time and peak RSS (VmHWM); the
 reference is scikit-learn's exact `PCA(svd_solver="full")` on the float64 matrix (paper size only: it
 needs the whole matrix in memory twice over). Methods:
 - `geostore`: `store.pca(n_components=3, ...)` on a store without a cache (then the cached reopen);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -114,7 +115,15 @@ def child(method: str, path: Path, budget: int | None, out: Path) -> None:
     }[method]()
     seconds = time.perf_counter() - start
     np.save(out, result)
-    print(json.dumps({"seconds": seconds, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process image (VmHWM; ru_maxrss would include the parent's RSS at fork)."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run(method: str, path: Path, scratch: Path, budget: int | None = None) -> dict:
@@ -146,7 +155,7 @@ def report(title: str, results: dict, reference: np.ndarray | None, store_bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paper-epochs", type=int, default=400)
-    parser.add_argument("--large-epochs", type=int, default=1200)
+    parser.add_argument("--large-epochs", type=int, default=1000)
     parser.add_argument("--budget", type=int, default=256 * 2**20, help="store.pca memory budget on the large store")
     parser.add_argument("--designs", action="store_true", help="also time the designs store.pca did not choose")
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
