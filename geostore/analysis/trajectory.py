@@ -68,12 +68,16 @@ class _Chunk:
 
 # --------------------------------------------------------------------------------------- threads
 def scheduler_threads() -> int:
-    """Threads per process of the active dask scheduler: a distributed client's workers, else the local pool."""
+    """Threads of the active dask scheduler: all of a distributed client's workers, else the local pool's.
+
+    On a cluster this counts every worker's threads: lanes run in parallel across workers, and a panel
+    size fitting the budget for all of them holds in any one process, however tasks are placed.
+    """
     if "distributed" in sys.modules:  # no client can be active before distributed is imported
         from distributed import default_client
 
         try:
-            return max(default_client().nthreads().values(), default=1)
+            return max(1, sum(default_client().nthreads().values()))
         except ValueError:
             pass
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
