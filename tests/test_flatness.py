@@ -19,9 +19,9 @@ from geostore.analysis.flatness import (
     compute_landscape_flatness,
     draw_directions,
     flatness_for_params,
-    flatness_summary,
     perturbed,
 )
+from geostore.analysis.flatness_stats import flatness_summary
 from geostore.errors import GeostoreError
 from geostore.family import modular_addition as fam
 from geostore.family import modular_addition_fast as fast

@@ -188,11 +188,15 @@ class Store:
         """Per-epoch summaries of the stored distribution (mean, median, max, std, p10, p90, flatness ratio).
 
         `flatness_ratio` is the fraction of directions whose loss rises by less than `threshold`
-        times the baseline (see `geostore.analysis.flatness.flatness_summary`).
+        times the baseline (see `geostore.analysis.flatness_stats.flatness_summary`).
         """
-        from geostore.analysis.flatness import flatness_summary
+        from geostore.analysis.flatness_stats import flatness_summary
 
-        return flatness_summary(self.baseline_loss.compute(), self.delta_losses.compute(), threshold)
+        self._require("flatness")
+        baseline = np.asarray(self._group["baseline_loss"][: self._n])  # small: read without dask
+        deltas = np.asarray(self._group["delta_losses"][: self._n])
+        deltas[np.isnan(baseline)] = np.nan
+        return flatness_summary(baseline, deltas, threshold)
 
     def _require(self, analysis: str) -> None:
         if analysis not in self.analyses():
