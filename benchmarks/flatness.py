@@ -9,7 +9,9 @@ directions and the same torch thread count (2 by default), interleaving repeats 
 
 It then compares the deltas of both paths with each other and, for the first few directions, with the
 float64 HookedTransformer forward, and checks that one torch thread gives bit-identical fast deltas.
-Run with `.venv/bin/python benchmarks/flatness.py`.
+Run with `.venv/bin/python benchmarks/flatness.py` on an otherwise idle machine: with other processes on the
+cores, OpenMP's spinning threads make every short multithreaded op wait (2 threads then ran 15x slower than
+1 here); `OMP_WAIT_POLICY=PASSIVE` in the environment avoids that.
 """
 
 from __future__ import annotations
