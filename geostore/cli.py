@@ -171,6 +171,13 @@ def _velocity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trajectory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", metavar="STORE")
+    parser.add_argument("--group", default="all", metavar="G",
+                        help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+    parser.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `geostore` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -227,24 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Project every epoch on the principal components of a component group's "
                                      "flattened weights, centred over the fit epochs; prints epoch, PC1.. "
                                      "(explained variance ratios on stderr).")
-    pca.add_argument("store", metavar="STORE")
-    pca.add_argument("--group", default="all", metavar="G",
-                     help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+    _add_trajectory_options(pca)
     pca.add_argument("--components", type=int, default=3, metavar="K", help="principal components (default 3)")
     pca.add_argument("--fit-epochs", type=_epoch_range, metavar="A:B",
                      help="fit the basis on epochs A..B (inclusive) only")
-    pca.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
     pca.set_defaults(handler=_pca)
 
     velocity = sub.add_parser("velocity", help="distance moved in weight space between checkpoints",
                               description="||theta[i+1] - theta[i]|| of a component group between consecutive "
                                           "stored epochs, per epoch of training (divided by the epoch gap) "
                                           "unless --per-checkpoint.")
-    velocity.add_argument("store", metavar="STORE")
-    velocity.add_argument("--group", default="all", metavar="G",
-                          help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+    _add_trajectory_options(velocity)
     velocity.add_argument("--per-checkpoint", action="store_true", help="step lengths, not divided by the gap")
-    velocity.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
     velocity.set_defaults(handler=_velocity)
     return parser
 
