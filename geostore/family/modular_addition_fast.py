@@ -2,10 +2,12 @@
 
 The loss (`modular_addition.loss`) reads the final position only. There the query is the same for every
 pair `(a, b)`, and positions 0 and 1 each see one token, so keys, values and `value @ W_O` are computed per
-token (`2p + 1` rows, not `3 p^2`); per pair and head, attention is a softmax over three scores mixing three
-per-token vectors (two small batched matmuls). What remains per pair is dense and done as two large matmuls
-per weight set, in blocks of grid rows that stay in cache: `r @ [W_in | W_U]` (MLP input and the residual's
-logits) and `act(.) @ (W_out @ W_U)` (the MLP output folded into the first `p` unembedding columns).
+token (`2p + 1` rows, not `3 p^2`). The final residual of a pair is a mix of per-token vectors (per head, a
+softmax over three scores), and everything up to the MLP's nonlinearity is linear in it: so the per-token
+vectors are projected once through `[W_in | W_U]` (MLP input and the residual's own logits), and each pair
+only mixes `2 H + 1` projected rows (two small batched matmuls per block). The one large matmul left per
+weight set is the irreducible one, `act(.) @ (W_out @ W_U)` over all pairs (the MLP output folded into the
+first `p` unembedding columns), in blocks of grid rows that stay in cache.
 This is the HookedTransformer forward reassociated, not approximated: with float64 weights it matches the
 plain float64 forward to ~1e-13 (tests/test_flatness.py).
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from geostore.errors import GeostoreError
 from geostore.family.modular_addition import prime_of
 
-# Pairs per dense block (whole grid rows): the block's `r @ [W_in | W_U]` (~2.5 MB at d_mlp=512) stays in
+# Pairs per dense block (whole grid rows): the block's pre-activations (~2.5 MB at d_mlp=512) stay in
 # cache while each matmul is still large. A constant, so a loss never depends on how callers batch.
 BLOCK_PAIRS = 1024
 
@@ -43,11 +45,13 @@ def flops_per_weight_set(config: Mapping[str, object]) -> int:
     """FLOPs (2 per multiply-add) of the matmuls `losses` does per weight set; elementwise work not counted."""
     p = prime_of(config)
     d, m, h, dh = (int(config[k]) for k in ("d_model", "d_mlp", "n_heads", "d_head"))
-    per_token = 2 * h * dh * d * (1 + 2 * (2 * p + 1) + 2 * p + 1)  # q; k, v of 2p+1 tokens; value @ W_O
-    mix = 2 * p * p * (3 * h + 1) * (d + 1)  # the attention mix of every pair (and its bias column)
+    tokens = 2 * p + 1
+    per_token = 2 * h * dh * d * (1 + 2 * tokens + tokens)  # q; k, v of every token; value @ W_O
+    project = 2 * (tokens * h + 1) * d * (m + p)  # every token's head outputs and the constant, @ [W_in | W_U]
     fold = 2 * m * d * p + 2 * d * p  # W_out @ W_U and b_out @ W_U
-    dense = 2 * p * p * ((d + 1) * (m + p) + m * p)  # [r, 1] @ [W_in | W_U; biases], act(.) @ (W_out @ W_U)
-    return per_token + mix + fold + dense
+    mix = 2 * p * p * (2 * h + 1) * (m + p)  # per pair: 2 H projected rows and the constant row
+    dense = 2 * p * p * m * p  # act(.) @ (W_out @ W_U)
+    return per_token + project + fold + mix + dense
 
 
 def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor],
@@ -57,6 +61,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     summed in float64, everything else runs in the weights' dtype on their device."""
     check_config(config)
     p = prime_of(config)
+    m = int(config["d_mlp"])
     act = _ACTIVATIONS[str(config["act_fn"])]
     scale = math.sqrt(int(config["d_head"]))
     rows = max(1, BLOCK_PAIRS // p)
@@ -66,15 +71,11 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     for i in range(len(weights["W_E"])):
         w = {name: value[i] for name, value in weights.items()}
         mixer = _Mixer(w, biases, p, scale)
-        w_u = w["W_U"][:, :p]
-        fold = w["W_out"] @ w_u  # (m, p)
-        # The residual's last column is 1, so the bias rows below add the biases inside the matmuls.
-        w_in = torch.cat([w["W_in"], biases["b_in"][None]])  # (d + 1, m)
-        w_u = torch.cat([w_u, (biases["b_out"] @ w_u + biases["b_U"][:p])[None]])  # (d + 1, p)
+        fold = w["W_out"] @ w["W_U"][:, :p]  # (m, p)
         total = torch.zeros((), dtype=torch.float64, device=grid.device)
         for block, a0 in zip(labels, range(0, p, rows), strict=True):
-            resid = mixer.residual(a0, len(block) // p)  # (pairs, d + 1)
-            logits = (resid @ w_u).addmm_(act(resid @ w_in), fold)
+            pre = mixer.preactivations(a0, len(block) // p)  # (pairs, m + p)
+            logits = torch.addmm(pre[:, m:], act(pre[:, :m]), fold)
             total += _cross_entropy_sum(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
@@ -95,7 +96,7 @@ def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 class _Mixer:
-    """The final-position residual after attention of one weight set, for any block of grid rows `a`."""
+    """The final position's MLP input and direct logits of one weight set, for any block of grid rows `a`."""
 
     def __init__(self, w: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor], p: int, scale: float):
         embed, pos = w["W_E"], w["W_pos"]
@@ -108,17 +109,27 @@ class _Mixer:
         top = torch.maximum(torch.maximum(s_a, s_b), s_eq)  # softmax over the 3 positions of each pair and head
         e_a, e_b, e_eq = (s_a - top).exp_(), (s_b - top).exp_(), (s_eq - top).exp_()  # (p, p, H) each
         norm = e_a + e_b + e_eq
-        sources = F.pad(values @ w["W_O"], (0, 1)).transpose(0, 1)  # (2p + 1, H, d + 1): value @ W_O, then 0
-        const = F.pad(x[-1] + biases["b_O"], (0, 1), value=1.0)  # x_= + b_O, then 1: the same for every pair
-        # Token a and `=`, and the constant: per a, one matmul of [weights, 1] by [vectors, const].
-        self.coef = torch.cat([e_a / norm, e_eq / norm, norm.new_ones(p, p, 1)], dim=-1)  # (a, b, 2H + 1)
-        self.vecs = torch.cat([sources[:p], sources[-1:].expand(p, -1, -1), const.expand(p, 1, -1)], dim=1)
+        # Everything up to the nonlinearity is linear in the residual: project each token's head outputs (and
+        # the residual's constant part x_= + b_O) through [W_in | W_U] once, and mix projected rows per pair.
+        # Per head the three weights sum to 1, so the `=` token's rows join the constant and each pair mixes
+        # `2 H + 1` rows (a and b relative to `=`, then the constant).
+        w_u = w["W_U"][:, :p]
+        project = torch.cat([w["W_in"], w_u], dim=1)  # (d, m + p)
+        heads = (values @ w["W_O"]).transpose(0, 1)  # (2p + 1, H, d)
+        sources = (heads.reshape(-1, heads.shape[-1]) @ project).view(*heads.shape[:2], -1)  # (2p + 1, H, m + p)
+        const = ((x[-1] + biases["b_O"]) @ project + sources[-1].sum(dim=0)
+                 + torch.cat([biases["b_in"], biases["b_out"] @ w_u + biases["b_U"][:p]]))
+        relative = sources[:2 * p] - sources[-1]
+        # Token a and the constant: per a, one matmul of [weights, 1] by [rows, const].
+        self.coef = torch.cat([e_a / norm, norm.new_ones(p, p, 1)], dim=-1)  # (a, b, H + 1)
+        self.rows = torch.cat([relative[:p], const.expand(p, 1, -1)], dim=1)  # (a, H + 1, m + p)
         # Token b: per b, one matmul, added transposed.
         self.coef_b = (e_b / norm).transpose(0, 1).contiguous()  # (b, a, H)
-        self.vecs_b = sources[p:2 * p].contiguous()  # (b, H, d + 1)
+        self.rows_b = relative[p:].contiguous()  # (b, H, m + p)
 
-    def residual(self, a0: int, n_a: int) -> torch.Tensor:
-        """`(n_a * p, d + 1)`, last column 1: pairs `(a, b)`, `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`."""
-        resid = torch.bmm(self.coef[a0:a0 + n_a], self.vecs[a0:a0 + n_a])  # (n_a, p, d + 1)
-        resid += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.vecs_b).transpose(0, 1)
-        return resid.view(-1, resid.shape[-1])
+    def preactivations(self, a0: int, n_a: int) -> torch.Tensor:
+        """`(n_a * p, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
+        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`."""
+        pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a])  # (n_a, p, m + p)
+        pre += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b).transpose(0, 1)
+        return pre.view(-1, pre.shape[-1])
