@@ -3,7 +3,10 @@
 In one run, on the same checkpoint (a seeded random init of the p=113, d_model=128 model), the same seeded
 directions and the same torch thread count (2 by default), interleaving repeats and keeping the best of each:
 
-- matmul peak: float32 `torch.mm` on large matrices of the evaluator's shapes and a square one;
+- matmul peak: float32 `torch.mm` on large square matrices;
+- the irreducible matmul: `act(.) @ (W_out @ W_U)` over all pairs in the evaluator's blocks, alone: the one
+  large matmul the loss cannot avoid (the MLP output over every pair), so its rate at this shape bounds the
+  fraction of peak any exact evaluation reaches;
 - seed loop: `compute_landscape_flatness` (clone, add epsilon * d, HookedTransformer on the full grid, restore);
 - fast path: `flatness_for_params` (what ingest runs), with its counted matmul FLOPs against the peak.
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from geostore.analysis.flatness import compute_landscape_flatness, flatness_for_params
 from geostore.family import modular_addition as fam
-from geostore.family.modular_addition_fast import flops_per_weight_set
+from geostore.family.modular_addition_fast import BLOCK_PAIRS, flops_per_weight_set
 from geostore.model import build_model, named_parameters
 
 
@@ -49,6 +52,15 @@ def matmul_peak(shapes: list[tuple[int, int, int]], repeats: int) -> float:
         out = torch.empty(m, n)
         best = max(best, 2 * m * k * n / best_time(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), repeats) / 1e9)
     return best
+
+
+def irreducible_matmul(config: dict, repeats: int) -> tuple[float, float]:
+    """`(seconds, GFLOP/s)` of `(pairs, d_mlp) @ (d_mlp, p)` over the whole grid in `BLOCK_PAIRS` blocks."""
+    p, m = fam.prime_of(config), int(config["d_mlp"])
+    rows = max(1, BLOCK_PAIRS // p) * p
+    act, fold = torch.rand(p * p, m), torch.randn(m, p)
+    seconds = best_time(lambda: [act[i:i + rows] @ fold for i in range(0, p * p, rows)], repeats)
+    return seconds, 2 * p * p * m * p / seconds / 1e9
 
 
 def max_relative(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
@@ -78,12 +90,12 @@ def main() -> None:
     probe = fam.probe(args.p)
     n = args.directions
     kwargs = {"n_directions": n, "epsilon": args.epsilon, "seed": args.seed}
-    d, m, pairs = int(config["d_model"]), int(config["d_mlp"]), args.p * args.p
-    shapes = [(pairs, d + 1, m), (pairs, m, args.p), (2048, 2048, 2048)]
+    d, m = int(config["d_model"]), int(config["d_mlp"])
 
-    peak, seed_s, fast_s = 0.0, float("inf"), float("inf")
+    peak, seed_s, fast_s, dense_s = 0.0, float("inf"), float("inf"), float("inf")
     for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike
-        peak = max(peak, matmul_peak(shapes, 3))
+        peak = max(peak, matmul_peak([(2048, 2048, 2048), (4096, 1024, 1024)], 3))
+        dense_s = min(dense_s, irreducible_matmul(config, 3)[0])
         with torch.no_grad():
             seed_s = min(seed_s, best_time(lambda: compute_landscape_flatness(model, probe, fam.loss_fn, **kwargs), 1))
         fast_s = min(fast_s, best_time(lambda: flatness_for_params(params, config, **kwargs), 1))
@@ -101,6 +113,8 @@ def main() -> None:
     k = args.truth
     flops = flops_per_weight_set(config)
     achieved = flops * (n + 1) / fast_s / 1e9  # n directions and the baseline
+    dense_rate = 2 * args.p ** 3 * m / dense_s / 1e9
+    per_set_ms = 1e3 * fast_s / (n + 1)
     rows = [
         ("matmul peak (float32 torch.mm, best shape)", f"{peak:8.1f} GFLOP/s"),
         ("seed loop (clone, perturb, HookedTransformer, restore)", f"{1e3 * seed_s / n:8.1f} ms/direction"),
@@ -108,6 +122,8 @@ def main() -> None:
         ("speedup", f"{seed_s / fast_s:8.1f} x"),
         ("counted FLOPs per direction (fast path matmuls)", f"{flops / 1e9:8.3f} GFLOP"),
         ("fast path achieved", f"{achieved:8.1f} GFLOP/s = {100 * achieved / peak:.0f}% of peak"),
+        ("irreducible matmul act @ (W_out W_U), alone", f"{dense_rate:8.1f} GFLOP/s = {100 * dense_rate / peak:.0f}% "
+         f"of peak, {1e3 * dense_s:.1f} ms = {100 * 1e3 * dense_s / per_set_ms:.0f}% of a loss evaluation"),
         ("baseline loss / largest |delta_loss|", f"{baseline:.6f} / {np.abs(fast).max():.3e}"),
         ("fast vs seed loop: max rel diff (per dir; of max)", "{:.2e}; {:.2e}".format(*max_relative(fast, seed))),
         (f"fast vs float64 forward, {args.truth} dirs", "{:.2e}; {:.2e}".format(*max_relative(fast[:k], truth))),
