@@ -24,11 +24,12 @@ __all__ = [
 ]
 
 
-def open_store(path) -> Store:
-    """Open a geostore store read-only (see `geostore.store.reader.Store`)."""
+def open_store(path, *, storage_options: dict | None = None) -> Store:
+    """Open a geostore store read-only: a local folder or an fsspec URL (`s3://...`, `memory://...`);
+    see `geostore.store.reader.Store`."""
     from geostore.store.reader import open_store as _open
 
-    return _open(path)
+    return _open(path, storage_options=storage_options)
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ default) is then computed from the store for every epoch that lacks it, the same
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +23,7 @@ from geostore.errors import GeostoreError
 from geostore.landscape import DEFAULT_FLATNESS, FlatnessSettings, check_supported, fill_missing, progress_bar
 from geostore.sources import Checkpoint, RunSource, open_source
 from geostore.store import schema
+from geostore.store.location import Location
 from geostore.store.writer import StoreWriter
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class IngestReport:
 
 def ingest(
     source: str | Path,
-    store: str | Path,
+    store: str | os.PathLike | Location,
     *,
     flatness: FlatnessSettings | None = DEFAULT_FLATNESS,
     recompute_flatness: bool = False,
@@ -59,7 +60,7 @@ def ingest(
     run = open_source(source)
     if flatness is not None:
         check_supported(run.config, " (ingest with --no-flatness to store the weights alone)")
-    store = Path(store)
+    store = Location.of(store)
     writer = StoreWriter.open(store, config=run.config, task=run.task, train_indices=run.train_indices)
     try:
         if flatness is not None:
@@ -72,7 +73,7 @@ def ingest(
         if isinstance(exc, GeostoreError):
             writer.rollback()
             if writer.created:
-                shutil.rmtree(store, ignore_errors=True)
+                store.remove("")
         raise
     return report
 

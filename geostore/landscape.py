@@ -9,12 +9,12 @@ cheap; torch loads when the first epoch is computed.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from geostore.errors import GeostoreError, StoreError
 from geostore.store import schema
+from geostore.store.location import Location
 from geostore.store.writer import StoreWriter
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def fill_missing(
     already = int(writer.epochs.size - missing.size)
     if missing.size == 0:
         return FlatnessReport(0, already, 0.0)
-    store = open_store(writer.path)
+    store = open_store(writer.location)
     results = (_serial_results(store, missing, settings) if client is None
                else _distributed_results(client, store, missing, settings))
     done: list[tuple[int, float, np.ndarray]] = []
@@ -153,8 +154,8 @@ def _distributed_results(client: Client, store: Store, epochs: np.ndarray, setti
     """`(epoch, baseline, deltas)` as the cluster's workers finish them (one task per epoch)."""
     from distributed import as_completed
 
-    futures = [client.submit(remote_epoch_flatness, str(store.path), int(epoch), settings,
-                             key=f"geostore-flatness-{store.path.name}-{int(epoch)}-{uuid.uuid4().hex[:8]}")
+    futures = [client.submit(remote_epoch_flatness, store.location, int(epoch), settings,
+                             key=f"geostore-flatness-{store.name}-{int(epoch)}-{uuid.uuid4().hex[:8]}")
                for epoch in epochs]
     try:
         for future in as_completed(futures):
@@ -163,7 +164,8 @@ def _distributed_results(client: Client, store: Store, epochs: np.ndarray, setti
         client.cancel(futures)
 
 
-def remote_epoch_flatness(path: str, epoch: int, settings: FlatnessSettings) -> tuple[int, float, np.ndarray]:
+def remote_epoch_flatness(path: str | Location, epoch: int, settings: FlatnessSettings
+                          ) -> tuple[int, float, np.ndarray]:
     """One epoch's flatness on a worker: its weights read from the store, torch on one thread.
 
     One torch thread per task: a worker runs as many tasks at once as it has dask threads, so the
@@ -179,12 +181,13 @@ def remote_epoch_flatness(path: str, epoch: int, settings: FlatnessSettings) -> 
 
 
 def compute_store_flatness(
-    store: str | Path, settings: FlatnessSettings, *, recompute: bool = False, progress: bool = True,
-    client: Client | None = None,
+    store: str | os.PathLike | Location, settings: FlatnessSettings, *, recompute: bool = False,
+    progress: bool = True, client: Client | None = None,
 ) -> FlatnessReport:
     """Add or extend flatness on an existing store from its weights alone (`geostore flatness`)."""
     from geostore.store.reader import open_store
 
+    store = Location.of(store)
     attrs = open_store(store).attrs  # refuses a missing path or a non-store before anything is opened for writing
     check_supported(attrs["model_config"])
     writer = StoreWriter.open(store, config=attrs["model_config"], task=attrs.get("task", {}))

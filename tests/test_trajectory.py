@@ -23,6 +23,7 @@ from geostore.cli import main
 from geostore.errors import StoreError
 from geostore.ingest import ingest
 from geostore.store import derived, layout, schema
+from geostore.store.location import PARTIAL_SUFFIX
 from geostore.store.writer import StoreWriter
 from tests.conftest import random_params
 
@@ -206,12 +207,12 @@ def test_a_damaged_cache_is_recomputed(tmp_path, tiny_config):
     expected = store.pca("embedding", 2)
     cache = path / derived.DERIVED / derived.TRAJECTORY / "embedding.npz"
     cache.write_bytes(cache.read_bytes()[:100])  # torn, as no rename would leave it, or a bad disk
-    (cache.parent / f"mlp.npz.123{layout.PARTIAL_SUFFIX}").write_bytes(b"half")  # a killed writer's leftover
+    (cache.parent / f"mlp.npz.123{PARTIAL_SUFFIX}").write_bytes(b"half")  # a killed writer's leftover
     again = geostore.open_store(path).pca("embedding", 2)
     np.testing.assert_allclose(again["projections"], expected["projections"], rtol=1e-12)
     assert derived._load(store, "embedding", schema.GROUPS["embedding"]) is not None
     StoreWriter.open(path, config=tiny_config, task={"family": "modular_addition", "p": 7})  # recovery
-    assert not list(cache.parent.glob(f"*{layout.PARTIAL_SUFFIX}"))
+    assert not list(cache.parent.glob(f"*{PARTIAL_SUFFIX}"))
 
 
 def test_distributed_cluster_equals_local(run_store, tmp_path):

@@ -96,7 +96,7 @@ class ViewerData:
         if epochs.size < 2:
             raise StoreError(f"{store.path}: {epochs.size} epoch(s) stored; the viewer needs at least two")
         self.store = store
-        self.name = store.path.name
+        self.name = store.name
         self.epochs = epochs
         self.x = epochs.astype(np.float64)  # float64 x for pyqtgraph (float32 x is slow with clip-to-view)
         self.metrics = store.metrics()

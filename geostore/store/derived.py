@@ -17,16 +17,16 @@ rebuilt under the same path starts from an empty folder, which drops the cache w
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
 import zipfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.store import layout, schema
+from geostore.store import schema
 
 if TYPE_CHECKING:
     from geostore.analysis.trajectory import TrajectoryPass
@@ -52,14 +52,14 @@ def units_of(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return units
 
 
-def _file(store: Store, unit: str) -> Path:
-    return store.path / DERIVED / TRAJECTORY / f"{unit}.npz"
+def _key(unit: str) -> str:
+    return f"{DERIVED}/{TRAJECTORY}/{unit}.npz"
 
 
 def _load(store: Store, unit: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """A unit's cached (epochs, gram, steps2), or None when absent, unreadable or inconsistent."""
     try:
-        with np.load(_file(store, unit), allow_pickle=False) as data:
+        with np.load(io.BytesIO(store.location.read_bytes(_key(unit))), allow_pickle=False) as data:
             epochs, gram, steps2 = data["epochs"], data["gram"], data["steps2"]
             cached_names = tuple(str(n) for n in data["names"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
@@ -73,17 +73,12 @@ def _load(store: Store, unit: str, names: tuple[str, ...]) -> tuple[np.ndarray, 
 
 def _save(store: Store, unit: str, names: tuple[str, ...], result: TrajectoryPass) -> None:
     """Write a unit's cache atomically; skipped silently when the store cannot be written."""
-    target = _file(store, unit)
-    if not os.access(store.path, os.W_OK):
+    if not store.location.writable():
         return
-    partial = target.with_name(f"{target.name}.{os.getpid()}{layout.PARTIAL_SUFFIX}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "wb") as f:
-            np.savez(f, epochs=store.epochs, gram=result.gram, steps2=result.steps2, names=np.array(names))
-        os.replace(partial, target)
-    except OSError:
-        partial.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, epochs=store.epochs, gram=result.gram, steps2=result.steps2, names=np.array(names))
+    with contextlib.suppress(OSError):
+        store.location.write_atomic(_key(unit), buffer.getvalue())
 
 
 def unit_passes(store: Store, names: Sequence[str], memory_budget: int | None = None) -> dict[str, TrajectoryPass]:

@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import zarr
 
 from geostore.errors import StoreError
 from geostore.store import schema
+from geostore.store.location import Location
 
 PENDING = "_pending"
-# Suffix of files being written before their atomic rename (zarr's LocalStore uses it too): a killed
-# writer can leave them behind; the next writer removes them.
-PARTIAL_SUFFIX = ".partial"
 ROOT_META = "zarr.json"
 
 # No compressor: trained float32 weights shrink only ~7% under Blosc lz4 + shuffle, which halves the
@@ -49,39 +46,45 @@ def chunk_epochs_for(largest_param_bytes: int) -> int:
     return min(1024, max(8, c))
 
 
-def read_root_attrs(path: Path) -> dict:
-    """The root group's attributes read straight from `zarr.json`; StoreError if not a geostore store."""
-    meta_path = path / ROOT_META
+def read_root_meta(location: Location) -> dict:
+    """The root `zarr.json` of a location as a dict; StoreError when it is missing or unreadable."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(location.read_text(ROOT_META))
     except FileNotFoundError:
-        raise StoreError(f"{path}: not a geostore store (no zarr.json)") from None
+        raise StoreError(f"{location}: not a geostore store (no zarr.json)") from None
     except (OSError, ValueError) as exc:
-        raise StoreError(f"{path}: not a geostore store (unreadable zarr.json: {exc})") from None
-    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+        raise StoreError(f"{location}: not a geostore store (unreadable zarr.json: {exc})") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{location}: not a geostore store (zarr.json is not a Zarr node)")
+    return meta
+
+
+def read_root_attrs(location: Location) -> dict:
+    """The root group's attributes read straight from `zarr.json`; StoreError if not a geostore store."""
+    meta = read_root_meta(location)
+    attrs = meta.get("attributes", {})
     tag = attrs.get("geostore", {})
     if meta.get("node_type") != "group" or tag.get("format") != schema.FORMAT_NAME:
-        raise StoreError(f"{path}: not a geostore store (a Zarr node without geostore attributes)")
+        raise StoreError(f"{location}: not a geostore store (a Zarr node without geostore attributes)")
     if int(tag.get("version", 0)) > schema.FORMAT_VERSION:
         raise StoreError(
-            f"{path}: store format version {tag.get('version')} is newer than this geostore "
+            f"{location}: store format version {tag.get('version')} is newer than this geostore "
             f"({schema.FORMAT_VERSION}): upgrade geostore"
         )
     return attrs
 
 
-def open_committed(path: Path) -> zarr.Group:
+def open_committed(location: Location) -> zarr.Group:
     """The store as readers see it: read-only, through the consolidated metadata."""
     with quiet_zarr():
-        return zarr.open_group(str(path), mode="r", use_consolidated=True)
+        return zarr.open_group(location.zarr_store(read_only=True), mode="r", use_consolidated=True)
 
 
-def pending_state(path: Path) -> dict | None:
+def pending_state(location: Location) -> dict | None:
     """The staged insertion's attributes (`start`, `complete`, ...), or None when none is staged."""
-    meta = path / PENDING / "state.json"
-    if not (path / PENDING).exists():
+    if not location.exists(PENDING):
         return None
     try:
-        return json.loads(meta.read_text())
+        return json.loads(location.read_text(f"{PENDING}/state.json"))
     except (OSError, ValueError):
         return {"complete": False}

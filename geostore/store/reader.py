@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from geostore.errors import StoreError
 from geostore.store import layout, schema
+from geostore.store.location import Location
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -31,14 +31,15 @@ class Store:
     read until computed. Works as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
+    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None) -> None:
+        self.location = Location.of(path, storage_options)
+        self.path = str(self.location)  # the folder or URL, for messages and to reopen the store elsewhere
+        if not self.location.exists():
             raise StoreError(f"{self.path}: no such store")
-        self.attrs: dict = layout.read_root_attrs(self.path)
-        self._group = layout.open_committed(self.path)
+        self.attrs: dict = layout.read_root_attrs(self.location)
+        self._group = layout.open_committed(self.location)
         epochs = np.asarray(self._group[schema.EPOCH_DIM][:], dtype=np.int64)
-        pending = layout.pending_state(self.path)
+        pending = layout.pending_state(self.location)
         # A staged insertion may have shifted stored epochs past its start: show the intact prefix.
         self._n = int(pending["start"]) if pending and pending.get("complete") else epochs.size
         self.interrupted = pending is not None
@@ -148,7 +149,7 @@ class Store:
         import xarray as xr
 
         with layout.quiet_zarr():
-            ds = xr.open_zarr(str(self.path), consolidated=True)
+            ds = xr.open_zarr(self.location.zarr_store(read_only=True), consolidated=True)
         return ds.isel({schema.EPOCH_DIM: slice(0, self._n)})
 
     # ----------------------------------------------------------------------------------- flatness
@@ -212,9 +213,14 @@ class Store:
 
         return describe(self)
 
+    @property
+    def name(self) -> str:
+        """The store's folder (or last URL segment) name."""
+        return self.location.name
+
     def nbytes_on_disk(self) -> int:
-        """Bytes the store's files take on disk."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes the store's files take in storage."""
+        return self.location.nbytes()
 
     # --------------------------------------------------------------------------------- trajectory
     def pca(
@@ -270,6 +276,10 @@ class Store:
         return f"<geostore.Store {str(self.path)!r}: {self._n} epochs ({span})>"
 
 
-def open_store(path: str | os.PathLike) -> Store:
-    """Open a geostore store read-only: `.epochs`, `.params` (dask), `.flatten(group)`, `.to_xarray()`."""
-    return Store(path)
+def open_store(path: str | os.PathLike | Location, *, storage_options: dict | None = None) -> Store:
+    """Open a geostore store read-only: `.epochs`, `.params` (dask), `.flatten(group)`, `.to_xarray()`.
+
+    `path` is a local folder or any fsspec URL (`s3://bucket/run.zarr`, `memory://...`, `file://...`);
+    credentials and endpoints come from the environment and fsspec config, or `storage_options`.
+    """
+    return Store(path, storage_options=storage_options)

@@ -12,19 +12,20 @@ leaves a store that opens with whole epochs only, and re-running it completes th
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from geostore.errors import ModelMismatchError, StoreError
 from geostore.store import layout, schema
+from geostore.store.location import PARTIAL_SUFFIX, Location
 
 # Root attribute holding the flatness settings (named as the analysis in schema.ANALYSES: its
 # presence enables the analysis arrays); the keys that must agree to extend stored flatness.
@@ -35,10 +36,8 @@ FLATNESS_KEYS = ("epsilon", "n_directions", "seed")
 WRITE_THREADS = 8
 
 
-def _atomic_write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{layout.PARTIAL_SUFFIX}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=True))
-    os.replace(tmp, path)
+def _json_bytes(obj: object) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=True).encode()
 
 
 class StoreWriter:
@@ -46,18 +45,20 @@ class StoreWriter:
 
     Use `StoreWriter.open(path, config=..., task=...)`; it refuses a path that is not a geostore
     store and a store of another model before writing anything, and finishes or discards the work
-    of a writer that was killed.
+    of a writer that was killed. `path` is a local folder or an fsspec URL (see location.py).
     """
 
-    def __init__(self, path: Path, attrs: dict, *, created: bool) -> None:
-        self.path = path
+    def __init__(self, location: Location, attrs: dict, *, created: bool) -> None:
+        self.location = location
+        self.path = str(location)  # for messages: the folder or URL as given
         self.attrs = attrs
         self.created = created
         self._arrays: dict[str, zarr.Array] = {}
         with layout.quiet_zarr():
-            self._group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-        self._n = int(layout.open_committed(path)["epoch"].shape[0])
-        self._epochs = np.asarray(layout.open_committed(path)["epoch"][:], dtype=np.int64)
+            self._group = zarr.open_group(location.zarr_store(read_only=False), mode="r+", use_consolidated=False)
+        committed = layout.open_committed(location)["epoch"]
+        self._n = int(committed.shape[0])
+        self._epochs = np.asarray(committed[:], dtype=np.int64)
         self._shifted = False
         self._mark_rollback_point()
 
@@ -65,25 +66,26 @@ class StoreWriter:
     @classmethod
     def open(
         cls,
-        path: str | Path,
+        path: str | os.PathLike | Location,
         *,
         config: Mapping[str, object],
         task: Mapping[str, object],
         train_indices: np.ndarray | None = None,
         chunk_epochs: int | None = None,
+        storage_options: dict | None = None,
     ) -> StoreWriter:
         """Open `path` for writing, creating the store when the path is missing or an empty folder."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"{path}: exists and is not a geostore store (a file)")
-        if path.exists() and any(path.iterdir()):
-            attrs = layout.read_root_attrs(path)
-            _check_same_run(path, attrs, config, task, train_indices)
-            writer = cls(path, attrs, created=False)
+        location = Location.of(path, storage_options)
+        if location.is_file():
+            raise StoreError(f"{location}: exists and is not a geostore store (a file)")
+        if not location.is_empty():
+            attrs = layout.read_root_attrs(location)
+            _check_same_run(location, attrs, config, task, train_indices)
+            writer = cls(location, attrs, created=False)
             writer._recover()
             return writer
-        _create(path, config, task, train_indices, chunk_epochs)
-        return cls(path, layout.read_root_attrs(path), created=True)
+        _create(location, config, task, train_indices, chunk_epochs)
+        return cls(location, layout.read_root_attrs(location), created=True)
 
     @property
     def epochs(self) -> np.ndarray:
@@ -185,7 +187,7 @@ class StoreWriter:
             self.attrs.pop(FLATNESS_ATTR)
             self._commit(self._epochs)
             for name in present:
-                shutil.rmtree(self.path / name)
+                self.location.remove(name)
                 self._arrays.pop(name, None)
         n_dir = int(settings["n_directions"])
         chunks = self.chunk_epochs
@@ -269,11 +271,11 @@ class StoreWriter:
         self._epochs = self._epochs[: self._start_n]
         self._shrink_to(self._n)
         added = set(self._analysis_arrays()) - self._start_arrays
-        for file, content in self._start_files.items():
-            file.write_bytes(content)
+        for key, content in self._start_files.items():
+            self.location.write_bytes(key, content)
         self.attrs = copy.deepcopy(self._start_attrs)
         for name in added:
-            shutil.rmtree(self.path / name, ignore_errors=True)
+            self.location.remove(name)
         self._arrays.clear()  # the handles' metadata predates the restored files
 
     def _mark_rollback_point(self) -> None:
@@ -283,16 +285,19 @@ class StoreWriter:
         self._start_arrays = set(self._analysis_arrays())
         self._start_attrs = copy.deepcopy(self.attrs)
 
-    def _rollback_files(self) -> dict[Path, bytes]:
+    def _rollback_files(self) -> dict[str, bytes]:
         """Bytes of every file an append may rewrite: metadata and the chunk holding the last epoch."""
-        files = [self.path / layout.ROOT_META]
+        files = [layout.ROOT_META]
         edge = self._n // self.chunk_epochs if self._n % self.chunk_epochs else None
         for name in self._epoch_arrays():
-            files.append(self.path / name / layout.ROOT_META)
+            files.append(f"{name}/{layout.ROOT_META}")
             if edge is not None:  # the chunk key is a file for 1-d arrays, a folder of files otherwise
-                key = self.path / name / "c" / str(edge)
-                files.extend([key] if key.is_file() else [f for f in key.rglob("*") if f.is_file()])
-        return {f: f.read_bytes() for f in files if f.is_file()}
+                files.extend(self.location.files(f"{name}/c/{edge}") or [f"{name}/c/{edge}"])
+        contents = {}
+        for key in files:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                contents[key] = self.location.read_bytes(key)
+        return contents
 
     # ---------------------------------------------------------------------------------- internals
     def _columns(self, epochs, params, metrics) -> dict[str, np.ndarray]:
@@ -333,47 +338,48 @@ class StoreWriter:
         n = int(epochs.size)
         consolidated = {}
         for name in self._epoch_arrays():
-            meta = json.loads((self.path / name / layout.ROOT_META).read_text())
+            meta = json.loads(self.location.read_text(f"{name}/{layout.ROOT_META}"))
             consolidated[name] = {**meta, "shape": [n, *meta["shape"][1:]]}
-        if (self.path / schema.SPLIT / layout.ROOT_META).exists():
-            consolidated[schema.SPLIT] = json.loads((self.path / schema.SPLIT / layout.ROOT_META).read_text())
-        root = json.loads((self.path / layout.ROOT_META).read_text())
+        if self.location.exists(f"{schema.SPLIT}/{layout.ROOT_META}"):
+            consolidated[schema.SPLIT] = json.loads(self.location.read_text(f"{schema.SPLIT}/{layout.ROOT_META}"))
+        root = layout.read_root_meta(self.location)
         root["attributes"] = self.attrs
         root["consolidated_metadata"] = {
             "kind": "inline", "must_understand": False, "metadata": dict(sorted(consolidated.items())),
         }
-        _atomic_write_json(self.path / layout.ROOT_META, root)
+        self.location.write_atomic(layout.ROOT_META, _json_bytes(root))
         self._n = n
         self._epochs = np.asarray(epochs, dtype=np.int64)
 
     def _stage(self, start: int, tail: Mapping[str, np.ndarray]) -> None:
-        pending = self.path / layout.PENDING
-        shutil.rmtree(pending, ignore_errors=True)
-        pending.mkdir()
+        self.location.remove(layout.PENDING)
         for name, value in tail.items():
-            np.save(pending / f"{name}.npy", value)
-        _atomic_write_json(pending / "state.json", {"start": start, "length": len(tail["epoch"]),
-                                                    "complete": True})
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            self.location.write_bytes(f"{layout.PENDING}/{name}.npy", buffer.getvalue())
+        self.location.write_atomic(f"{layout.PENDING}/state.json",
+                                   _json_bytes({"start": start, "length": len(tail["epoch"]), "complete": True}))
 
     def _replay(self) -> None:
         """Apply a complete staged tail, commit it, then drop the stage (idempotent)."""
-        pending = self.path / layout.PENDING
-        state = layout.pending_state(self.path)
+        state = layout.pending_state(self.location)
         start = int(state["start"])
-        tail = {name: np.load(pending / f"{name}.npy") for name in self._epoch_arrays()}
+        tail = {name: np.load(io.BytesIO(self.location.read_bytes(f"{layout.PENDING}/{name}.npy")))
+                for name in self._epoch_arrays()}
         self._write_region(start, tail)
         self._commit(np.concatenate([self._epochs[:start], tail[schema.EPOCH_DIM]]))
-        shutil.rmtree(pending)
+        self.location.remove(layout.PENDING)
 
     def _recover(self) -> None:
         """Finish a killed writer's staged insertion, or discard its uncommitted appends and temp files."""
-        for partial in self.path.rglob(f"*{layout.PARTIAL_SUFFIX}"):
-            partial.unlink(missing_ok=True)
-        state = layout.pending_state(self.path)
+        for key in self.location.files():
+            if key.endswith(PARTIAL_SUFFIX):
+                self.location.remove(key)
+        state = layout.pending_state(self.location)
         if state is not None and state.get("complete"):
             self._replay()
         elif state is not None:
-            shutil.rmtree(self.path / layout.PENDING)
+            self.location.remove(layout.PENDING)
         self._shrink_to(self._n)
 
     def _shrink_to(self, n: int) -> None:
@@ -392,13 +398,13 @@ def _describe_flatness(settings: Mapping) -> str:
     return ", ".join(f"{k}={settings.get(k)!r}" for k in FLATNESS_KEYS)
 
 
-def _create(path: Path, config, task, train_indices, chunk_epochs) -> None:
+def _create(location: Location, config, task, train_indices, chunk_epochs) -> None:
     """Write an empty store (no epochs) for `config`, committed."""
     config = {k: config[k] for k in schema.CONFIG_FIELDS}
     sizes = schema.dim_sizes(config)
     largest = max(int(np.prod([sizes[d] for d in dims])) * 4 for _, dims in schema.PARAMETERS.values())
     chunks = chunk_epochs or layout.chunk_epochs_for(largest)
-    path.mkdir(parents=True, exist_ok=True)
+    location.make_folder()
     attrs = {
         "geostore": {"format": schema.FORMAT_NAME, "version": schema.FORMAT_VERSION, "chunk_epochs": chunks},
         "model_config": config,
@@ -406,7 +412,8 @@ def _create(path: Path, config, task, train_indices, chunk_epochs) -> None:
         "sources": [],
     }
     with layout.quiet_zarr():
-        group = zarr.open_group(str(path), mode="w", attributes=attrs)
+        store = location.zarr_store(read_only=False)
+        group = zarr.open_group(store, mode="w", attributes=attrs)
         opts = {"compressors": layout.COMPRESSORS, "config": {"write_empty_chunks": True}}
         group.create_array(schema.EPOCH_DIM, shape=(0,), chunks=(chunks,), dtype="int64",
                            fill_value=-1, dimension_names=(schema.EPOCH_DIM,), **opts)
@@ -424,10 +431,10 @@ def _create(path: Path, config, task, train_indices, chunk_epochs) -> None:
             split = group.create_array(schema.SPLIT, shape=(p, p), chunks=(p, p), dtype="bool",
                                        fill_value=False, dimension_names=schema.SPLIT_DIMS, **opts)
             split[:] = mask.reshape(p, p)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(store)
 
 
-def _check_same_run(path: Path, attrs: Mapping, config, task, train_indices) -> None:
+def _check_same_run(path: Location, attrs: Mapping, config, task, train_indices) -> None:
     """Refuse a source whose model (or recorded run) differs from the store's."""
     stored = attrs.get("model_config", {})
     for key in schema.CONFIG_FIELDS:
@@ -441,7 +448,7 @@ def _check_same_run(path: Path, attrs: Mapping, config, task, train_indices) -> 
             raise ModelMismatchError(
                 f"{path}: store holds another run ({key}={stored_task[key]!r}, source has {task[key]!r})"
             )
-    if train_indices is not None and (path / schema.SPLIT).exists():
+    if train_indices is not None and path.exists(schema.SPLIT):
         p = int(stored_task["p"])
         mask = np.zeros(p * p, dtype=bool)
         mask[np.asarray(train_indices, dtype=np.int64)] = True
