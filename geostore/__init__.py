@@ -12,6 +12,7 @@ from geostore.errors import GeostoreError, ModelMismatchError, SourceError, Stor
 
 if TYPE_CHECKING:
     from geostore.store.reader import Store
+    from geostore.store.sweep import Sweep
 
 __all__ = [
     "GeostoreError",
@@ -19,17 +20,26 @@ __all__ = [
     "SourceError",
     "Store",
     "StoreError",
+    "Sweep",
     "UnsafeCheckpointError",
     "open_store",
+    "open_sweep",
 ]
 
 
-def open_store(path, *, storage_options: dict | None = None) -> Store:
+def open_store(path, run: str | None = None, *, storage_options: dict | None = None) -> Store:
     """Open a geostore store read-only: a local folder or an fsspec URL (`s3://...`, `memory://...`);
-    see `geostore.store.reader.Store`."""
+    `run` names one run of a sweep. See `geostore.store.reader.Store`."""
     from geostore.store.reader import open_store as _open
 
-    return _open(path, storage_options=storage_options)
+    return _open(path, run, storage_options=storage_options)
+
+
+def open_sweep(path, *, storage_options: dict | None = None) -> Sweep:
+    """Open a sweep (many runs in one store) read-only: `.runs`, `sweep[name]` -> Store."""
+    from geostore.store.sweep import Sweep
+
+    return Sweep(path, storage_options=storage_options)
 
 
 def __getattr__(name: str):
@@ -37,4 +47,8 @@ def __getattr__(name: str):
         from geostore.store.reader import Store
 
         return Store
+    if name == "Sweep":
+        from geostore.store.sweep import Sweep
+
+        return Sweep
     raise AttributeError(f"module 'geostore' has no attribute {name!r}")

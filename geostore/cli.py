@@ -68,16 +68,34 @@ def _device(name: str) -> str:
 
 def _ingest(args: argparse.Namespace) -> int:
     from geostore.cluster import open_client
-    from geostore.ingest import ingest
+    from geostore.ingest import ingest_sweep, sweep_run_names
+    from geostore.store.location import Location
+    from geostore.store.sweep import is_sweep
 
     settings = None if args.no_flatness else _flatness_settings(args)
+    if args.run is not None and len(args.ckpts) > 1:
+        raise GeostoreError(f"--run {args.run}: names one run, but {len(args.ckpts)} sources were given")
+    if args.run is not None:
+        runs = {args.run: args.ckpts[0]}
+    elif len(args.ckpts) > 1 or is_sweep(Location.of(args.store)):
+        runs = sweep_run_names(args.ckpts)
+    else:
+        runs = {None: args.ckpts[0]}
     with open_client(args.workers, args.scheduler) as client:
-        report = ingest(args.ckpts, args.store, flatness=settings, recompute_flatness=args.recompute,
-                        progress=not args.quiet, client=client)
-    print(f"{args.store}: added {report.added} epochs from a {report.kind} source "
-          f"({report.skipped} already stored); {report.total} epochs in the store")
-    if report.flatness_computed:
-        print(f"{args.store}: flatness computed for {report.flatness_computed} epochs")
+        if None in runs:
+            from geostore.ingest import ingest
+
+            reports = {None: ingest(runs[None], args.store, flatness=settings, recompute_flatness=args.recompute,
+                                    progress=not args.quiet, client=client)}
+        else:
+            reports = ingest_sweep(runs, args.store, flatness=settings, recompute_flatness=args.recompute,
+                                   progress=not args.quiet, client=client)
+    for name, report in reports.items():
+        where = args.store if name is None else f"{args.store} run {name}"
+        print(f"{where}: added {report.added} epochs from a {report.kind} source "
+              f"({report.skipped} already stored); {report.total} epochs in the store")
+        if report.flatness_computed:
+            print(f"{where}: flatness computed for {report.flatness_computed} epochs")
     return 0
 
 
@@ -86,12 +104,32 @@ def _flatness(args: argparse.Namespace) -> int:
     from geostore.landscape import compute_store_flatness
 
     with open_client(args.workers, args.scheduler) as client:
-        report = compute_store_flatness(args.store, _flatness_settings(args), recompute=args.recompute,
-                                        progress=not args.quiet, client=client)
-    rate = f" in {report.seconds:.1f} s" if report.computed else ""
-    print(f"{args.store}: flatness computed for {report.computed} epochs{rate} "
-          f"({report.already} already complete)")
+        for name, target in _targets(args.store, args.run):
+            report = compute_store_flatness(target, _flatness_settings(args), recompute=args.recompute,
+                                            progress=not args.quiet, client=client)
+            rate = f" in {report.seconds:.1f} s" if report.computed else ""
+            where = args.store if name is None else f"{args.store} run {name}"
+            print(f"{where}: flatness computed for {report.computed} epochs{rate} "
+                  f"({report.already} already complete)")
     return 0
+
+
+def _targets(store: str, run: str | None) -> list[tuple[str | None, object]]:
+    """`(run name, location)` of what a command acts on: the store, one run, or every run of a sweep."""
+    from geostore.store.location import Location
+    from geostore.store.sweep import Sweep, is_sweep, run_location
+
+    location = Location.of(store)
+    if run is None and is_sweep(location):
+        return [(name, run_location(location, name)) for name in Sweep(location).runs]
+    return [(run, open_store_or_run(store, run).location)]
+
+
+def open_store_or_run(store: str, run: str | None):
+    """The store at `store`, or its run `run` when it is a sweep."""
+    from geostore import open_store
+
+    return open_store(store, run)
 
 
 def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
@@ -112,9 +150,13 @@ def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from geostore import open_store
+    from geostore.store.location import Location
+    from geostore.store.sweep import Sweep, is_sweep
 
-    with open_store(args.store) as store:
+    if args.run is None and is_sweep(Location.of(args.store)):
+        print(Sweep(args.store).describe())
+        return 0
+    with open_store_or_run(args.store, args.run) as store:
         print(store.describe())
     return 0
 
@@ -148,9 +190,7 @@ def _write_table(header: list[str], rows: list[list], csv_path: str | None) -> N
 
 
 def _pca(args: argparse.Namespace) -> int:
-    from geostore import open_store
-
-    with open_store(args.store) as store:
+    with open_store_or_run(args.store, args.run) as store:
         result = store.pca(_group(args.group), args.components, fit_epochs=args.fit_epochs)
     k = args.components
     ratios = ", ".join(f"PC{i + 1} {r:.4f}" for i, r in enumerate(result["explained_variance_ratio"]))
@@ -161,9 +201,7 @@ def _pca(args: argparse.Namespace) -> int:
 
 
 def _velocity(args: argparse.Namespace) -> int:
-    from geostore import open_store
-
-    with open_store(args.store) as store:
+    with open_store_or_run(args.store, args.run) as store:
         speed = store.velocity(_group(args.group), per_epoch=not args.per_checkpoint)
         epochs = store.epochs
     rows = [[int(a), int(b), float(v)] for a, b, v in zip(epochs[:-1], epochs[1:], speed, strict=True)]
@@ -171,8 +209,13 @@ def _velocity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--run", metavar="NAME", help=f"in a sweep, {what}")
+
+
 def _add_trajectory_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", metavar="STORE")
+    parser.add_argument("store", metavar="STORE", help="a store (local path or URL) or a sweep with --run")
+    _add_run_option(parser, "the run to analyse")
     parser.add_argument("--group", default="all", metavar="G",
                         help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
     parser.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
@@ -209,9 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="write a run's checkpoints into a store (incremental)",
                             description="Read a geostore run directory, a directory of state dicts "
                                         "(.safetensors/.pt/.pth), an ARENA full_run_data.pth bundle or a "
-                                        "miscope variant directory, and add every epoch the store lacks.")
-    ingest.add_argument("ckpts", metavar="CKPTS", help="checkpoint directory or bundle file")
-    ingest.add_argument("store", metavar="STORE", help="Zarr store to create or extend")
+                                        "miscope variant directory, and add every epoch the store lacks. "
+                                        "Several sources make a sweep: each run goes to runs/<its "
+                                        "directory name> of STORE.")
+    ingest.add_argument("ckpts", metavar="CKPTS", nargs="+", help="checkpoint directory or bundle file (several: "
+                                                                  "a sweep)")
+    ingest.add_argument("store", metavar="STORE", help="Zarr store to create or extend: a local path or an fsspec "
+                                                       "URL (s3://bucket/run.zarr)")
+    _add_run_option(ingest, "the name of the run to write (default: the source directory's name)")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
     ingest.add_argument("--no-flatness", action="store_true", help="store weights only, no flatness")
     _add_flatness_options(ingest)
@@ -222,12 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "perturbations) for every stored epoch that lacks them, from "
                                           "the weights in the store alone.")
     flatness.add_argument("store", metavar="STORE")
+    _add_run_option(flatness, "only this run (default: every run)")
     flatness.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_flatness_options(flatness)
     flatness.set_defaults(handler=_flatness)
 
-    info = sub.add_parser("info", help="what a store holds")
+    info = sub.add_parser("info", help="what a store (or a sweep) holds")
     info.add_argument("store", metavar="STORE")
+    _add_run_option(info, "describe this run (default: one line per run)")
     info.set_defaults(handler=_info)
 
     pca = sub.add_parser("pca", help="exact PCA of the weight trajectory (cached in the store)",

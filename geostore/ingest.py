@@ -5,13 +5,16 @@ to the store's chunks (each chunk written once) and committed batch by batch, so
 keeps its finished batches; epochs that sort before stored ones are read first and inserted last.
 Bad input anywhere rolls the store back to what it held before this ingest began. Flatness (on by
 default) is then computed from the store for every epoch that lacks it, the same code path as
-`geostore flatness`, so values never depend on how the epochs arrived.
+`geostore flatness`, so values never depend on how the epochs arrived. A sweep (`ingest_sweep`) is
+the same ingest once per run, into `runs/<name>` of one store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +27,7 @@ from geostore.landscape import DEFAULT_FLATNESS, FlatnessSettings, check_support
 from geostore.sources import Checkpoint, RunSource, open_source
 from geostore.store import schema
 from geostore.store.location import Location
+from geostore.store.sweep import check_run_name, create_sweep, is_sweep, run_location
 from geostore.store.writer import StoreWriter
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ def ingest(
     source: str | Path,
     store: str | os.PathLike | Location,
     *,
+    run: str | None = None,
     flatness: FlatnessSettings | None = DEFAULT_FLATNESS,
     recompute_flatness: bool = False,
     progress: bool = True,
@@ -55,17 +60,26 @@ def ingest(
 
     With `flatness` settings (the default), every stored epoch ends up with its flatness; a store
     holding flatness of other settings is refused unless `recompute_flatness`. `None` skips it.
-    With a `dask.distributed` client, flatness runs on its workers (one task per epoch).
+    With a `dask.distributed` client, flatness runs on its workers (one task per epoch). With `run`,
+    `store` is a sweep (created when missing) and the run goes to its `runs/<run>`.
     """
-    run = open_source(source)
-    if flatness is not None:
-        check_supported(run.config, " (ingest with --no-flatness to store the weights alone)")
     store = Location.of(store)
-    writer = StoreWriter.open(store, config=run.config, task=run.task, train_indices=run.train_indices)
+    if run is not None:
+        check_run_name(run)
+    elif is_sweep(store):
+        raise GeostoreError(f"{store}: is a sweep: name the run to ingest into (run=NAME, --run NAME)")
+    checkpoints = open_source(source)
+    if flatness is not None:
+        check_supported(checkpoints.config, " (ingest with --no-flatness to store the weights alone)")
+    if run is not None:
+        create_sweep(store)
+        store = run_location(store, run)
+    writer = StoreWriter.open(store, config=checkpoints.config, task=checkpoints.task,
+                              train_indices=checkpoints.train_indices)
     try:
         if flatness is not None:
             writer.enable_flatness(flatness.attrs(), recompute=recompute_flatness)
-        report = _write_new_epochs(run, writer, progress)
+        report = _write_new_epochs(checkpoints, writer, progress)
         if flatness is not None:
             computed = fill_missing(writer, flatness, progress=progress, client=client).computed
             report = dataclasses.replace(report, flatness_computed=computed)
@@ -76,6 +90,50 @@ def ingest(
                 store.remove("")
         raise
     return report
+
+
+def sweep_run_names(sources: list[str | os.PathLike]) -> dict[str, str | os.PathLike]:
+    """Run names for sources: each directory's name (a bundle file's stem); an error when two collide."""
+    names: dict[str, str | os.PathLike] = {}
+    for source in sources:
+        path = Path(source)
+        name = check_run_name(path.stem if path.is_file() else path.resolve().name)
+        if name in names:
+            raise GeostoreError(f"{source}: another source is also named {name!r}: rename one directory, "
+                                "or ingest them one at a time with --run NAME")
+        names[name] = source
+    return names
+
+
+def ingest_sweep(
+    sources: Mapping[str, str | os.PathLike],
+    store: str | os.PathLike | Location,
+    *,
+    flatness: FlatnessSettings | None = DEFAULT_FLATNESS,
+    recompute_flatness: bool = False,
+    progress: bool = True,
+    client: Client | None = None,
+) -> dict[str, IngestReport]:
+    """Ingest every run `{name: source}` into `runs/<name>` of the sweep at `store` (created when missing).
+
+    Every source is opened (and checked) before anything is written; runs are then ingested one after
+    another, each exactly as `ingest` does, under a progress bar over the whole sweep.
+    """
+    for name, source in sources.items():
+        check_run_name(name)
+        if flatness is not None:
+            check_supported(open_source(source).config, " (ingest with --no-flatness to store the weights alone)")
+        else:
+            open_source(source)
+    reports = {}
+    with tqdm(total=len(sources), unit="run", desc="sweep", disable=None if progress else True,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for name, source in sources.items():
+            bar.set_postfix_str(name, refresh=True)
+            reports[name] = ingest(source, store, run=name, flatness=flatness, recompute_flatness=recompute_flatness,
+                                   progress=progress, client=client)
+            bar.update(1)
+    return reports
 
 
 def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> IngestReport:

@@ -32,7 +32,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `geoview`."""
     parser = argparse.ArgumentParser(prog="geoview", description="Desktop viewer of a geostore store.")
-    parser.add_argument("store", metavar="STORE", help="a store written by `geostore ingest`")
+    parser.add_argument("store", metavar="STORE", help="a store written by `geostore ingest` (a path or URL)")
+    parser.add_argument("--run", metavar="NAME", help="in a sweep, the run to view")
     parser.add_argument("--screenshot", metavar="OUT.png", type=Path,
                         help="render the whole window offscreen into this image and exit")
     parser.add_argument("--epoch", type=int, help="open at this stored epoch (default: the first)")
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from viewer.data import ViewerData
 
-        data = ViewerData(open_store(args.store))
+        data = ViewerData(open_store(args.store, args.run))
         index = 0 if args.epoch is None else data.index_of(args.epoch)
     except GeostoreError as exc:
         return fail(str(exc), exc.exit_code, dialog=args.screenshot is None)

@@ -116,6 +116,18 @@ class Location:
         prefix = self._root + "/"
         return [f.removeprefix(prefix) for f in self._fs.find(self._full(key))]
 
+    def children(self, key: str = "") -> list[str]:
+        """Names of the folders (prefixes) directly below `key`, sorted."""
+        if self.local is not None:
+            base = self._path(key)
+            return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        full = self._full(key)
+        self._fs.invalidate_cache(full)
+        if not self._fs.exists(full):
+            return []
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in self._fs.ls(full, detail=True)
+                      if entry["type"] == "directory")
+
     def nbytes(self) -> int:
         """Bytes of every file here."""
         if self.local is not None:

@@ -276,10 +276,14 @@ class Store:
         return f"<geostore.Store {str(self.path)!r}: {self._n} epochs ({span})>"
 
 
-def open_store(path: str | os.PathLike | Location, *, storage_options: dict | None = None) -> Store:
+def open_store(path: str | os.PathLike | Location, run: str | None = None, *,
+               storage_options: dict | None = None) -> Store:
     """Open a geostore store read-only: `.epochs`, `.params` (dask), `.flatten(group)`, `.to_xarray()`.
 
     `path` is a local folder or any fsspec URL (`s3://bucket/run.zarr`, `memory://...`, `file://...`);
-    credentials and endpoints come from the environment and fsspec config, or `storage_options`.
+    credentials and endpoints come from the environment and fsspec config, or `storage_options`. For a
+    sweep (see `geostore.store.sweep`), `run` names the run to open.
     """
-    return Store(path, storage_options=storage_options)
+    from geostore.store.sweep import open_target
+
+    return open_target(path, run, storage_options=storage_options)

@@ -1,0 +1,123 @@
+"""Sweeps: many runs in one store, each a complete geostore store under `runs/<name>`.
+
+A sweep's root is a plain Zarr group tagged `geostore_sweep`; each run below it keeps its own
+consolidated metadata (its commit record), so runs are written, extended and read independently, and
+each run's folder is a store of its own (`geostore info sweep.zarr/runs/<name>`,
+`xarray.open_zarr("sweep.zarr/runs/<name>")`). The root never changes once created, so writers of
+different runs never touch a shared file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+from geostore.errors import StoreError
+from geostore.store import layout
+from geostore.store.location import Location
+from geostore.store.reader import Store
+
+SWEEP_ATTR = "geostore_sweep"
+SWEEP_VERSION = 1
+RUNS = "runs"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_sweep(location: Location) -> bool:
+    """Whether `location` holds a sweep (False for a single-run store or nothing)."""
+    if not location.exists(layout.ROOT_META):
+        return False
+    return SWEEP_ATTR in layout.read_root_meta(location).get("attributes", {})
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it can name a run (letters, digits, `.`, `_`, `-`); StoreError otherwise."""
+    if not _NAME.match(name):
+        raise StoreError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (not starting with a symbol)")
+    return name
+
+
+def run_location(location: Location, name: str) -> Location:
+    """Where run `name` of the sweep at `location` lives."""
+    return location.child(f"{RUNS}/{check_run_name(name)}")
+
+
+def create_sweep(location: Location) -> None:
+    """Make `location` a sweep: an empty place becomes one; an existing sweep is kept; anything else is refused."""
+    if is_sweep(location):
+        return
+    if not location.is_empty():
+        raise StoreError(f"{location}: exists and is not a sweep (a sweep needs a new path; open a single "
+                         "store with `geostore ingest CKPTS STORE`)")
+    location.make_folder()
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+    location.write_bytes(f"{RUNS}/{layout.ROOT_META}", json.dumps(group).encode())
+    root = {**group, "attributes": {SWEEP_ATTR: {"version": SWEEP_VERSION, "runs": RUNS}}}
+    location.write_atomic(layout.ROOT_META, json.dumps(root, indent=2).encode())  # last: marks it a sweep
+
+
+class Sweep:
+    """A sweep opened for reading: run names, and each run as a `Store`. Use `geostore.open_sweep(path)`."""
+
+    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None) -> None:
+        self.location = Location.of(path, storage_options)
+        self.path = str(self.location)
+        if not self.location.exists():
+            raise StoreError(f"{self.path}: no such sweep")
+        if not is_sweep(self.location):
+            raise StoreError(f"{self.path}: not a sweep (a single-run store: use geostore.open_store)")
+
+    @property
+    def runs(self) -> list[str]:
+        """Names of the runs holding at least a created store, sorted."""
+        return [name for name in self.location.children(RUNS)
+                if self.location.exists(f"{RUNS}/{name}/{layout.ROOT_META}")]
+
+    def __getitem__(self, name: str) -> Store:
+        if name not in self.runs:
+            raise KeyError(f"{self.path}: no run {name!r} (runs: {', '.join(self.runs) or 'none'})")
+        return Store(run_location(self.location, name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def items(self) -> Iterator[tuple[str, Store]]:
+        """`(name, Store)` of every run."""
+        for name in self.runs:
+            yield name, self[name]
+
+    def describe(self) -> str:
+        """One line per run: epochs and flatness."""
+        lines = [f"sweep       {self.path}  ({len(self)} runs)"]
+        for name, store in self.items():
+            span = f"epochs {store.epochs[0]}..{store.epochs[-1]}" if store.epochs.size else "no epochs"
+            flat = (f", flatness {store.flatness_epochs().size}/{store.epochs.size}"
+                    if "flatness" in store.analyses() else "")
+            lines.append(f"  {name:<20} {store.epochs.size:>5} epochs ({span}){flat}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<geostore.Sweep {self.path!r}: {len(self)} runs>"
+
+
+def open_target(path: str | os.PathLike | Location, run: str | None = None, *,
+                storage_options: dict | None = None) -> Store:
+    """The store at `path`, or run `run` of the sweep there; one-line errors for a missing or ambiguous run."""
+    location = Location.of(path, storage_options)
+    if is_sweep(location):
+        if run is None:
+            names = Sweep(location).runs
+            raise StoreError(f"{location}: a sweep of {len(names)} runs ({', '.join(names[:5])}"
+                             f"{', ...' if len(names) > 5 else ''}): name one with run=NAME (--run NAME)")
+        try:
+            return Sweep(location)[run]
+        except KeyError as exc:
+            raise StoreError(exc.args[0]) from None
+    if run is not None:
+        raise StoreError(f"{location}: not a sweep, so it has no run {run!r}")
+    return Store(location)
