@@ -102,6 +102,18 @@ def test_ingest_reopen_append_insert_on_s3_equals_local(s3, sources, tmp_path):
     np.testing.assert_allclose(pca["projections"], geostore.open_store(local).pca("all", 2)["projections"])
 
 
+def test_cluster_workers_read_the_s3_store_and_write_the_same_bits(s3, sources, tmp_path):
+    from geostore.cluster import open_client
+
+    url = f"s3://{BUCKET}/cluster.zarr"
+    ingest(sources / "first", url, flatness=None, progress=False)
+    with open_client(workers=2) as client:  # worker processes open the store by its URL
+        ingest(sources / "first", url, flatness=SETTINGS, progress=False, client=client)
+    local = tmp_path / "serial.zarr"
+    ingest(sources / "first", local, flatness=SETTINGS, progress=False)
+    assert_same_store(geostore.open_store(url), geostore.open_store(local))
+
+
 def test_bad_input_leaves_an_s3_store_untouched_and_rerun_completes(s3, sources, tmp_path):
     url = f"s3://{BUCKET}/untouched.zarr"
     ingest(sources / "first", url, flatness=SETTINGS, progress=False)
