@@ -26,6 +26,8 @@ from geostore.family.modular_addition import prime_of
 # Pairs per dense block (whole grid rows): the block's pre-activations (~2.5 MB at d_mlp=512) stay in
 # cache while each matmul is still large. A constant, so a loss never depends on how callers batch.
 BLOCK_PAIRS = 1024
+# Largest logit gap `l_j - l_y` whose exponential is summed directly: 112 terms of exp(80) stay finite in float32.
+EXP_LIMIT = 80.0
 
 _ACTIVATIONS = {"relu": torch.relu_, "gelu": lambda x: x.copy_(F.gelu(x))}
 
@@ -58,7 +60,12 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
            config: Mapping[str, object]) -> torch.Tensor:
     """The family loss for each of `B` weight sets: `weights` holds the 9 matrices stacked `(B, *shape)`,
     `biases` the shared biases by short name. Returns float64 `(B,)`; the per-pair cross-entropies are
-    summed in float64, everything else runs in the weights' dtype on their device."""
+    summed in float64, everything else runs in the weights' dtype on their device.
+
+    Every block writes into buffers allocated once per call: a dask worker's allocator returns freed memory
+    to the system at once (`MALLOC_TRIM_THRESHOLD_=65536`), and fresh multi-MB blocks per step then cost
+    page faults that doubled the time per direction.
+    """
     check_config(config)
     p = prime_of(config)
     m = int(config["d_mlp"])
@@ -67,6 +74,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     rows = max(1, BLOCK_PAIRS // p)
     grid = torch.arange(p, device=weights["W_E"].device)
     labels = [((grid[a0:a0 + rows, None] + grid) % p).reshape(-1) for a0 in range(0, p, rows)]
+    work = _Workspace(rows, p, m, weights["W_E"])
     totals = []
     for i in range(len(weights["W_E"])):
         w = {name: value[i] for name, value in weights.items()}
@@ -74,25 +82,40 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
         fold = w["W_out"] @ w["W_U"][:, :p]  # (m, p)
         total = torch.zeros((), dtype=torch.float64, device=grid.device)
         for block, a0 in zip(labels, range(0, p, rows), strict=True):
-            pre = mixer.preactivations(a0, len(block) // p)  # (pairs, m + p)
-            logits = torch.addmm(pre[:, m:], act(pre[:, :m]), fold)
-            total += _cross_entropy_sum(logits, block)
+            n_a = len(block) // p
+            pre = mixer.preactivations(a0, n_a, work)  # (pairs, m + p)
+            logits = torch.addmm(pre[:, m:], act(pre[:, :m]), fold, out=work.take("logits", (len(block), p)))
+            total += _cross_entropy_sum_(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
 
 
-def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Float64 sum of the rows' cross-entropies, each as `log1p(sum over j != y of exp(l_j - l_y))`.
+def _cross_entropy_sum_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Float64 sum of the rows' cross-entropies, each as `log1p(sum over j != y of exp(l_j - l_y))`;
+    overwrites `logits`.
 
     Mathematically `logsumexp(l) - l_y`, but `1 + rest` is never rounded to float32: near zero loss (after
     grokking) each pair's loss keeps its relative precision instead of being quantized to ~6e-8. A block with
-    a logit ~88 above its label's (exp overflows) takes the usual form, accurate at such losses.
+    a gap above EXP_LIMIT (exp would overflow) takes `logsumexp` of the gaps, accurate at such losses.
     """
-    label = logits.gather(1, labels[:, None])
-    rest = (logits - label).scatter_(1, labels[:, None], -math.inf).exp_().sum(dim=1)
-    if not bool(torch.isfinite(rest).all()):
-        return (torch.logsumexp(logits, dim=1) - label[:, 0]).sum(dtype=torch.float64)
+    gaps = logits.sub_(logits.gather(1, labels[:, None]))  # l_j - l_y: 0 at the label
+    if bool(gaps.amax() > EXP_LIMIT):
+        return torch.logsumexp(gaps, dim=1).sum(dtype=torch.float64)
+    rest = gaps.scatter_(1, labels[:, None], -math.inf).exp_().sum(dim=1)
     return torch.log1p(rest).sum(dtype=torch.float64)
+
+
+class _Workspace:
+    """Named buffers for the blocks of one `losses` call, each allocated once at its largest size."""
+
+    def __init__(self, rows: int, p: int, m: int, like: torch.Tensor) -> None:
+        pairs = rows * p
+        self._buffers = {name: like.new_empty(size) for name, size in
+                         (("a", pairs * (m + p)), ("b", pairs * (m + p)), ("logits", pairs * p))}
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous view of buffer `name` with `shape` (its leading elements)."""
+        return self._buffers[name][: math.prod(shape)].view(shape)
 
 
 class _Mixer:
@@ -127,9 +150,10 @@ class _Mixer:
         self.coef_b = (e_b / norm).transpose(0, 1).contiguous()  # (b, a, H)
         self.rows_b = relative[p:].contiguous()  # (b, H, m + p)
 
-    def preactivations(self, a0: int, n_a: int) -> torch.Tensor:
+    def preactivations(self, a0: int, n_a: int, work: _Workspace) -> torch.Tensor:
         """`(n_a * p, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
-        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`."""
-        pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a])  # (n_a, p, m + p)
-        pre += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b).transpose(0, 1)
-        return pre.view(-1, pre.shape[-1])
+        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`; written into `work`."""
+        p, width = self.rows_b.shape[0], self.rows_b.shape[-1]
+        pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], out=work.take("a", (n_a, p, width)))
+        pre += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b, out=work.take("b", (p, n_a, width))).transpose(0, 1)
+        return pre.view(-1, width)
