@@ -25,7 +25,9 @@ from geostore.family.modular_addition import prime_of
 # cache while each matmul is still large. A constant, so a loss never depends on how callers batch.
 BLOCK_PAIRS = 1024
 
-_ACTIVATIONS = {"relu": torch.relu_, "gelu": lambda x: x.copy_(F.gelu(x))}
+# In place where autograd allows it (relu keeps its output, which the Hessian-vector products differentiate
+# through); gelu's backward needs its input, so it allocates.
+_ACTIVATIONS = {"relu": torch.relu_, "gelu": F.gelu}
 
 
 def check_config(config: Mapping[str, object]) -> None:
@@ -51,11 +53,17 @@ def flops_per_weight_set(config: Mapping[str, object]) -> int:
 
 
 def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor],
-           config: Mapping[str, object]) -> torch.Tensor:
+           config: Mapping[str, object], *, for_derivatives: bool = False) -> torch.Tensor:
     """The family loss for each of `B` weight sets: `weights` holds the 9 matrices stacked `(B, *shape)`,
     `biases` the shared biases by short name. Returns float64 `(B,)`; the per-pair cross-entropies are
-    summed in float64, everything else runs in the weights' dtype on their device."""
+    summed in float64, everything else runs in the weights' dtype on their device.
+
+    `for_derivatives` takes the cross-entropy in a form whose second derivatives stay finite in float32
+    (`_smooth_cross_entropy_sum`: the same function, rounded differently) for Hessian-vector products;
+    flatness keeps the default, so stored losses do not depend on it.
+    """
     check_config(config)
+    cross_entropy_sum = _smooth_cross_entropy_sum if for_derivatives else _cross_entropy_sum
     p = prime_of(config)
     act = _ACTIVATIONS[str(config["act_fn"])]
     scale = math.sqrt(int(config["d_head"]))
@@ -75,7 +83,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
         for block, a0 in zip(labels, range(0, p, rows), strict=True):
             resid = mixer.residual(a0, len(block) // p)  # (pairs, d + 1)
             logits = (resid @ w_u).addmm_(act(resid @ w_in), fold)
-            total += _cross_entropy_sum(logits, block)
+            total += cross_entropy_sum(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
 
@@ -92,6 +100,20 @@ def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     if not bool(torch.isfinite(rest).all()):
         return (torch.logsumexp(logits, dim=1) - label[:, 0]).sum(dtype=torch.float64)
     return torch.log1p(rest).sum(dtype=torch.float64)
+
+
+def _smooth_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`_cross_entropy_sum` as `softplus(m + log sum over j != y of exp(l_j - l_y - m))`, `m` the largest
+    `l_j - l_y`: as precise near zero loss, and twice differentiable without overflow at any logit gap (the
+    second derivatives of `log1p(rest)` hold products of order `rest^2`, which overflow float32 past a gap
+    of ~44: Hessian-vector products of a trained checkpoint came out NaN; softplus is linear past 40, where
+    it differs from the exact value by less than 1e-17, so its derivatives never square more than exp(40)).
+    Out of place and without data-dependent branches, as `torch.func` needs."""
+    label = logits.gather(1, labels[:, None])
+    others = (logits - label).scatter(1, labels[:, None], -math.inf)
+    top = others.amax(dim=1, keepdim=True)
+    gap = top[:, 0] + torch.log((others - top).exp().sum(dim=1))
+    return F.softplus(gap, threshold=40.0).sum(dtype=torch.float64)
 
 
 class _Mixer:
