@@ -51,10 +51,17 @@ def _format_summary(summary: dict) -> str:
 
 
 def _flatness_settings(args: argparse.Namespace):
-    from geostore.landscape import FlatnessSettings
+    from geostore.landscape import resolve_settings
 
-    return FlatnessSettings(n_directions=args.directions, epsilon=args.epsilon, seed=args.seed,
-                            device=_device(args.device))
+    return resolve_settings(args.store, n_directions=args.directions, epsilon=args.epsilon, seed=args.seed,
+                            device=_device(args.device), antithetic=args.antithetic,
+                            profile_epsilons=args.profile_epsilons, profile_relative=args.profile_relative,
+                            hessian=args.hessian, hessian_probes=args.hessian_probes,
+                            lanczos_steps=args.lanczos_steps)
+
+
+CURVATURE_OPTIONS = ("antithetic", "profile_epsilons", "profile_relative", "hessian", "hessian_probes",
+                     "lanczos_steps")
 
 
 def _device(name: str) -> str:
@@ -70,6 +77,9 @@ def _ingest(args: argparse.Namespace) -> int:
     from geostore.cluster import open_client
     from geostore.ingest import ingest
 
+    asked = [f"--{name.replace('_', '-')}" for name in CURVATURE_OPTIONS if getattr(args, name) not in (None, False)]
+    if args.no_flatness and asked:
+        raise GeostoreError(f"--no-flatness stores the weights alone: drop {', '.join(asked)} or --no-flatness")
     settings = None if args.no_flatness else _flatness_settings(args)
     with open_client(args.workers, args.scheduler) as client:
         report = ingest(args.ckpts, args.store, flatness=settings, recompute_flatness=args.recompute,
@@ -77,7 +87,7 @@ def _ingest(args: argparse.Namespace) -> int:
     print(f"{args.store}: added {report.added} epochs from a {report.kind} source "
           f"({report.skipped} already stored); {report.total} epochs in the store")
     if report.flatness_computed:
-        print(f"{args.store}: flatness computed for {report.flatness_computed} epochs")
+        print(f"{args.store}: {', '.join(settings.analyses())} computed for {report.flatness_computed} epochs")
     return 0
 
 
@@ -89,22 +99,40 @@ def _flatness(args: argparse.Namespace) -> int:
         report = compute_store_flatness(args.store, _flatness_settings(args), recompute=args.recompute,
                                         progress=not args.quiet, client=client)
     rate = f" in {report.seconds:.1f} s" if report.computed else ""
-    print(f"{args.store}: flatness computed for {report.computed} epochs{rate} "
+    print(f"{args.store}: {', '.join(report.analyses)} computed for {report.computed} epochs{rate} "
           f"({report.already} already complete)")
     return 0
 
 
 def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--directions", type=int, default=50, metavar="N",
-                        help="random unit directions per epoch (default 50)")
-    parser.add_argument("--epsilon", type=float, default=0.1, metavar="E",
-                        help="perturbation length along each direction (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed of the directions, the same at every epoch (default 0)")
+    parser.add_argument("--directions", type=int, metavar="N",
+                        help="random unit directions per epoch (default: the store's, else 50)")
+    parser.add_argument("--epsilon", type=float, metavar="E",
+                        help="perturbation length along each direction (default: the store's, else 0.1)")
+    parser.add_argument("--seed", type=int, metavar="S",
+                        help="seed of the directions and Hessian probes, the same at every epoch "
+                             "(default: the store's, else 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where losses are evaluated (default: CUDA when present)")
+    curvature = parser.add_argument_group(
+        "curvature", "Measurements the one-sided flatness misses (a store keeps extending those it holds)")
+    curvature.add_argument("--antithetic", action="store_true",
+                           help="also evaluate each direction at -epsilon: store its curvature part "
+                                "[L(θ+εd)+L(θ−εd)]/2 − L(θ) and slope part (about 2x the flatness cost)")
+    curvature.add_argument("--profile-epsilons", metavar="E1,E2,...",
+                           help="antithetic mean curvature and flatness ratio at each epsilon, along the same "
+                                "directions (about 2x the flatness cost per epsilon)")
+    curvature.add_argument("--profile-relative", action="store_true",
+                           help="profile epsilons are fractions of each epoch's weight norm")
+    curvature.add_argument("--hessian", action="store_true",
+                           help="Hutchinson estimate of the Hessian trace and the top eigenvalue (Lanczos), by "
+                                "exact Hessian-vector products (each about 10 loss evaluations)")
+    curvature.add_argument("--hessian-probes", type=int, metavar="N",
+                           help="Rademacher probes for the trace (default: the store's, else 32)")
+    curvature.add_argument("--lanczos-steps", type=int, metavar="K",
+                           help="Lanczos steps for the top eigenvalue (default: the store's, else 20)")
     parser.add_argument("--recompute", action="store_true",
-                        help="replace stored flatness computed with other settings")
+                        help="replace stored analyses computed with other settings")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="compute flatness on a local Dask cluster of N single-threaded worker processes")
     parser.add_argument("--scheduler", metavar="ADDRESS",
@@ -219,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     flatness = sub.add_parser("flatness", help="add or extend loss-landscape flatness from the stored weights",
                               description="Compute baseline_loss and delta_losses (random-direction "
-                                          "perturbations) for every stored epoch that lacks them, from "
-                                          "the weights in the store alone.")
+                                          "perturbations), and the curvature analyses asked for or already "
+                                          "stored, for every stored epoch that lacks them, from the weights "
+                                          "in the store alone.")
     flatness.add_argument("store", metavar="STORE")
     flatness.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_flatness_options(flatness)

@@ -4,8 +4,8 @@ Only epochs the store lacks are read. Epochs after the stored ones are appended 
 to the store's chunks (each chunk written once) and committed batch by batch, so a killed ingest
 keeps its finished batches; epochs that sort before stored ones are read first and inserted last.
 Bad input anywhere rolls the store back to what it held before this ingest began. Flatness (on by
-default) is then computed from the store for every epoch that lacks it, the same code path as
-`geostore flatness`, so values never depend on how the epochs arrived.
+default) and any curvature analyses asked for are then computed from the store for every epoch that
+lacks them, the same code path as `geostore flatness`, so values never depend on how the epochs arrived.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ def ingest(
 ) -> IngestReport:
     """Write every checkpoint of `source` that `store` lacks into `store` (created when missing).
 
-    With `flatness` settings (the default), every stored epoch ends up with its flatness; a store
-    holding flatness of other settings is refused unless `recompute_flatness`. `None` skips it.
-    With a `dask.distributed` client, flatness runs on its workers (one task per epoch).
+    With `flatness` settings (the default), every stored epoch ends up with its flatness and the curvature
+    analyses the settings ask for; a store holding any of them with other settings is refused unless
+    `recompute_flatness`. `None` skips them all. With a `dask.distributed` client, they run on its
+    workers (one task per epoch).
     """
     run = open_source(source)
     if flatness is not None:
@@ -63,7 +64,7 @@ def ingest(
     writer = StoreWriter.open(store, config=run.config, task=run.task, train_indices=run.train_indices)
     try:
         if flatness is not None:
-            writer.enable_flatness(flatness.attrs(), recompute=recompute_flatness)
+            writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
         report = _write_new_epochs(run, writer, progress)
         if flatness is not None:
             computed = fill_missing(writer, flatness, progress=progress, client=client).computed
