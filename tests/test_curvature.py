@@ -37,8 +37,9 @@ def symmetric(n: int, eigenvalues: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def matrix_hvp(h: np.ndarray):
+    """`hvp` of a symmetric matrix, on a `(B, D)` block of vectors."""
     matrix = torch.from_numpy(h)
-    return lambda v: matrix @ v.double()
+    return lambda block: block.double() @ matrix
 
 
 # ---------------------------------------------------------------------------------------- quadratic toy
@@ -104,7 +105,7 @@ def test_lanczos_finds_the_largest_algebraic_eigenvalue_as_eigh_does():
     # A Krylov space that becomes invariant ends the iteration early, exactly.
     three = symmetric(30, np.repeat([-1.0, 2.0, 5.0], 10), seed=4)
     calls = []
-    top, residual = lanczos_top_eigenvalue(lambda v: calls.append(1) or matrix_hvp(three)(v), start[:30], 20)
+    top, residual = lanczos_top_eigenvalue(lambda block: calls.append(1) or matrix_hvp(three)(block), start[:30], 20)
     assert len(calls) == 3 and top == pytest.approx(5.0, rel=1e-10) and residual == 0.0
 
 
@@ -150,12 +151,13 @@ def test_hessian_vector_products_are_those_of_the_plain_model(trained_run):
     hvp64, n_params = loss_hvp(params, config, dtype=torch.float64)
     hvp32, _ = loss_hvp(params, config)
     assert n_params == sum(math.prod(schema.param_shape(n, config)) for n in fam.TRAINABLE)
-    v = rademacher(n_params, 1, seed=5)[0]
-    want = plain_hvp64(params, config, v.double())
-    got64, got32 = hvp64(v), hvp32(v)
-    assert got64.dtype == torch.float64 and got32.dtype == torch.float32
-    np.testing.assert_allclose(got64.numpy(), want.numpy(), rtol=0, atol=1e-12 * want.abs().max().item())
-    np.testing.assert_allclose(got32.numpy(), want.numpy(), rtol=0, atol=1e-5 * want.abs().max().item())
+    block = rademacher(n_params, 3, seed=5)
+    got64, got32 = hvp64(block), hvp32(block)
+    assert got64.dtype == torch.float64 and got32.dtype == torch.float32 and got32.shape == block.shape
+    for v, product64, product32 in zip(block, got64, got32, strict=True):
+        want = plain_hvp64(params, config, v.double())
+        np.testing.assert_allclose(product64.numpy(), want.numpy(), rtol=0, atol=1e-12 * want.abs().max().item())
+        np.testing.assert_allclose(product32.numpy(), want.numpy(), rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def test_the_derivative_form_of_the_cross_entropy_is_the_same_function_with_finite_second_derivatives():
@@ -212,7 +214,8 @@ def test_antithetic_curvature_agrees_with_hutchinson_on_a_real_checkpoint(traine
     _, deltas = directional_losses(params, config, n_directions=n_dir, scales=[eps, -eps], seed=0,
                                    dtype=torch.float64)
     curvature, _ = antithetic_parts(deltas[0], deltas[1], eps)
-    forms = np.array([float(d.double() @ hvp(d)) for d in draw_directions(n_params, n_dir, seed=0)])
+    directions = draw_directions(n_params, n_dir, seed=0)
+    forms = (directions.double() * hvp(directions)).sum(dim=1).numpy()
     np.testing.assert_allclose(2 / eps**2 * curvature, forms, rtol=1e-4, atol=1e-6 * np.abs(forms).max())
     estimate, estimate_err = 2 / eps**2 * curvature.mean(), 2 / eps**2 * curvature.std(ddof=1) / math.sqrt(n_dir)
     assert abs(estimate - trace / n_params) < 3 * math.hypot(estimate_err, trace_err / n_params)
