@@ -7,7 +7,8 @@ repeats of what ingest runs per epoch (`geostore.landscape.epoch_landscape`):
 - one-sided flatness (`--directions` directions and the baseline): the unit every other line is divided by;
 - flatness with `--antithetic` (each direction at -epsilon too), and the antithetic pair added later alone;
 - the multi-epsilon profile (`--profile-epsilons`, +-epsilon each) and its cost per epsilon;
-- one loss evaluation and one exact Hessian-vector product (the unit of Hutchinson probes and Lanczos steps);
+- one loss evaluation, one exact Hessian-vector product (a Lanczos step) and one Hutchinson probe (products
+  taken in blocks of `PROBE_BLOCK`, vectorised);
 - the Hessian at the `--hessian` defaults (32 probes, 20 Lanczos steps), measured once.
 
 Run with `.venv/bin/python benchmarks/curvature.py` on an otherwise idle machine, with `OMP_WAIT_POLICY=PASSIVE`
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from geostore.analysis.curvature import hessian_for_params, loss_hvp, rademacher
+from geostore.analysis.curvature import PROBE_BLOCK, hessian_for_params, loss_hvp, rademacher
 from geostore.family import modular_addition as fam
 from geostore.family import modular_addition_fast as fast
 from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings, epoch_landscape
@@ -54,7 +55,7 @@ def main() -> None:
     settings = FlatnessSettings(n_directions=args.directions, epsilon=args.epsilon, seed=0, antithetic=True,
                                 profile=profile, hessian=defaults)
     hvp, n_params = loss_hvp(params, config)
-    probe = rademacher(n_params, 1, seed=0)[0]
+    probes = rademacher(n_params, PROBE_BLOCK, seed=0)
     weights = {name: torch.as_tensor(params[name])[None] for name in fam.TRAINABLE}
     biases = {name: torch.as_tensor(value) for name, value in params.items() if name not in fam.TRAINABLE}
 
@@ -64,7 +65,8 @@ def main() -> None:
         "antithetic alone": lambda: epoch_landscape(params, config, settings, ["antithetic"]),
         "profile": lambda: epoch_landscape(params, config, settings, ["profile"]),
         "loss": lambda: fast.losses(weights, biases, config),
-        "hvp": lambda: hvp(probe),
+        "hvp": lambda: hvp(probes[:1]),
+        "probe block": lambda: hvp(probes),
     }
     for fn in runs.values():  # warm-up
         fn()
@@ -84,9 +86,9 @@ def main() -> None:
         (f"profile, {k} epsilons (+-eps each)", best["profile"]),
         ("  per epsilon", best["profile"] / k),
         ("one loss evaluation (fast path)", best["loss"]),
-        ("one Hessian-vector product = one Hutchinson probe", best["hvp"]),
+        ("one Hessian-vector product = one Lanczos step", best["hvp"]),
+        (f"one Hutchinson probe (in blocks of {PROBE_BLOCK})", best["probe block"] / PROBE_BLOCK),
         (f"--hessian defaults ({defaults.n_probes} probes + {defaults.iterations} Lanczos steps), once", hessian_s),
-        ("  per Hessian-vector product", hessian_s / (defaults.n_probes + defaults.iterations)),
     ]
     print(f"curvature cost per checkpoint: p={args.p} d_model={args.d_model} (D={n_params:,}), "
           f"{args.directions} directions, epsilon {args.epsilon}, {args.threads} torch threads, "
