@@ -120,8 +120,9 @@ class FlatnessDock(ViewerDock):
         x, kind, key = self.data.x, self.kind, self.key
         directional = kind in ("one_sided", "antithetic")
         labels = METRIC_LABELS if kind == "one_sided" else CURVATURE_LABELS
-        for index in range(self.statistic.count()):
-            self.statistic.setItemText(index, labels[self.statistic.itemData(index)])
+        if directional:
+            for index in range(self.statistic.count()):
+                self.statistic.setItemText(index, labels[self.statistic.itemData(index)])
         self.statistic.setEnabled(directional)
         self.curve.setData(x, series["value"])
         banded = "low" in series
@@ -160,6 +161,7 @@ class FlatnessDock(ViewerDock):
 
     def _on_log_changed(self) -> None:
         self.flatness_plot.setLogMode(y=self.log_y.isChecked() and self.log_y.isEnabled())
+        self.band.updatePath()  # the fill does not follow its curves into log mode by itself
         self.flatness_plot.enableAutoRange(y=True)
         self.refresh(self.state.index)
 

@@ -88,6 +88,8 @@ class ProfileDock(ViewerDock):
         epoch = int(self.data.epochs[index])
         present = bool(np.isfinite(value[index]).all())
         self.curve.setData(epsilon[index] if present else [], value[index] if present else [])
+        if present:  # label the epsilons themselves: a log axis over one or two decades crowds its minor labels
+            self.profile_plot.getAxis("bottom").setTicks([[(np.log10(e), f"{e:.3g}") for e in epsilon[index]], []])
         self.errors.setVisible(present and error is not None)
         if present and error is not None:
             self.errors.setData(x=np.log10(epsilon[index]), y=value[index], height=2 * error[index])
