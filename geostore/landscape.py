@@ -208,14 +208,14 @@ def _given(value: object, stored: Mapping | None, key: str, default: object) -> 
 
 def _stored_settings(store: str | Path | None) -> dict[str, dict]:
     """The recorded settings of every analysis a store holds; empty when the path is not (yet) a store."""
-    if store is None or not Path(store).exists():
+    if store is None:
         return {}
     from geostore.store.reader import open_store
 
     try:
         opened = open_store(store)
     except StoreError:
-        return {}  # not a store: whoever opens it for writing says so
+        return {}  # missing or not a store: whoever opens it for writing creates it or says why
     return {name: opened.analysis_settings(name) for name in opened.analyses()}
 
 
