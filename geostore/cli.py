@@ -50,11 +50,19 @@ def _format_summary(summary: dict) -> str:
     )
 
 
-def _flatness_settings(args: argparse.Namespace):
-    from geostore.landscape import FlatnessSettings
+def _flatness_settings(args: argparse.Namespace, target: object):
+    """The analyses to compute for `target` (a store's location): options given, else what it stores."""
+    from geostore.landscape import resolve_settings
 
-    return FlatnessSettings(n_directions=args.directions, epsilon=args.epsilon, seed=args.seed,
-                            device=_device(args.device))
+    return resolve_settings(target, n_directions=args.directions, epsilon=args.epsilon, seed=args.seed,
+                            device=_device(args.device), antithetic=args.antithetic,
+                            profile_epsilons=args.profile_epsilons, profile_relative=args.profile_relative,
+                            hessian=args.hessian, hessian_probes=args.hessian_probes,
+                            lanczos_steps=args.lanczos_steps)
+
+
+CURVATURE_OPTIONS = ("antithetic", "profile_epsilons", "profile_relative", "hessian", "hessian_probes",
+                     "lanczos_steps")
 
 
 def _device(name: str) -> str:
@@ -68,11 +76,13 @@ def _device(name: str) -> str:
 
 def _ingest(args: argparse.Namespace) -> int:
     from geostore.cluster import open_client
-    from geostore.ingest import ingest_sweep, sweep_run_names
+    from geostore.ingest import ingest, ingest_sweep, sweep_run_names
     from geostore.store.location import Location
-    from geostore.store.sweep import is_sweep
+    from geostore.store.sweep import is_sweep, run_location
 
-    settings = None if args.no_flatness else _flatness_settings(args)
+    asked = [f"--{name.replace('_', '-')}" for name in CURVATURE_OPTIONS if getattr(args, name) not in (None, False)]
+    if args.no_flatness and asked:
+        raise GeostoreError(f"--no-flatness stores the weights alone: drop {', '.join(asked)} or --no-flatness")
     if args.run is not None and len(args.ckpts) > 1:
         raise GeostoreError(f"--run {args.run}: names one run, but {len(args.ckpts)} sources were given")
     if args.run is not None:
@@ -81,21 +91,23 @@ def _ingest(args: argparse.Namespace) -> int:
         runs = sweep_run_names(args.ckpts)
     else:
         runs = {None: args.ckpts[0]}
+    location = Location.of(args.store)
+    targets = {name: location if name is None else run_location(location, name) for name in runs}
+    settings = {name: None if args.no_flatness else _flatness_settings(args, target)
+                for name, target in targets.items()}
     with open_client(args.workers, args.scheduler) as client:
         if None in runs:
-            from geostore.ingest import ingest
-
-            reports = {None: ingest(runs[None], args.store, flatness=settings, recompute_flatness=args.recompute,
+            reports = {None: ingest(runs[None], location, flatness=settings[None], recompute_flatness=args.recompute,
                                     progress=not args.quiet, client=client)}
         else:
-            reports = ingest_sweep(runs, args.store, flatness=settings, recompute_flatness=args.recompute,
+            reports = ingest_sweep(runs, location, flatness=settings, recompute_flatness=args.recompute,
                                    progress=not args.quiet, client=client)
     for name, report in reports.items():
         where = args.store if name is None else f"{args.store} run {name}"
         print(f"{where}: added {report.added} epochs from a {report.kind} source "
               f"({report.skipped} already stored); {report.total} epochs in the store")
         if report.flatness_computed:
-            print(f"{where}: flatness computed for {report.flatness_computed} epochs")
+            print(f"{where}: {', '.join(settings[name].analyses())} computed for {report.flatness_computed} epochs")
     return 0
 
 
@@ -105,11 +117,11 @@ def _flatness(args: argparse.Namespace) -> int:
 
     with open_client(args.workers, args.scheduler) as client:
         for name, target in _targets(args.store, args.run):
-            report = compute_store_flatness(target, _flatness_settings(args), recompute=args.recompute,
+            report = compute_store_flatness(target, _flatness_settings(args, target), recompute=args.recompute,
                                             progress=not args.quiet, client=client)
             rate = f" in {report.seconds:.1f} s" if report.computed else ""
             where = args.store if name is None else f"{args.store} run {name}"
-            print(f"{where}: flatness computed for {report.computed} epochs{rate} "
+            print(f"{where}: {', '.join(report.analyses)} computed for {report.computed} epochs{rate} "
                   f"({report.already} already complete)")
     return 0
 
@@ -133,16 +145,34 @@ def open_store_or_run(store: str, run: str | None):
 
 
 def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--directions", type=int, default=50, metavar="N",
-                        help="random unit directions per epoch (default 50)")
-    parser.add_argument("--epsilon", type=float, default=0.1, metavar="E",
-                        help="perturbation length along each direction (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed of the directions, the same at every epoch (default 0)")
+    parser.add_argument("--directions", type=int, metavar="N",
+                        help="random unit directions per epoch (default: the store's, else 50)")
+    parser.add_argument("--epsilon", type=float, metavar="E",
+                        help="perturbation length along each direction (default: the store's, else 0.1)")
+    parser.add_argument("--seed", type=int, metavar="S",
+                        help="seed of the directions and Hessian probes, the same at every epoch "
+                             "(default: the store's, else 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where losses are evaluated (default: CUDA when present)")
+    curvature = parser.add_argument_group(
+        "curvature", "Measurements the one-sided flatness misses (a store keeps extending those it holds)")
+    curvature.add_argument("--antithetic", action="store_true",
+                           help="also evaluate each direction at -epsilon: store its curvature part "
+                                "[L(θ+εd)+L(θ−εd)]/2 − L(θ) and slope part (about 2x the flatness cost)")
+    curvature.add_argument("--profile-epsilons", metavar="E1,E2,...",
+                           help="antithetic mean curvature and flatness ratio at each epsilon, along the same "
+                                "directions (about 2x the flatness cost per epsilon)")
+    curvature.add_argument("--profile-relative", action="store_true",
+                           help="profile epsilons are fractions of each epoch's weight norm")
+    curvature.add_argument("--hessian", action="store_true",
+                           help="Hutchinson estimate of the Hessian trace and the top eigenvalue (Lanczos), by "
+                                "exact Hessian-vector products (each about 12 loss evaluations)")
+    curvature.add_argument("--hessian-probes", type=int, metavar="N",
+                           help="Rademacher probes for the trace (default: the store's, else 32)")
+    curvature.add_argument("--lanczos-steps", type=int, metavar="K",
+                           help="Lanczos steps for the top eigenvalue (default: the store's, else 20)")
     parser.add_argument("--recompute", action="store_true",
-                        help="replace stored flatness computed with other settings")
+                        help="replace stored analyses computed with other settings")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="compute flatness on a local Dask cluster of N single-threaded worker processes")
     parser.add_argument("--scheduler", metavar="ADDRESS",
@@ -267,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     flatness = sub.add_parser("flatness", help="add or extend loss-landscape flatness from the stored weights",
                               description="Compute baseline_loss and delta_losses (random-direction "
-                                          "perturbations) for every stored epoch that lacks them, from "
-                                          "the weights in the store alone.")
+                                          "perturbations), and the curvature analyses asked for or already "
+                                          "stored, for every stored epoch that lacks them, from the weights "
+                                          "in the store alone.")
     flatness.add_argument("store", metavar="STORE")
     _add_run_option(flatness, "only this run (default: every run)")
     flatness.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -4,9 +4,9 @@ Only epochs the store lacks are read. Epochs after the stored ones are appended 
 to the store's chunks (each chunk written once) and committed batch by batch, so a killed ingest
 keeps its finished batches; epochs that sort before stored ones are read first and inserted last.
 Bad input anywhere rolls the store back to what it held before this ingest began. Flatness (on by
-default) is then computed from the store for every epoch that lacks it, the same code path as
-`geostore flatness`, so values never depend on how the epochs arrived. A sweep (`ingest_sweep`) is
-the same ingest once per run, into `runs/<name>` of one store.
+default) and any curvature analyses asked for are then computed from the store for every epoch that
+lacks them, the same code path as `geostore flatness`, so values never depend on how the epochs arrived.
+A sweep (`ingest_sweep`) is the same ingest once per run, into `runs/<name>` of one store.
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ def ingest(
 ) -> IngestReport:
     """Write every checkpoint of `source` that `store` lacks into `store` (created when missing).
 
-    With `flatness` settings (the default), every stored epoch ends up with its flatness; a store
-    holding flatness of other settings is refused unless `recompute_flatness`. `None` skips it.
-    With a `dask.distributed` client, flatness runs on its workers (one task per epoch). With `run`,
-    `store` is a sweep (created when missing) and the run goes to its `runs/<run>`.
+    With `flatness` settings (the default), every stored epoch ends up with its flatness and the curvature
+    analyses the settings ask for; a store holding any of them with other settings is refused unless
+    `recompute_flatness`. `None` skips them all. With a `dask.distributed` client, they run on its
+    workers (one task per epoch). With `run`, `store` is a sweep (created when missing) and the run goes
+    to its `runs/<run>`.
     """
     store = Location.of(store)
     if run is not None:
@@ -78,7 +79,7 @@ def ingest(
                               train_indices=checkpoints.train_indices)
     try:
         if flatness is not None:
-            writer.enable_flatness(flatness.attrs(), recompute=recompute_flatness)
+            writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
         report = _write_new_epochs(checkpoints, writer, progress)
         if flatness is not None:
             computed = fill_missing(writer, flatness, progress=progress, client=client).computed
@@ -109,19 +110,21 @@ def ingest_sweep(
     sources: Mapping[str, str | os.PathLike],
     store: str | os.PathLike | Location,
     *,
-    flatness: FlatnessSettings | None = DEFAULT_FLATNESS,
+    flatness: FlatnessSettings | Mapping[str, FlatnessSettings | None] | None = DEFAULT_FLATNESS,
     recompute_flatness: bool = False,
     progress: bool = True,
     client: Client | None = None,
 ) -> dict[str, IngestReport]:
     """Ingest every run `{name: source}` into `runs/<name>` of the sweep at `store` (created when missing).
 
-    Every source is opened (and checked) before anything is written; runs are then ingested one after
-    another, each exactly as `ingest` does, under a progress bar over the whole sweep.
+    `flatness` is one setting for every run, or one per run name. Every source is opened (and checked)
+    before anything is written; runs are then ingested one after another, each exactly as `ingest` does,
+    under a progress bar over the whole sweep.
     """
+    per_run = flatness if isinstance(flatness, Mapping) else dict.fromkeys(sources, flatness)
     for name, source in sources.items():
         check_run_name(name)
-        if flatness is not None:
+        if per_run[name] is not None:
             check_supported(open_source(source).config, " (ingest with --no-flatness to store the weights alone)")
         else:
             open_source(source)
@@ -130,8 +133,8 @@ def ingest_sweep(
               file=sys.stderr, dynamic_ncols=True) as bar:
         for name, source in sources.items():
             bar.set_postfix_str(name, refresh=True)
-            reports[name] = ingest(source, store, run=name, flatness=flatness, recompute_flatness=recompute_flatness,
-                                   progress=progress, client=client)
+            reports[name] = ingest(source, store, run=name, flatness=per_run[name],
+                                   recompute_flatness=recompute_flatness, progress=progress, client=client)
             bar.update(1)
     return reports
 

@@ -1,10 +1,11 @@
-"""Loss-landscape flatness of a store's epochs: the settings, per-batch rows, and filling in what is missing.
+"""Loss-landscape flatness and curvature of a store's epochs: the settings, per-epoch rows, and filling in
+what is missing.
 
-Ingest computes flatness for the checkpoints it loads; `geostore flatness STORE` computes it from the
+Ingest computes them for the checkpoints it loads; `geostore flatness STORE` computes them from the
 weights already stored (each model rebuilt from the store alone). Either way only epochs whose
-flatness is missing are computed, each from its own weights and the seeded directions alone, so
-incremental, resumed and reordered runs give bit-identical `delta_losses`. Importing this module is
-cheap; torch loads when the first epoch is computed.
+analyses are missing are computed, each from its own weights and the seeded random draws alone, so
+incremental, resumed and reordered runs give bit-identical values. Importing this module is cheap;
+torch loads when the first epoch is computed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,14 +38,60 @@ DIRECTIONS_DEFINITION = (
 )
 
 
+# The one-sided flatness ratio's threshold in the multi-epsilon profile (the seed's, as `flatness_summary`).
+PROFILE_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """The multi-epsilon profile: perturbation lengths, absolute or as fractions of each epoch's weight norm."""
+
+    epsilons: tuple[float, ...]
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        values = tuple(float(e) for e in self.epsilons)
+        if not values or not all(np.isfinite(e) and e > 0 for e in values) or len(set(values)) != len(values):
+            raise StoreError(f"--profile-epsilons must be distinct positive numbers, got {list(self.epsilons)}")
+        object.__setattr__(self, "epsilons", values)
+
+    def absolute(self, params: Mapping[str, np.ndarray]) -> list[float]:
+        """The epsilons used for an epoch: as given, or times the L2 norm of its 9 weight matrices."""
+        if not self.relative:
+            return list(self.epsilons)
+        from geostore.analysis.curvature import weight_norm
+
+        norm = weight_norm(params)
+        return [e * norm for e in self.epsilons]
+
+
+@dataclass(frozen=True)
+class HessianSettings:
+    """Hutchinson probes and Lanczos steps per epoch, and the seed of the Rademacher probes."""
+
+    n_probes: int = 32
+    iterations: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_probes < 2:
+            raise StoreError(f"--hessian-probes must be at least 2 (for a standard error), got {self.n_probes}")
+        if self.iterations < 1:
+            raise StoreError(f"--lanczos-steps must be at least 1, got {self.iterations}")
+
+
 @dataclass(frozen=True)
 class FlatnessSettings:
-    """How flatness is measured: directions per epoch, perturbation size, direction seed, device."""
+    """How the landscape is measured: directions per epoch, perturbation size, direction seed, device, and
+    the optional curvature measurements (antithetic pairs, a multi-epsilon profile, the Hessian)."""
 
     n_directions: int = 50
     epsilon: float = 0.1
     seed: int = 0
     device: str = "cpu"
+    antithetic: bool = False
+    profile: ProfileSettings | None = None
+    hessian: HessianSettings | None = None
 
     def __post_init__(self) -> None:
         if self.n_directions < 1:
@@ -53,11 +100,30 @@ class FlatnessSettings:
             raise StoreError(f"--epsilon must be a positive number, got {self.epsilon}")
 
     def attrs(self) -> dict[str, object]:
-        """The settings as recorded in the store (the device is informational)."""
+        """The flatness settings as recorded in the store (the device is informational)."""
         return {
             "epsilon": float(self.epsilon), "n_directions": int(self.n_directions), "seed": int(self.seed),
             "loss": LOSS_DEFINITION, "directions": DIRECTIONS_DEFINITION, "device": self.device,
         }
+
+    def analyses(self) -> dict[str, dict[str, object]]:
+        """Every analysis these settings compute (`schema.ANALYSES` names) with its recorded settings."""
+        from geostore.analysis import curvature
+
+        directions = {"n_directions": int(self.n_directions), "seed": int(self.seed)}
+        out = {"flatness": self.attrs()}
+        if self.antithetic:
+            out["antithetic"] = {"epsilon": float(self.epsilon), **directions,
+                                 "definition": curvature.ANTITHETIC_DEFINITION}
+        if self.profile is not None:
+            out["profile"] = {"epsilons": list(self.profile.epsilons), "relative": bool(self.profile.relative),
+                              **directions, "threshold": PROFILE_THRESHOLD,
+                              "definition": curvature.PROFILE_DEFINITION}
+        if self.hessian is not None:
+            out["hessian"] = {"n_probes": int(self.hessian.n_probes), "iterations": int(self.hessian.iterations),
+                              "seed": int(self.hessian.seed), "definition": curvature.HESSIAN_DEFINITION,
+                              "device": self.device}
+        return out
 
 
 DEFAULT_FLATNESS = FlatnessSettings()
@@ -68,11 +134,13 @@ FLUSH_SECONDS = 0.2
 
 @dataclass(frozen=True)
 class FlatnessReport:
-    """What a flatness fill did: epochs computed, epochs already complete, seconds spent."""
+    """What a fill did: epochs computed (for any analysis), epochs already complete, seconds spent, and the
+    analyses it kept complete."""
 
     computed: int
     already: int
     seconds: float
+    analyses: tuple[str, ...] = ("flatness",)
 
 
 def check_supported(config: Mapping[str, object], hint: str = "") -> None:
@@ -85,19 +153,125 @@ def check_supported(config: Mapping[str, object], hint: str = "") -> None:
         raise GeostoreError(f"flatness: {exc}{hint}") from None
 
 
-def epoch_flatness(params: Mapping[str, np.ndarray], config: Mapping[str, object], settings: FlatnessSettings
-                   ) -> tuple[float, np.ndarray]:
-    """Flatness of one epoch from its parameters: `(baseline_loss, delta_losses (n_directions,))`."""
-    from geostore.analysis.flatness import flatness_for_params
+def resolve_settings(
+    store: str | os.PathLike | Location | None,
+    *,
+    n_directions: int | None = None,
+    epsilon: float | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    antithetic: bool = False,
+    profile_epsilons: str | Sequence[float] | None = None,
+    profile_relative: bool = False,
+    hessian: bool = False,
+    hessian_probes: int | None = None,
+    lanczos_steps: int | None = None,
+) -> FlatnessSettings:
+    """Settings to extend `store` with (what `geostore flatness` and `geostore ingest` do): each value given,
+    else the store's recorded one, else the default; analyses the store holds stay on with their settings.
 
-    return flatness_for_params(params, config, n_directions=settings.n_directions, epsilon=settings.epsilon,
-                               seed=settings.seed, device=settings.device)
+    `store` may be missing or not yet a store (a new one). `profile_epsilons` is a list or comma-separated
+    text; given, it sets the whole profile (`profile_relative` with it), else `profile_relative` applies to
+    the stored profile. Every random draw uses `seed`. Asking for settings that differ from stored ones is
+    allowed here; the writer refuses them unless recomputing.
+    """
+    stored = _stored_settings(store)
+    flat = stored.get("flatness", {})
+    seed = int(flat.get("seed", 0)) if seed is None else seed
+    if profile_epsilons is not None:
+        profile = ProfileSettings(_epsilons(profile_epsilons), relative=profile_relative)
+    elif "profile" in stored:
+        profile = ProfileSettings(tuple(stored["profile"]["epsilons"]),
+                                  relative=profile_relative or bool(stored["profile"]["relative"]))
+    elif profile_relative:
+        raise StoreError("--profile-relative needs --profile-epsilons (fractions of each epoch's weight norm)")
+    else:
+        profile = None
+    hessian_stored = stored.get("hessian")
+    if (hessian_probes is not None or lanczos_steps is not None) and not (hessian or hessian_stored):
+        raise StoreError("--hessian-probes and --lanczos-steps need --hessian")
+    defaults = HessianSettings()
+    hessian_settings = None if not (hessian or hessian_stored) else HessianSettings(
+        n_probes=_given(hessian_probes, hessian_stored, "n_probes", defaults.n_probes),
+        iterations=_given(lanczos_steps, hessian_stored, "iterations", defaults.iterations), seed=seed)
+    return FlatnessSettings(
+        n_directions=_given(n_directions, flat, "n_directions", DEFAULT_FLATNESS.n_directions),
+        epsilon=float(_given(epsilon, flat, "epsilon", DEFAULT_FLATNESS.epsilon)), seed=seed, device=device,
+        antithetic=antithetic or "antithetic" in stored, profile=profile, hessian=hessian_settings)
+
+
+def _given(value: object, stored: Mapping | None, key: str, default: object) -> object:
+    """`value` when given, else `stored[key]` when recorded, else `default`."""
+    if value is not None:
+        return value
+    return stored[key] if stored and key in stored else default
+
+
+def _stored_settings(store: str | os.PathLike | Location | None) -> dict[str, dict]:
+    """The recorded settings of every analysis a store holds; empty when the path is not (yet) a store."""
+    if store is None:
+        return {}
+    from geostore.store.reader import open_store
+
+    try:
+        opened = open_store(store)
+    except StoreError:
+        return {}  # missing or not a store: whoever opens it for writing creates it or says why
+    return {name: opened.analysis_settings(name) for name in opened.analyses()}
+
+
+def _epsilons(values: str | Sequence[float]) -> tuple[float, ...]:
+    """Profile epsilons from a list or comma-separated text."""
+    if not isinstance(values, str):
+        return tuple(values)
+    try:
+        return tuple(float(v) for v in values.split(","))
+    except ValueError:
+        raise StoreError(f"--profile-epsilons must be numbers separated by commas, got {values!r}") from None
+
+
+def epoch_landscape(params: Mapping[str, np.ndarray], config: Mapping[str, object], settings: FlatnessSettings,
+                    analyses: Collection[str]) -> dict[str, dict[str, object]]:
+    """One epoch's rows of the asked `analyses` from its parameters: analysis -> array name -> value.
+
+    Every direction is evaluated once per distinct perturbation length (`+eps` for flatness, `-eps` too for
+    the antithetic pair, `+-eps_k` for the profile), so the one-sided `delta_losses` are the same numbers
+    whichever other analyses run beside them.
+    """
+    from geostore.analysis.curvature import antithetic_parts, hessian_for_params, profile_row
+    from geostore.analysis.flatness import directional_losses
+
+    rows: dict[str, dict[str, object]] = {}
+    eps = settings.epsilon
+    scales = ([eps] if {"flatness", "antithetic"} & set(analyses) else []) + ([-eps] if "antithetic" in analyses
+                                                                                else [])
+    profile = settings.profile.absolute(params) if "profile" in analyses else []
+    scales += [s for e in profile for s in (e, -e)]
+    if scales:
+        unique = list(dict.fromkeys(scales))
+        baseline, deltas = directional_losses(params, config, n_directions=settings.n_directions, scales=unique,
+                                              seed=settings.seed, device=settings.device)
+        at = dict(zip(unique, deltas, strict=True))
+        if "flatness" in analyses:
+            rows["flatness"] = {"baseline_loss": baseline, "delta_losses": at[eps]}
+        if "antithetic" in analyses:
+            curvature, slope = antithetic_parts(at[eps], at[-eps], eps)
+            rows["antithetic"] = {"curvature": curvature, "slope": slope}
+        if profile:
+            rows["profile"] = {**profile_row(baseline, np.stack([at[e] for e in profile]),
+                                             np.stack([at[-e] for e in profile]), PROFILE_THRESHOLD),
+                               "profile_epsilon": np.array(profile)}
+    if "hessian" in analyses:
+        hessian = settings.hessian
+        rows["hessian"] = hessian_for_params(params, config, n_probes=hessian.n_probes, iterations=hessian.iterations,
+                                             seed=hessian.seed, device=settings.device)
+    return rows
 
 
 def fill_missing(
     writer: StoreWriter, settings: FlatnessSettings, *, progress: bool = True, client: Client | None = None
 ) -> FlatnessReport:
-    """Compute flatness for every stored epoch that lacks it, from the stored weights.
+    """Compute every analysis of `settings` for every stored epoch that lacks it, from the stored weights.
 
     Serially, each stored chunk holding missing epochs is read once; with a `dask.distributed`
     client, each epoch is a task that reads its own weights on a worker. Either way this process
@@ -106,18 +280,22 @@ def fill_missing(
     from geostore.store.reader import open_store
 
     began = time.perf_counter()
-    missing = writer.flatness_missing()
-    already = int(writer.epochs.size - missing.size)
-    if missing.size == 0:
-        return FlatnessReport(0, already, 0.0)
+    names = tuple(settings.analyses())
+    missing = {name: set(writer.missing(name).tolist()) for name in names}
+    epochs = np.array(sorted(set().union(*missing.values())), dtype=np.int64)
+    already = int(writer.epochs.size - epochs.size)
+    if epochs.size == 0:
+        return FlatnessReport(0, already, 0.0, names)
+    wanted = {int(e): tuple(name for name in names if int(e) in missing[name]) for e in epochs}
     store = open_store(writer.location)
-    results = (_serial_results(store, missing, settings) if client is None
-               else _distributed_results(client, store, missing, settings))
-    done: list[tuple[int, float, np.ndarray]] = []
+    results = (_serial_results(store, wanted, settings) if client is None
+               else _distributed_results(client, store, wanted, settings))
+    done: list[tuple[int, dict]] = []
     last_flush = time.perf_counter()
-    with progress_bar(missing.size, "flatness", progress) as bar:
-        for epoch, baseline, deltas in results:
-            done.append((epoch, baseline, deltas))
+    with progress_bar(epochs.size, "+".join(n for n in names if any(n in w for w in wanted.values())),
+                      progress) as bar:
+        for epoch, rows in results:
+            done.append((epoch, rows))
             bar.update(1)
             bar.set_postfix_str(f"{settings.n_directions * bar.n / (time.perf_counter() - began):.0f} dir/s",
                                 refresh=False)
@@ -125,38 +303,43 @@ def fill_missing(
                 _flush(writer, done)
                 last_flush = time.perf_counter()
         _flush(writer, done)
-    return FlatnessReport(int(missing.size), already, time.perf_counter() - began)
+    return FlatnessReport(int(epochs.size), already, time.perf_counter() - began, names)
 
 
-def _flush(writer: StoreWriter, done: list[tuple[int, float, np.ndarray]]) -> None:
-    if done:
-        epochs, baselines, deltas = zip(*done, strict=True)
-        writer.write_flatness(list(epochs), np.array(baselines), np.stack(deltas))
-        done.clear()
+def _flush(writer: StoreWriter, done: list[tuple[int, dict]]) -> None:
+    """Write the finished epochs, one batch per analysis (each writes its completion marker last)."""
+    for name in schema.ANALYSES:
+        batch = [(epoch, rows[name]) for epoch, rows in done if name in rows]
+        if batch:
+            writer.write_analysis(name, [epoch for epoch, _ in batch],
+                                  {array: np.stack([np.asarray(row[array]) for _, row in batch])
+                                   for array in schema.ANALYSES[name]})
+    done.clear()
 
 
-def _serial_results(store: Store, epochs: np.ndarray, settings: FlatnessSettings
-                    ) -> Iterator[tuple[int, float, np.ndarray]]:
-    """`(epoch, baseline, deltas)` in epoch order, reading each chunk that holds `epochs` once."""
-    index = np.searchsorted(store.epochs, epochs)
+def _serial_results(store: Store, wanted: Mapping[int, tuple[str, ...]], settings: FlatnessSettings
+                    ) -> Iterator[tuple[int, dict]]:
+    """`(epoch, rows)` in epoch order, reading each chunk that holds the `wanted` epochs once."""
+    index = np.searchsorted(store.epochs, np.array(list(wanted), dtype=np.int64))
     chunk = store.chunk_epochs
     for block in np.unique(index // chunk):
         rows = index[index // chunk == block]
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         stored = {name: np.asarray(store.params[name][lo:hi]) for name in schema.PARAMETERS}
         for row in rows:
+            epoch = int(store.epochs[row])
             params = {name: value[row - lo] for name, value in stored.items()}
-            yield (int(store.epochs[row]), *epoch_flatness(params, store.config, settings))
+            yield epoch, epoch_landscape(params, store.config, settings, wanted[epoch])
 
 
-def _distributed_results(client: Client, store: Store, epochs: np.ndarray, settings: FlatnessSettings
-                         ) -> Iterator[tuple[int, float, np.ndarray]]:
-    """`(epoch, baseline, deltas)` as the cluster's workers finish them (one task per epoch)."""
+def _distributed_results(client: Client, store: Store, wanted: Mapping[int, tuple[str, ...]],
+                         settings: FlatnessSettings) -> Iterator[tuple[int, dict]]:
+    """`(epoch, rows)` as the cluster's workers finish them (one task per epoch)."""
     from distributed import as_completed
 
-    futures = [client.submit(remote_epoch_flatness, store.location, int(epoch), settings,
-                             key=f"geostore-flatness-{store.name}-{int(epoch)}-{uuid.uuid4().hex[:8]}")
-               for epoch in epochs]
+    futures = [client.submit(remote_epoch_landscape, store.location, epoch, settings, analyses,
+                             key=f"geostore-flatness-{store.name}-{epoch}-{uuid.uuid4().hex[:8]}")
+               for epoch, analyses in wanted.items()]
     try:
         for future in as_completed(futures):
             yield future.result()
@@ -164,9 +347,9 @@ def _distributed_results(client: Client, store: Store, epochs: np.ndarray, setti
         client.cancel(futures)
 
 
-def remote_epoch_flatness(path: str | Location, epoch: int, settings: FlatnessSettings
-                          ) -> tuple[int, float, np.ndarray]:
-    """One epoch's flatness on a worker: its weights read from the store, torch on one thread.
+def remote_epoch_landscape(path: str | Location, epoch: int, settings: FlatnessSettings,
+                           analyses: tuple[str, ...]) -> tuple[int, dict]:
+    """One epoch's analyses on a worker: its weights read from the store, torch on one thread.
 
     One torch thread per task: a worker runs as many tasks at once as it has dask threads, so the
     cluster uses exactly the cores its workers were given.
@@ -177,21 +360,22 @@ def remote_epoch_flatness(path: str | Location, epoch: int, settings: FlatnessSe
 
     torch.set_num_threads(1)
     store = open_store(path)
-    return (epoch, *epoch_flatness(store.params_at(epoch), store.config, settings))
+    return epoch, epoch_landscape(store.params_at(epoch), store.config, settings, analyses)
 
 
 def compute_store_flatness(
     store: str | os.PathLike | Location, settings: FlatnessSettings, *, recompute: bool = False,
     progress: bool = True, client: Client | None = None,
 ) -> FlatnessReport:
-    """Add or extend flatness on an existing store from its weights alone (`geostore flatness`)."""
+    """Add or extend flatness and the curvature analyses of `settings` on an existing store from its weights
+    alone (`geostore flatness`)."""
     from geostore.store.reader import open_store
 
     store = Location.of(store)
     attrs = open_store(store).attrs  # refuses a missing path or a non-store before anything is opened for writing
     check_supported(attrs["model_config"])
     writer = StoreWriter.open(store, config=attrs["model_config"], task=attrs.get("task", {}))
-    writer.enable_flatness(settings.attrs(), recompute=recompute)
+    writer.enable_analyses(settings.analyses(), recompute=recompute)
     return fill_missing(writer, settings, progress=progress, client=client)
 
 

@@ -173,7 +173,10 @@ def test_flatness_statistic_and_band(qtbot, open_window, flat_store):
 def test_every_dock_exports_png_svg_and_csv(qtbot, open_window, flat_store, tmp_path):
     window = open_window(flat_store)
     window.epoch_control.slider.setValue(2)
+    assert [name for name, dock in window.docks.items() if dock.reason] == ["profile"]  # no profile stored
     for name, dock in window.docks.items():
+        if dock.reason:
+            continue
         png = dock.export("png", tmp_path / f"{name}.png")
         image = QImage(str(png))
         assert image.width() >= dock.canvas.width() and not image.isNull()
@@ -249,3 +252,100 @@ def test_distribution_bins_fixed_for_the_run_or_fitted_to_the_epoch(qtbot, open_
     assert (edges[0], edges[-1]) == (row.min(), row.max()) and counts.sum() == row.size
     distribution.bins.setCurrentIndex(distribution.bins.findData("run"))
     np.testing.assert_array_equal(distribution.histogram.getData()[0], flatness.edges)
+
+
+# ------------------------------------------------------------------------------------------ curvature
+@pytest.fixture
+def curved_store(tmp_path, tiny_config):
+    """`flat_store` plus synthetic antithetic, profile and Hessian rows for every epoch but the first."""
+    from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings
+    from geostore.store.writer import StoreWriter
+
+    path = make_store(tmp_path / "curved.zarr", tiny_config)
+    settings = FlatnessSettings(n_directions=16, epsilon=0.1, seed=0, antithetic=True,
+                                profile=ProfileSettings((0.01, 0.03, 0.1, 0.3)),
+                                hessian=HessianSettings(n_probes=4, iterations=4, seed=0)).analyses()
+    writer = StoreWriter.open(path, config=tiny_config, task={"family": "modular_addition", "p": 7})
+    writer.enable_analyses({name: value for name, value in settings.items() if name != "flatness"})
+    rng, epochs = np.random.default_rng(1), EPOCHS[1:]
+    n = len(epochs)
+    trace = np.linspace(50.0, 5.0, n)
+    writer.write_analysis("antithetic", epochs, {"curvature": np.abs(rng.normal(1e-4, 5e-5, (n, 16))),
+                                                 "slope": rng.normal(0, 1e-2, (n, 16))})
+    eps = np.array([0.01, 0.03, 0.1, 0.3])
+    writer.write_analysis("profile", epochs, {
+        "profile_epsilon": np.tile(eps, (n, 1)), "profile_curvature": eps**2 / 2 * (1 + eps) * trace[:, None] / 1e3,
+        "profile_curvature_stderr": eps**2 * trace[:, None] / 1e5, "profile_flatness_ratio": np.tile(1 - eps, (n, 1))})
+    writer.write_analysis("hessian", epochs, {"hessian_trace": trace, "hessian_trace_stderr": trace / 10,
+                                              "top_eigenvalue": trace / 4, "top_eigenvalue_residual": trace / 100})
+    return path
+
+
+def test_flatness_dock_switches_between_one_sided_antithetic_hessian_trace_and_top_eigenvalue(
+        qtbot, open_window, curved_store):
+    window = open_window(curved_store)
+    dock, store = window.docks["flatness"], geostore.open_store(curved_store)
+    assert all(dock.measure.model().item(i).isEnabled() for i in range(dock.measure.count()))
+    summary = store.curvature_summary()
+    dock.measure.setCurrentIndex(dock.measure.findData("antithetic"))
+    np.testing.assert_array_equal(dock.curve.getData()[1], summary["mean_curvature"])
+    np.testing.assert_array_equal(dock.band_high.getData()[1], summary["p90_curvature"])
+    assert dock.statistic.currentText() == "mean curvature" and dock.statistic.isEnabled()
+    dock.statistic.setCurrentIndex(dock.statistic.findData("flatness_ratio"))
+    np.testing.assert_array_equal(dock.curve.getData()[1], summary["flatness_ratio"])
+    assert "curvature <" in dock.flatness_plot.getAxis("left").labelText and not dock.band.isVisible()
+
+    dock.measure.setCurrentIndex(dock.measure.findData("hessian_trace"))
+    trace, stderr = store.hessian_trace.compute(), store.hessian_trace_stderr.compute()
+    np.testing.assert_array_equal(dock.curve.getData()[1], trace)
+    np.testing.assert_array_equal(dock.band_high.getData()[1], trace + 2 * stderr)
+    assert dock.compare.isVisible() and not dock.statistic.isEnabled()
+    np.testing.assert_array_equal(dock.compare.getData()[1], summary["trace_estimate"])
+    window.epoch_control.slider.setValue(4)
+    assert dock.marker.getData()[1][0] == trace[4]
+    dock.measure.setCurrentIndex(dock.measure.findData("top_eigenvalue"))
+    np.testing.assert_array_equal(dock.curve.getData()[1], store.top_eigenvalue.compute())
+    assert not dock.compare.isVisible() and "λ_max" in dock.flatness_plot.getAxis("left").labelText
+    header = dock.export("csv", window.settings.fileName() + ".csv").read_text().splitlines()[0]
+    assert header == "epoch,top_eigenvalue,low,high,baseline_loss"
+    window.close()
+    again = open_window(curved_store)
+    assert again.docks["flatness"].kind == "top_eigenvalue"  # the measure is remembered
+
+
+def test_profile_dock_shows_curvature_against_epsilon_at_the_current_epoch(qtbot, open_window, curved_store):
+    window = open_window(curved_store)
+    dock, store = window.docks["profile"], geostore.open_store(curved_store)
+    dock.raise_()
+    profile = store.curvature_profile()
+    for index in (3, 6):
+        window.epoch_control.slider.setValue(index)
+        x, y = dock.curve.getData()
+        np.testing.assert_allclose(x, np.log10(profile["epsilon"][index]))  # log x axis
+        np.testing.assert_array_equal(y, profile["normalised_curvature"][index])
+        assert dock.hutchinson.value() == pytest.approx(store.hessian_trace.compute()[index] / store.n_trainable)
+        assert f"epoch {EPOCHS[index]}" in dock.caption.text
+    (_, _), (low, high) = dock.profile_plot.vb.viewRange()
+    finite = profile["normalised_curvature"][1:]
+    assert low <= finite.min() and high >= finite.max()  # one y range for the whole run
+    dock.quantity.setCurrentIndex(dock.quantity.findData("flatness_ratio"))
+    np.testing.assert_array_equal(dock.curve.getData()[1], profile["flatness_ratio"][6])
+    assert not dock.errors.isVisible() and not dock.hutchinson.isVisible()
+    window.epoch_control.slider.setValue(0)  # epoch 0 has no profile
+    assert dock.curve.getData()[0] is None or len(dock.curve.getData()[0]) == 0
+    assert "no profile computed" in dock.caption.text
+
+
+def test_curvature_measures_and_the_profile_the_store_lacks_are_disabled_with_a_reason(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    dock = window.docks["flatness"]
+    for key, option in (("antithetic", "--antithetic"), ("hessian_trace", "--hessian"),
+                        ("top_eigenvalue", "--hessian")):
+        index = dock.measure.findData(key)
+        assert not dock.measure.model().item(index).isEnabled()
+        assert option in dock.measure.itemData(index, Qt.ItemDataRole.ToolTipRole)
+    profile = window.docks["profile"]
+    assert profile.pages.currentWidget() is profile.message and "--profile-epsilons" in profile.message.text()
+    window.epoch_control.slider.setValue(3)
+    assert dock.kind == "one_sided" and dock.marker.getData()[1][0] == window.data.flatness.summary[
+        "mean_delta_loss"][3]

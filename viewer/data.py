@@ -23,6 +23,14 @@ HISTOGRAM_BINS = 48
 FLATNESS_THRESHOLD = 0.1
 """`flatness_ratio` counts directions whose loss rises by less than this fraction of the baseline."""
 
+ANALYSIS_HELP = {
+    "flatness": ("flatness", ""),
+    "antithetic": ("antithetic curvature", " --antithetic"),
+    "profile": ("curvature profile", " --profile-epsilons 0.01,0.03,0.1,0.3"),
+    "hessian": ("Hessian trace or eigenvalue", " --hessian"),
+}
+"""What each analysis is called in messages, and the `geostore flatness` option that adds it."""
+
 GROUP_LABELS = {"all": "All", "embedding": "Embedding", "attention": "Attention", "mlp": "MLP"}
 METRIC_LABELS = {
     "mean_delta_loss": "mean Δloss", "median_delta_loss": "median Δloss", "max_delta_loss": "max Δloss",
@@ -68,6 +76,22 @@ class Flatness:
         return edges, counts[0]
 
 
+@dataclass(frozen=True)
+class Curvature:
+    """The stored curvature analyses, each None when the store lacks it.
+
+    `summary`: `Store.curvature_summary` (antithetic pairs); `hessian`: `hessian_trace`, `hessian_trace_stderr`,
+    `top_eigenvalue`, `top_eigenvalue_residual` per epoch; `profile`: `Store.curvature_profile`; `n_params`:
+    the trainable parameter count D (Tr(H) / D is what the profile's normalised curvature estimates).
+    """
+
+    summary: dict[str, np.ndarray] | None
+    hessian: dict[str, np.ndarray] | None
+    profile: dict[str, np.ndarray] | None
+    settings: dict[str, dict]
+    n_params: int
+
+
 def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Histograms of every row of `values` `(n, m)` over one set of `bins` edges spanning all finite values.
 
@@ -105,6 +129,7 @@ class ViewerData:
         self._trajectories: dict[str, Trajectory] = {}
         self._velocities: dict[bool, dict[str, np.ndarray]] = {}
         self._flatness: Flatness | None = None
+        self._curvature: Curvature | None = None
 
     # --------------------------------------------------------------------------- epoch axis
     @property
@@ -185,10 +210,35 @@ class ViewerData:
                                           summary=summary, deltas=deltas, edges=edges, counts=counts)
             return self._flatness
 
+    @property
+    def curvature(self) -> Curvature | None:
+        """The cached curvature analyses, or None until `load_curvature` ran."""
+        return self._curvature
+
+    def load_curvature(self) -> Curvature:
+        """Whichever curvature analyses the store holds (small per-epoch arrays, read once)."""
+        with self._lock:
+            if self._curvature is None:
+                store, present = self.store, self.analyses
+                hessian = None
+                if "hessian" in present:
+                    hessian = {name: np.asarray(getattr(store, name).compute(), dtype=np.float64)
+                               for name in ("hessian_trace", "hessian_trace_stderr", "top_eigenvalue",
+                                            "top_eigenvalue_residual")}
+                self._curvature = Curvature(
+                    summary=store.curvature_summary(FLATNESS_THRESHOLD) if "antithetic" in present else None,
+                    hessian=hessian,
+                    profile=store.curvature_profile() if "profile" in present else None,
+                    settings={name: store.analysis_settings(name) for name in present},
+                    n_params=store.n_trainable)
+            return self._curvature
+
     def missing(self, needs: str) -> str | None:
-        """Why a dock that `needs` `flatness`, `metrics` or `weights` cannot show this store, or None."""
-        if needs == "flatness" and not self.has_flatness:
-            return f"No flatness stored — run `geostore flatness {self.store.path}` to add it."
-        if needs == "metrics" and not self.metrics:
-            return "No training metrics recorded by this store's sources."
-        return None
+        """Why a dock (or a choice in it) that `needs` `metrics` or an analysis (`flatness`, `antithetic`,
+        `profile`, `hessian`) cannot show this store, or None."""
+        if needs == "metrics":
+            return None if self.metrics else "No training metrics recorded by this store's sources."
+        if needs in self.analyses:
+            return None
+        what, option = ANALYSIS_HELP[needs]
+        return f"No {what} stored — run `geostore flatness {self.store.path}{option}` to add it."

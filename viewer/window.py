@@ -18,6 +18,7 @@ from viewer.data import ViewerData
 from viewer.docks.base import ViewerDock
 from viewer.docks.distribution import DistributionDock
 from viewer.docks.flatness import FlatnessDock
+from viewer.docks.profile import ProfileDock
 from viewer.docks.training import TrainingDock
 from viewer.docks.trajectory import TrajectoryDock
 from viewer.docks.velocity import VelocityDock
@@ -28,7 +29,7 @@ from viewer.worker import Jobs
 SETTINGS_ENV = "GEOVIEW_SETTINGS"
 """Environment variable naming an INI file to keep the settings in (tests point it into a temp dir)."""
 LAYOUT_VERSION = 1
-LOAD_ORDER = ("training", "flatness", "distribution", "velocity", "trajectory")
+LOAD_ORDER = ("training", "flatness", "distribution", "profile", "velocity", "trajectory")
 PIXMAP_CACHE_KB = 256 * 1024
 """Room for the item caches of every dock (`ViewerDock.static`): Qt's default 10 MB holds about a dozen
 plot-sized pixmaps, so with all docks open they evicted each other and every epoch change redrew all."""
@@ -78,7 +79,9 @@ class MainWindow(QMainWindow):
         training = self.add_dock(TrainingDock, Qt.DockWidgetArea.RightDockWidgetArea)
         velocity = self.add_dock(VelocityDock, Qt.DockWidgetArea.RightDockWidgetArea, below=training)
         self.add_dock(FlatnessDock, Qt.DockWidgetArea.RightDockWidgetArea, below=velocity)
-        self.add_dock(DistributionDock, Qt.DockWidgetArea.LeftDockWidgetArea, below=trajectory)
+        distribution = self.add_dock(DistributionDock, Qt.DockWidgetArea.LeftDockWidgetArea, below=trajectory)
+        self.add_dock(ProfileDock, Qt.DockWidgetArea.LeftDockWidgetArea, tabify_with=distribution)
+        distribution.raise_()
         for name in LOAD_ORDER:  # one worker thread: the quick loads first, the PCA last
             self.docks[name].start()
         self._default_layout = self.saveState(LAYOUT_VERSION)
@@ -90,11 +93,14 @@ class MainWindow(QMainWindow):
         if settings is not None:
             self._sized = self.restore_settings()
 
-    def add_dock(self, kind: type[ViewerDock], area: Qt.DockWidgetArea, *, below: ViewerDock | None = None
-                 ) -> ViewerDock:
-        """Create a dock of class `kind` on this window's state and place it in `area` (or below another)."""
+    def add_dock(self, kind: type[ViewerDock], area: Qt.DockWidgetArea, *, below: ViewerDock | None = None,
+                 tabify_with: ViewerDock | None = None) -> ViewerDock:
+        """Create a dock of class `kind` on this window's state and place it in `area`, below another or as a
+        tab beside another."""
         dock = kind(self.data, self.state, self.jobs, self)
-        if below is None:
+        if tabify_with is not None:
+            self.tabifyDockWidget(tabify_with, dock)
+        elif below is None:
             self.addDockWidget(area, dock)
         else:
             self.splitDockWidget(below, dock, Qt.Orientation.Vertical)

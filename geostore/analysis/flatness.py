@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -124,16 +124,43 @@ def flatness_for_params(
     benchmarks/flatness.py checks it), but BLAS kernels may round differently on another CPU, BLAS version
     or on CUDA, so a run that must match bitwise keeps one machine type, thread count and device.
     """
+    baseline, deltas = directional_losses(params, config, n_directions=n_directions, scales=[epsilon], seed=seed,
+                                          device=device)
+    return baseline, deltas[0]
+
+
+def directional_losses(
+    params: Mapping[str, np.ndarray],
+    config: Mapping[str, object],
+    *,
+    n_directions: int,
+    scales: Sequence[float],
+    seed: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, np.ndarray]:
+    """`(baseline_loss, deltas (len(scales), n_directions))`: `L(theta + s d) - L(theta)` for each scale `s`
+    (any sign) and seeded direction `d`, as `flatness_for_params` computes them.
+
+    Each scale's row is computed exactly as the one-sided flatness at `epsilon = s`, so the row of a scale
+    equal to the flatness epsilon is bit-identical to the stored `delta_losses`, whatever other scales are
+    asked for (the antithetic and multi-epsilon measurements build on this). `dtype` float64 evaluates the
+    same directions in float64, to check the float32 numbers against.
+    """
     from geostore.family import modular_addition_fast as fast
 
-    tensors = {name: torch.as_tensor(np.asarray(params[name], dtype=np.float32)).to(device)
+    tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype)
                for name in schema.PARAMETERS}
     weights = {name: tensors[name] for name in TRAINABLE}
     biases = {name: value for name, value in tensors.items() if name not in TRAINABLE}
     n_params = sum(w.numel() for w in weights.values())
     directions = _directions(n_params, n_directions, seed)
+    rows = []
     with torch.no_grad():
         baseline = fast.losses({name: w[None] for name, w in weights.items()}, biases, config)[0]
-        deltas = [fast.losses(perturbed(weights, directions[i:i + DIRECTION_BLOCK].to(device), epsilon), biases,
-                              config) - baseline for i in range(0, n_directions, DIRECTION_BLOCK)]
-    return float(baseline), torch.cat(deltas).cpu().numpy()
+        for scale in scales:
+            rows.append(torch.cat([
+                fast.losses(perturbed(weights, directions[i:i + DIRECTION_BLOCK].to(device), scale), biases, config)
+                - baseline for i in range(0, n_directions, DIRECTION_BLOCK)]))
+    deltas = torch.stack(rows) if rows else torch.empty((0, n_directions), dtype=torch.float64)
+    return float(baseline), deltas.cpu().numpy()

@@ -1,5 +1,5 @@
-"""Per-epoch statistics of stored flatness distributions: pure numpy, no torch (the viewer and
-`Store.flatness_summary` call it on every open)."""
+"""Per-epoch statistics of stored flatness and curvature distributions: pure numpy, no torch (the viewer,
+`Store.flatness_summary` and `Store.curvature_summary` call them on every open)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,53 @@ def flatness_summary(baseline_loss: np.ndarray, delta_losses: np.ndarray, thresh
     where the baseline is 0, as the reference implementation does); percentiles interpolate linearly.
     """
     baseline = np.asarray(baseline_loss, dtype=np.float64)
-    deltas = np.asarray(delta_losses, dtype=np.float64)
-    missing = np.isnan(baseline) | np.isnan(deltas).any(axis=1)
+    out = _distribution(baseline, np.asarray(delta_losses, dtype=np.float64), "delta_loss", threshold)
+    for value in out.values():
+        value[np.isnan(baseline)] = np.nan
+    return {**out, "baseline_loss": baseline.copy()}
+
+
+def curvature_summary(baseline_loss: np.ndarray, curvature: np.ndarray, slope: np.ndarray, *, epsilon: float,
+                      n_params: int, threshold: float = 0.1) -> dict[str, np.ndarray]:
+    """Per-epoch statistics of the antithetic `curvature` and `slope` `(n_epoch, n_dir)` measured at `epsilon`.
+
+    As `flatness_summary` with `curvature` for `delta_loss` (`flatness_ratio`: curvature below `threshold`
+    times the baseline, NaN where the baseline is), plus `stderr_curvature` (standard error of the mean),
+    `mean_slope` and `rms_slope` (`g.d` averages: the RMS estimates `||g|| / sqrt(D)`), and `trace_estimate`
+    with `trace_estimate_stderr`: `2 D / epsilon^2` times the mean curvature, an estimate of the Hessian trace
+    (`E[d'Hd] = Tr(H) / D` over unit directions) to compare with Hutchinson's. NaN where not computed.
+    """
+    baseline = np.asarray(baseline_loss, dtype=np.float64)
+    curvature = np.asarray(curvature, dtype=np.float64)
+    slope = np.asarray(slope, dtype=np.float64)
+    out = _distribution(baseline, curvature, "curvature", threshold)
+    missing = np.isnan(curvature).any(axis=1)
+    n = curvature.shape[1]
+    stderr = curvature.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(curvature), np.nan)
+    scale = 2.0 * n_params / epsilon**2
+    out.update({
+        "stderr_curvature": stderr, "mean_slope": slope.mean(axis=1), "rms_slope": np.sqrt(np.mean(slope**2, axis=1)),
+        "trace_estimate": scale * out["mean_curvature"], "trace_estimate_stderr": scale * stderr,
+    })
+    for value in out.values():
+        value[missing] = np.nan
+    return out
+
+
+def _distribution(baseline: np.ndarray, values: np.ndarray, name: str, threshold: float) -> dict[str, np.ndarray]:
+    """Mean, median, max, std, p10 and p90 of each row of `values` (keys `mean_<name>`, ...) and the share of
+    values below `threshold` times the baseline (`threshold` itself where it is 0); NaN where the row has a NaN,
+    and the ratio also where the baseline is NaN."""
+    missing = np.isnan(values).any(axis=1)
     limit = np.where(baseline == 0, threshold, threshold * baseline)
-    ratio = (deltas < limit[:, None]).mean(axis=1)
-    p10, p90 = np.percentile(deltas, [10, 90], axis=1)
+    ratio = (values < limit[:, None]).mean(axis=1)
+    p10, p90 = np.percentile(values, [10, 90], axis=1)
     out = {
-        "mean_delta_loss": deltas.mean(axis=1), "median_delta_loss": np.median(deltas, axis=1),
-        "max_delta_loss": deltas.max(axis=1), "std_delta_loss": deltas.std(axis=1),
-        "p10_delta_loss": p10, "p90_delta_loss": p90, "flatness_ratio": ratio,
+        f"mean_{name}": values.mean(axis=1), f"median_{name}": np.median(values, axis=1),
+        f"max_{name}": values.max(axis=1), f"std_{name}": values.std(axis=1),
+        f"p10_{name}": p10, f"p90_{name}": p90, "flatness_ratio": ratio,
     }
     for value in out.values():
         value[missing] = np.nan
-    return {**out, "baseline_loss": baseline.copy()}
+    out["flatness_ratio"][np.isnan(baseline)] = np.nan
+    return out

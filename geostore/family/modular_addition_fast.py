@@ -29,7 +29,9 @@ BLOCK_PAIRS = 1024
 # Largest logit gap `l_j - l_y` whose exponential is summed directly: 112 terms of exp(80) stay finite in float32.
 EXP_LIMIT = 80.0
 
+# Activations in place, for evaluation (flatness), and out of place, for the derivatives torch.func takes.
 _ACTIVATIONS = {"relu": torch.relu_, "gelu": lambda x: x.copy_(F.gelu(x))}
+_PURE_ACTIVATIONS = {"relu": torch.relu, "gelu": F.gelu}
 
 
 def check_config(config: Mapping[str, object]) -> None:
@@ -57,7 +59,7 @@ def flops_per_weight_set(config: Mapping[str, object]) -> int:
 
 
 def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor],
-           config: Mapping[str, object]) -> torch.Tensor:
+           config: Mapping[str, object], *, for_derivatives: bool = False) -> torch.Tensor:
     """The family loss for each of `B` weight sets: `weights` holds the 9 matrices stacked `(B, *shape)`,
     `biases` the shared biases by short name. Returns float64 `(B,)`; the per-pair cross-entropies are
     summed in float64, everything else runs in the weights' dtype on their device.
@@ -65,16 +67,21 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     Every block writes into buffers allocated once per call: a dask worker's allocator returns freed memory
     to the system at once (`MALLOC_TRIM_THRESHOLD_=65536`), and fresh multi-MB blocks per step then cost
     page faults that doubled the time per direction.
+
+    `for_derivatives` takes the cross-entropy in a form whose second derivatives stay finite in float32
+    (`_smooth_cross_entropy_sum`: the same function, rounded differently) and works out of place, for
+    Hessian-vector products through `torch.func`; flatness keeps the default, so stored losses do not
+    depend on it.
     """
     check_config(config)
     p = prime_of(config)
     m = int(config["d_mlp"])
-    act = _ACTIVATIONS[str(config["act_fn"])]
+    act, pure_act = _ACTIVATIONS[str(config["act_fn"])], _PURE_ACTIVATIONS[str(config["act_fn"])]
     scale = math.sqrt(int(config["d_head"]))
     rows = max(1, BLOCK_PAIRS // p)
     grid = torch.arange(p, device=weights["W_E"].device)
     labels = [((grid[a0:a0 + rows, None] + grid) % p).reshape(-1) for a0 in range(0, p, rows)]
-    work = _Workspace(rows, p, m, weights["W_E"])
+    work = None if for_derivatives else _Workspace(rows, p, m, weights["W_E"])
     totals = []
     for i in range(len(weights["W_E"])):
         w = {name: value[i] for name, value in weights.items()}
@@ -84,8 +91,12 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
         for block, a0 in zip(labels, range(0, p, rows), strict=True):
             n_a = len(block) // p
             pre = mixer.preactivations(a0, n_a, work)  # (pairs, m + p)
-            logits = torch.addmm(pre[:, m:], act(pre[:, :m]), fold, out=work.take("logits", (len(block), p)))
-            total += _cross_entropy_sum_(logits, block)
+            if for_derivatives:
+                logits = torch.addmm(pre[:, m:], pure_act(pre[:, :m]), fold)
+                total = total + _smooth_cross_entropy_sum(logits, block)
+            else:
+                logits = torch.addmm(pre[:, m:], act(pre[:, :m]), fold, out=work.take("logits", (len(block), p)))
+                total += _cross_entropy_sum_(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
 
@@ -116,6 +127,20 @@ class _Workspace:
     def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A contiguous view of buffer `name` with `shape` (its leading elements)."""
         return self._buffers[name][: math.prod(shape)].view(shape)
+
+
+def _smooth_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`_cross_entropy_sum_` as `softplus(m + log sum over j != y of exp(l_j - l_y - m))`, `m` the largest
+    `l_j - l_y`: as precise near zero loss, and twice differentiable without overflow at any logit gap (the
+    second derivatives of `log1p(rest)` hold products of order `rest^2`, which overflow float32 past a gap
+    of ~44: Hessian-vector products of a trained checkpoint came out NaN; softplus is linear past 40, where
+    it differs from the exact value by less than 1e-17, so its derivatives never square more than exp(40)).
+    Out of place and without data-dependent branches, as `torch.func` needs."""
+    label = logits.gather(1, labels[:, None])
+    others = (logits - label).scatter(1, labels[:, None], -math.inf)
+    top = others.amax(dim=1, keepdim=True)
+    gap = top[:, 0] + torch.log((others - top).exp().sum(dim=1))
+    return F.softplus(gap, threshold=40.0).sum(dtype=torch.float64)
 
 
 class _Mixer:
@@ -150,10 +175,14 @@ class _Mixer:
         self.coef_b = (e_b / norm).transpose(0, 1).contiguous()  # (b, a, H)
         self.rows_b = relative[p:].contiguous()  # (b, H, m + p)
 
-    def preactivations(self, a0: int, n_a: int, work: _Workspace) -> torch.Tensor:
+    def preactivations(self, a0: int, n_a: int, work: _Workspace | None) -> torch.Tensor:
         """`(n_a * p, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
-        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`; written into `work`."""
+        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`; written into `work`, or into
+        new tensors (out of place, as autograd needs) without one."""
         p, width = self.rows_b.shape[0], self.rows_b.shape[-1]
+        if work is None:
+            pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a])
+            return (pre + torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b).transpose(0, 1)).view(-1, width)
         pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], out=work.take("a", (n_a, p, width)))
         pre += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b, out=work.take("b", (p, n_a, width))).transpose(0, 1)
         return pre.view(-1, width)

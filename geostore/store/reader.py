@@ -18,6 +18,10 @@ from geostore.errors import StoreError
 from geostore.store import layout, schema
 from geostore.store.location import Location
 
+# The `geostore flatness` options that add each analysis to a store.
+ADD_OPTIONS = {"flatness": "", "antithetic": " --antithetic", "profile": " --profile-epsilons E1,E2,...",
+               "hessian": " --hessian"}
+
 if TYPE_CHECKING:
     import dask.array as da
     import xarray as xr
@@ -156,16 +160,17 @@ class Store:
     @property
     def flatness_settings(self) -> dict:
         """How the stored flatness was computed: `epsilon`, `n_directions`, `seed`, the loss, ..."""
-        self._require("flatness")
-        return dict(self.attrs["flatness"])
+        return self.analysis_settings("flatness")
+
+    def analysis_settings(self, name: str) -> dict:
+        """How a stored analysis (`flatness`, `antithetic`, `profile`, `hessian`) was computed."""
+        self._require(name)
+        return dict(self.attrs[name])
 
     @property
     def baseline_loss(self) -> da.Array:
         """Lazy `(n_epoch,)` float64 loss at each epoch's weights; NaN where flatness is not computed."""
-        self._require("flatness")
-        import dask.array as da
-
-        return da.from_zarr(self._group["baseline_loss"])[: self._n]
+        return self._analysis_array("flatness", "baseline_loss")
 
     @property
     def delta_losses(self) -> da.Array:
@@ -173,17 +178,39 @@ class Store:
 
         An epoch's row counts only once its baseline is written (the writer writes it last).
         """
-        self._require("flatness")
+        return self._analysis_array("flatness", "delta_losses")
+
+    def _analysis_array(self, analysis: str, name: str) -> da.Array:
+        """Lazy rows of one array of an analysis, NaN where the analysis's completion marker is not written."""
+        self._require(analysis)
         import dask.array as da
 
-        deltas = da.from_zarr(self._group["delta_losses"])[: self._n]
-        return da.where(da.isnan(self.baseline_loss)[:, None], np.nan, deltas)
+        values = da.from_zarr(self._group[name])[: self._n]
+        marker = schema.ANALYSES[analysis][0]
+        if name == marker:
+            return values
+        missing = _incomplete(da.isnan(da.from_zarr(self._group[marker])[: self._n]))
+        return da.where(missing.reshape((self._n,) + (1,) * (values.ndim - 1)), np.nan, values)
+
+    def _read(self, analysis: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Small arrays of an analysis read without dask, rows whose marker is not written set to NaN."""
+        self._require(analysis)
+        missing = _incomplete(np.isnan(self._group[schema.ANALYSES[analysis][0]][: self._n]))
+        out = {}
+        for name in names:
+            values = np.array(self._group[name][: self._n], dtype=np.float64)
+            values[missing] = np.nan
+            out[name] = values
+        return out
+
+    def analysis_epochs(self, name: str) -> np.ndarray:
+        """Epochs whose analysis `name` is complete (read without dask)."""
+        marker = self._read(name, [schema.ANALYSES[name][0]])[schema.ANALYSES[name][0]]
+        return self._epochs[~_incomplete(np.isnan(marker))]
 
     def flatness_epochs(self) -> np.ndarray:
         """Epochs whose flatness is complete (read without dask)."""
-        self._require("flatness")
-        baseline = np.asarray(self._group["baseline_loss"][: self._n])
-        return self._epochs[np.isfinite(baseline)]
+        return self.analysis_epochs("flatness")
 
     def flatness_summary(self, threshold: float = 0.1) -> dict[str, np.ndarray]:
         """Per-epoch summaries of the stored distribution (mean, median, max, std, p10, p90, flatness ratio).
@@ -193,15 +220,89 @@ class Store:
         """
         from geostore.analysis.flatness_stats import flatness_summary
 
-        self._require("flatness")
-        baseline = np.asarray(self._group["baseline_loss"][: self._n])  # small: read without dask
-        deltas = np.asarray(self._group["delta_losses"][: self._n])
-        deltas[np.isnan(baseline)] = np.nan
-        return flatness_summary(baseline, deltas, threshold)
+        rows = self._read("flatness", ["baseline_loss", "delta_losses"])  # small: read without dask
+        return flatness_summary(rows["baseline_loss"], rows["delta_losses"], threshold)
+
+    # ---------------------------------------------------------------------------------- curvature
+    @property
+    def curvature(self) -> da.Array:
+        """Lazy `(n_epoch, n_directions)` antithetic curvature `[L(θ+εd) + L(θ−εd)]/2 − L(θ)`, ≈ `ε²/2 dᵀHd`,
+        along the flatness directions; NaN rows where not computed."""
+        return self._analysis_array("antithetic", "curvature")
+
+    @property
+    def slope(self) -> da.Array:
+        """Lazy `(n_epoch, n_directions)` antithetic slope `[L(θ+εd) − L(θ−εd)]/(2ε)`, ≈ `g·d`; NaN where not
+        computed."""
+        return self._analysis_array("antithetic", "slope")
+
+    def curvature_summary(self, threshold: float = 0.1) -> dict[str, np.ndarray]:
+        """Per-epoch summaries of the antithetic curvature, as `flatness_summary` gives for the one-sided
+        deltas, with its standard error, the slope's mean and RMS, and the Hessian trace it estimates
+        (`2 D / ε²` times the mean curvature, D the trainable parameter count) with that estimate's standard
+        error (see `geostore.analysis.flatness_stats.curvature_summary`). Needs flatness for the baseline."""
+        from geostore.analysis.flatness_stats import curvature_summary
+
+        rows = self._read("antithetic", ["curvature", "slope"])
+        baseline = (self._read("flatness", ["baseline_loss"])["baseline_loss"] if "flatness" in self.analyses()
+                    else np.full(self._n, np.nan))
+        epsilon = float(self.attrs["antithetic"]["epsilon"])
+        return curvature_summary(baseline, rows["curvature"], rows["slope"], epsilon=epsilon,
+                                 n_params=self.n_trainable, threshold=threshold)
+
+    def curvature_profile(self) -> dict[str, np.ndarray]:
+        """The multi-epsilon profile: `(n_epoch, n_epsilon)` float64 arrays, NaN rows where not computed.
+
+        `epsilon`: the perturbation lengths used at each epoch (the settings' values, times the epoch's
+        weight norm when they are relative); `mean_curvature` and `curvature_stderr`: the antithetic curvature
+        averaged over the flatness directions and its standard error; `normalised_curvature` and
+        `normalised_stderr`: the same times `2 / ε²`, an estimate of `Tr(H) / D` at each scale (constant
+        while the loss is quadratic at that scale); `flatness_ratio`: the one-sided flatness ratio at each
+        epsilon. `factors` `(n_epsilon,)` are the settings' values.
+        """
+        rows = self._read("profile", ["profile_curvature", "profile_curvature_stderr", "profile_flatness_ratio",
+                                      "profile_epsilon"])
+        epsilon = rows["profile_epsilon"]
+        scale = 2.0 / np.square(epsilon)
+        return {
+            "epsilon": epsilon, "factors": np.asarray(self.attrs["profile"]["epsilons"], dtype=np.float64),
+            "mean_curvature": rows["profile_curvature"], "curvature_stderr": rows["profile_curvature_stderr"],
+            "normalised_curvature": scale * rows["profile_curvature"],
+            "normalised_stderr": scale * rows["profile_curvature_stderr"],
+            "flatness_ratio": rows["profile_flatness_ratio"],
+        }
+
+    @property
+    def hessian_trace(self) -> da.Array:
+        """Lazy `(n_epoch,)` Hutchinson estimate of the trace of the loss Hessian over the trainable weights."""
+        return self._analysis_array("hessian", "hessian_trace")
+
+    @property
+    def hessian_trace_stderr(self) -> da.Array:
+        """Lazy `(n_epoch,)` standard error of `hessian_trace`: the probes' standard deviation over the square
+        root of their count."""
+        return self._analysis_array("hessian", "hessian_trace_stderr")
+
+    @property
+    def top_eigenvalue(self) -> da.Array:
+        """Lazy `(n_epoch,)` largest Hessian eigenvalue, the top Ritz value of a Lanczos run."""
+        return self._analysis_array("hessian", "top_eigenvalue")
+
+    @property
+    def top_eigenvalue_residual(self) -> da.Array:
+        """Lazy `(n_epoch,)` Lanczos residual norm of `top_eigenvalue`: some eigenvalue lies within it."""
+        return self._analysis_array("hessian", "top_eigenvalue_residual")
+
+    @property
+    def n_trainable(self) -> int:
+        """Numbers in the 9 weight matrices (the vector flatness and curvature are measured over)."""
+        shapes = self.param_shapes()
+        return sum(int(np.prod(shapes[name])) for name in schema.WEIGHT_MATRICES)
 
     def _require(self, analysis: str) -> None:
         if analysis not in self.analyses():
-            raise StoreError(f"{self.path}: no {analysis} stored (run `geostore {analysis} {self.path}`)")
+            raise StoreError(f"{self.path}: no {analysis} stored (run `geostore flatness {self.path}"
+                             f"{ADD_OPTIONS[analysis]}`)")
 
     def analyses(self) -> list[str]:
         """Names of the analyses stored (see `schema.ANALYSES`), e.g. `flatness`."""
@@ -274,6 +375,11 @@ class Store:
     def __repr__(self) -> str:
         span = f"{self._epochs[0]}..{self._epochs[-1]}" if self._n else "none"
         return f"<geostore.Store {str(self.path)!r}: {self._n} epochs ({span})>"
+
+
+def _incomplete(missing: np.ndarray) -> np.ndarray:
+    """Per epoch (rows), whether any value of a completion marker's NaN mask is set (numpy or dask)."""
+    return missing.any(axis=1) if missing.ndim > 1 else missing
 
 
 def open_store(path: str | os.PathLike | Location, run: str | None = None, *,

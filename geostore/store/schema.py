@@ -94,16 +94,43 @@ def resolve_group(group: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 DIRECTION_DIM = "direction"
+EPSILON_DIM = "epsilon"
 
 # Per-epoch analysis arrays: name -> dimension names (float64, NaN where not computed). They share
 # the epoch axis with the weights, so appends and inserts move them along with the weights.
 ANALYSIS_ARRAYS: dict[str, tuple[str, ...]] = {
     "delta_losses": (EPOCH_DIM, DIRECTION_DIM),
     "baseline_loss": (EPOCH_DIM,),
+    "curvature": (EPOCH_DIM, DIRECTION_DIM),
+    "slope": (EPOCH_DIM, DIRECTION_DIM),
+    "profile_curvature": (EPOCH_DIM, EPSILON_DIM),
+    "profile_curvature_stderr": (EPOCH_DIM, EPSILON_DIM),
+    "profile_flatness_ratio": (EPOCH_DIM, EPSILON_DIM),
+    "profile_epsilon": (EPOCH_DIM, EPSILON_DIM),
+    "hessian_trace": (EPOCH_DIM,),
+    "hessian_trace_stderr": (EPOCH_DIM,),
+    "top_eigenvalue": (EPOCH_DIM,),
+    "top_eigenvalue_residual": (EPOCH_DIM,),
 }
 
-# Analyses a store can hold, by the arrays that make them up. For flatness, `baseline_loss` is
-# written after `delta_losses`: an epoch's flatness is complete exactly when its baseline is finite.
+# Analyses a store can hold, by the arrays that make them up. The first array of each is written
+# after the others: an epoch's analysis is complete exactly when its row of the first array is finite
+# (for flatness, `baseline_loss` is written after `delta_losses`).
 ANALYSES: dict[str, tuple[str, ...]] = {
     "flatness": ("baseline_loss", "delta_losses"),
+    "antithetic": ("curvature", "slope"),
+    "profile": ("profile_curvature", "profile_curvature_stderr", "profile_flatness_ratio", "profile_epsilon"),
+    "hessian": ("hessian_trace", "hessian_trace_stderr", "top_eigenvalue", "top_eigenvalue_residual"),
 }
+
+# Each analysis's settings live in the root attribute named after it; these keys must agree to extend
+# stored values (other keys, such as definitions or the device, are informational).
+ANALYSIS_SETTINGS: dict[str, tuple[str, ...]] = {
+    "flatness": ("epsilon", "n_directions", "seed"),
+    "antithetic": ("epsilon", "n_directions", "seed"),
+    "profile": ("epsilons", "relative", "n_directions", "seed", "threshold"),
+    "hessian": ("n_probes", "iterations", "seed"),
+}
+
+# The settings key giving the size of each non-epoch analysis dimension (a count, or a list's length).
+ANALYSIS_DIM_SETTINGS: dict[str, str] = {DIRECTION_DIM: "n_directions", EPSILON_DIM: "epsilons"}

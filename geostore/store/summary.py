@@ -20,6 +20,20 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
+def _describe_settings(analysis: str, settings: dict) -> str:
+    """One line of an analysis's settings."""
+    if analysis == "flatness":
+        return f"{settings['n_directions']} directions, epsilon {settings['epsilon']}, seed {settings['seed']}"
+    if analysis == "antithetic":
+        return f"curvature and slope at +-epsilon {settings['epsilon']} along the flatness directions"
+    if analysis == "profile":
+        scale = " x the weight norm" if settings["relative"] else ""
+        values = ", ".join(f"{e:g}" for e in settings["epsilons"])
+        return f"epsilon {values}{scale}, {settings['n_directions']} directions"
+    return (f"Hutchinson trace ({settings['n_probes']} probes), top eigenvalue ({settings['iterations']} Lanczos "
+            f"steps), seed {settings['seed']}")
+
+
 def describe(store: Store) -> str:
     """Epochs, model, parameters and shapes, size on disk, sources and stored analyses of a store."""
     cfg, task, epochs = store.config, store.task, store.epochs
@@ -48,9 +62,9 @@ def describe(store: Store) -> str:
     for source in store.sources:
         lines.append(f"source      {source['kind']}: {source['path']}")
     analyses = store.analyses()
-    if "flatness" in analyses:
-        settings = store.flatness_settings
-        lines.append(f"flatness    {settings['n_directions']} directions, epsilon {settings['epsilon']}, "
-                     f"seed {settings['seed']}: {store.flatness_epochs().size} of {store.epochs.size} epochs complete")
+    for name in analyses:
+        settings = store.analysis_settings(name)
+        done = f"{store.analysis_epochs(name).size} of {store.epochs.size} epochs complete"
+        lines.append(f"{name:<11} {_describe_settings(name, settings)}: {done}")
     lines.append(f"analyses    {', '.join(analyses) if analyses else 'none stored yet'}")
     return "\n".join(lines)

@@ -27,11 +27,6 @@ from geostore.errors import ModelMismatchError, StoreError
 from geostore.store import layout, schema
 from geostore.store.location import PARTIAL_SUFFIX, Location
 
-# Root attribute holding the flatness settings (named as the analysis in schema.ANALYSES: its
-# presence enables the analysis arrays); the keys that must agree to extend stored flatness.
-FLATNESS_ATTR = "flatness"
-FLATNESS_KEYS = ("epsilon", "n_directions", "seed")
-
 # Arrays written at once: zarr's per-call overhead (metadata, event-loop round trips) overlaps.
 WRITE_THREADS = 8
 
@@ -160,56 +155,101 @@ class StoreWriter:
         self._shifted = True
         self._replay()
 
-    # ----------------------------------------------------------------------------------- flatness
+    # ----------------------------------------------------------------------------------- analyses
+    def analysis_settings(self, name: str) -> dict | None:
+        """The settings an analysis of `schema.ANALYSES` was computed with, or None when it is not enabled."""
+        settings = self.attrs.get(name)
+        return None if settings is None else dict(settings)
+
     @property
     def flatness_settings(self) -> dict | None:
         """The flatness settings the store was computed with (epsilon, n_directions, seed, ...), or None."""
-        settings = self.attrs.get(FLATNESS_ATTR)
-        return None if settings is None else dict(settings)
+        return self.analysis_settings("flatness")
+
+    def enable_analyses(self, analyses: Mapping[str, Mapping[str, object]], *, recompute: bool = False) -> None:
+        """Make the store hold each analysis computed with its settings (committed; no epoch is computed yet).
+
+        `analyses` maps names of `schema.ANALYSES` to settings naming at least the keys of
+        `schema.ANALYSIS_SETTINGS`. An analysis stored with other settings is refused unless `recompute`,
+        which drops its stored values first; every analysis is checked before anything is written.
+        """
+        asked = {name: dict(settings) for name, settings in analyses.items()}
+        stale = []
+        for name, settings in asked.items():
+            if name not in schema.ANALYSES:
+                raise StoreError(f"{self.path}: unknown analysis {name!r}")
+            stored = self.analysis_settings(name)
+            if stored is None or _same_settings(name, stored, settings):
+                continue
+            if not recompute:
+                raise StoreError(f"{self.path}: holds {name} with {_describe(name, stored)}, asked for "
+                                 f"{_describe(name, settings)}: recompute to replace it")
+            stale.append(name)
+        new = [name for name in asked if name in stale or self.analysis_settings(name) is None]
+        if not new:
+            return
+        if stale:  # un-list the old arrays first, so a crash never shows them with new settings
+            present = [a for a in self._analysis_arrays() if any(a in schema.ANALYSES[n] for n in stale)]
+            for name in stale:
+                self.attrs.pop(name)
+            self._commit(self._epochs)
+            for array in present:
+                self.location.remove(array)
+                self._arrays.pop(array, None)
+        with layout.quiet_zarr():
+            for name in new:
+                for array in schema.ANALYSES[name]:
+                    dims = schema.ANALYSIS_ARRAYS[array]
+                    shape = (self._n, *(_dim_size(asked[name], dim) for dim in dims[1:]))
+                    self._group.create_array(
+                        array, shape=shape, chunks=(self.chunk_epochs, *shape[1:]), dtype="float64",
+                        fill_value=float("nan"), dimension_names=dims, compressors=layout.COMPRESSORS,
+                        config={"write_empty_chunks": True}, overwrite=True,
+                    )
+                self.attrs[name] = asked[name]
+        self._commit(self._epochs)
+        if stale:
+            self._mark_rollback_point()  # the old values are gone: a rollback returns to the recomputed state
 
     def enable_flatness(self, settings: Mapping[str, object], *, recompute: bool = False) -> None:
-        """Make the store hold flatness computed with `settings` (committed; no epoch is computed yet).
+        """`enable_analyses({"flatness": settings}, recompute=recompute)`."""
+        self.enable_analyses({"flatness": settings}, recompute=recompute)
 
-        Settings must name `epsilon`, `n_directions` and `seed`. A store holding flatness with other
-        settings is refused unless `recompute`, which drops the stored values first.
-        """
-        settings = dict(settings)
-        stored = self.flatness_settings
-        if stored is not None and _same_flatness(stored, settings):
-            return
-        if stored is not None and not recompute:
-            raise StoreError(
-                f"{self.path}: holds flatness with {_describe_flatness(stored)}, asked for "
-                f"{_describe_flatness(settings)}: recompute to replace it"
-            )
-        if stored is not None:  # un-list the old arrays first, so a crash never shows them with new settings
-            present = self._analysis_arrays()
-            self.attrs.pop(FLATNESS_ATTR)
-            self._commit(self._epochs)
-            for name in present:
-                self.location.remove(name)
-                self._arrays.pop(name, None)
-        n_dir = int(settings["n_directions"])
-        chunks = self.chunk_epochs
-        with layout.quiet_zarr():
-            for name, dims in schema.ANALYSIS_ARRAYS.items():
-                shape = (self._n, n_dir)[: len(dims)]
-                self._group.create_array(
-                    name, shape=shape, chunks=(chunks, n_dir)[: len(dims)], dtype="float64",
-                    fill_value=float("nan"), dimension_names=dims, compressors=layout.COMPRESSORS,
-                    config={"write_empty_chunks": True}, overwrite=True,
-                )
-        self.attrs[FLATNESS_ATTR] = settings
-        self._commit(self._epochs)
-        if stored is not None:
-            self._mark_rollback_point()  # the old values are gone: a rollback returns to the recomputed state
+    def missing(self, name: str) -> np.ndarray:
+        """Stored epochs whose analysis `name` is not complete (all of them when it is not enabled)."""
+        if self.analysis_settings(name) is None:
+            return self.epochs
+        marker = np.isnan(self._array(schema.ANALYSES[name][0])[: self._n])
+        return self._epochs[marker.any(axis=tuple(range(1, marker.ndim)))]
 
     def flatness_missing(self) -> np.ndarray:
         """Stored epochs whose flatness is not complete (all of them when flatness is not enabled)."""
-        if self.flatness_settings is None:
-            return self.epochs
-        baseline = self._array("baseline_loss")[: self._n]
-        return self._epochs[np.isnan(baseline)]
+        return self.missing("flatness")
+
+    def write_analysis(self, name: str, epochs: Sequence[int], rows: Mapping[str, np.ndarray]) -> None:
+        """Write rows of analysis `name` for stored epochs: `rows[array]` is `(k, *row shape)` for every array.
+
+        The analysis's first array (its completion marker) is written last and each chunk write is
+        atomic, so a killed writer leaves whole epochs.
+        """
+        if self.analysis_settings(name) is None:
+            raise StoreError(f"{self.path}: {name} is not enabled in this store")
+        epochs = np.asarray(epochs, dtype=np.int64)
+        index = np.searchsorted(self._epochs, epochs)
+        if np.any(index >= self._n) or np.any(self._epochs[np.minimum(index, self._n - 1)] != epochs):
+            missing = sorted(set(epochs.tolist()) - set(self._epochs.tolist()))
+            raise StoreError(f"{self.path}: {name} for epochs that are not stored: {missing}")
+        values = {}
+        for array in schema.ANALYSES[name]:
+            value, shape = np.asarray(rows[array], dtype=np.float64), (epochs.size, *self._array(array).shape[1:])
+            if value.shape != shape and not (len(shape) == 1 and value.size == shape[0]):
+                raise StoreError(f"{self.path}: {array} rows of shape {value.shape}, the store holds {shape[1:]} "
+                                 f"per epoch for {epochs.size} epochs")
+            values[array] = value.reshape(shape)
+        if epochs.size == 0:
+            return
+        for array in (*schema.ANALYSES[name][1:], schema.ANALYSES[name][0]):
+            self._array(array).oindex[(index, *(slice(None),) * (values[array].ndim - 1))] = values[array]
 
     def write_flatness(
         self,
@@ -222,30 +262,19 @@ class StoreWriter:
     ) -> None:
         """Write the flatness of stored epochs: `delta_losses` `(k, n_directions)` first, then the baseline.
 
-        Each chunk write is atomic and the baseline marks an epoch complete, so a killed writer
-        leaves whole epochs. With `epsilon` and `seed`, flatness is enabled with those settings
-        first (refused if the store holds other settings).
+        With `epsilon` and `seed`, flatness is enabled with those settings first (refused if the store
+        holds other settings).
         """
-        epochs = np.asarray(epochs, dtype=np.int64)
         delta_losses = np.asarray(delta_losses, dtype=np.float64)
-        baseline_loss = np.asarray(baseline_loss, dtype=np.float64).reshape(-1)
         if epsilon is not None or seed is not None:
             self.enable_flatness({"epsilon": float(epsilon), "n_directions": int(delta_losses.shape[1]),
                                   "seed": seed})
-        if self.flatness_settings is None:
-            raise StoreError(f"{self.path}: flatness is not enabled in this store")
-        index = np.searchsorted(self._epochs, epochs)
-        if np.any(index >= self._n) or np.any(self._epochs[np.minimum(index, self._n - 1)] != epochs):
-            missing = sorted(set(epochs.tolist()) - set(self._epochs.tolist()))
-            raise StoreError(f"{self.path}: flatness for epochs that are not stored: {missing}")
-        deltas = self._array("delta_losses")
-        if delta_losses.shape != (epochs.size, deltas.shape[1]) or baseline_loss.shape != (epochs.size,):
+        stored = self.flatness_settings
+        n_dir = None if stored is None else int(stored["n_directions"])
+        if stored is not None and delta_losses.shape[1:] != (n_dir,):
             raise StoreError(f"{self.path}: flatness rows of shape {delta_losses.shape}, store holds "
-                             f"{deltas.shape[1]} directions")
-        if epochs.size == 0:
-            return
-        deltas.oindex[index, :] = delta_losses
-        self._array("baseline_loss").oindex[index] = baseline_loss
+                             f"{n_dir} directions")
+        self.write_analysis("flatness", epochs, {"baseline_loss": baseline_loss, "delta_losses": delta_losses})
 
     def record_source(self, record: Mapping[str, object]) -> None:
         """Remember where epochs came from (kept in the root attributes at the next commit)."""
@@ -263,7 +292,7 @@ class StoreWriter:
 
         Only appends and newly enabled analyses can be undone (they never touched stored values);
         after an insertion shifted stored epochs, the store stays as committed, and a recompute
-        that replaced stored flatness is kept.
+        that replaced a stored analysis is kept.
         """
         if self._shifted:
             return
@@ -390,12 +419,18 @@ class StoreWriter:
                 array.resize((n, *array.shape[1:]))
 
 
-def _same_flatness(stored: Mapping, asked: Mapping) -> bool:
-    return all(stored.get(k) == asked.get(k) for k in FLATNESS_KEYS)
+def _same_settings(name: str, stored: Mapping, asked: Mapping) -> bool:
+    return all(stored.get(k) == asked.get(k) for k in schema.ANALYSIS_SETTINGS[name])
 
 
-def _describe_flatness(settings: Mapping) -> str:
-    return ", ".join(f"{k}={settings.get(k)!r}" for k in FLATNESS_KEYS)
+def _describe(name: str, settings: Mapping) -> str:
+    return ", ".join(f"{k}={settings.get(k)!r}" for k in schema.ANALYSIS_SETTINGS[name])
+
+
+def _dim_size(settings: Mapping, dim: str) -> int:
+    """Size of an analysis dimension from the settings (a count, or the length of a list)."""
+    value = settings[schema.ANALYSIS_DIM_SETTINGS[dim]]
+    return len(value) if isinstance(value, list | tuple) else int(value)
 
 
 def _create(location: Location, config, task, train_indices, chunk_epochs) -> None:

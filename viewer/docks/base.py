@@ -186,6 +186,13 @@ class ViewerDock(QDockWidget):
         box.currentIndexChanged.connect(lambda _i: slot())
         return self.add_control(box, label)
 
+    @staticmethod
+    def disable_choice(box: QComboBox, key: str, reason: str) -> None:
+        """Grey out the item `key` of a combo box, its tooltip saying why."""
+        index = box.findData(key)
+        box.model().item(index).setEnabled(False)
+        box.setItemData(index, reason, Qt.ItemDataRole.ToolTipRole)
+
     def checkbox(self, text: str, checked: bool, slot: Callable[[], None]) -> QCheckBox:
         """A toolbar check box calling `slot()` on toggle."""
         box = QCheckBox(text, checked=checked)

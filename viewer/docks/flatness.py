@@ -1,7 +1,10 @@
-"""Flatness over training: a chosen statistic of the delta losses, the p10-p90 band, the baseline loss.
+"""Flatness and curvature over training: one-sided Δloss or antithetic curvature (a statistic over directions,
+with its p10-p90 band), the Hessian trace (Hutchinson, ±2 standard errors, beside the trace the antithetic
+curvature implies) or the top Hessian eigenvalue, and the baseline loss.
 
 The baseline loss sits on a secondary (right, log) axis in its own view box, linked in x (pyqtgraph's
-MultiplePlotAxes pattern), so a flat landscape can be read against where the loss itself is.
+MultiplePlotAxes pattern), so a flat landscape can be read against where the loss itself is. Measures the
+store lacks stay in the selector, greyed out, their tooltip saying how to add them.
 """
 
 from __future__ import annotations
@@ -11,18 +14,31 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 
 from viewer import palette
-from viewer.data import METRIC_LABELS, Flatness
+from viewer.data import METRIC_LABELS
 from viewer.docks.base import ViewerDock
+
+MEASURES = {"one_sided": "one-sided Δloss", "antithetic": "antithetic curvature",
+            "hessian_trace": "Hessian trace", "top_eigenvalue": "top Hessian eigenvalue"}
+NEEDS = {"one_sided": "flatness", "antithetic": "antithetic", "hessian_trace": "hessian",
+         "top_eigenvalue": "hessian"}
+CURVATURE_LABELS = {key: text.replace("Δloss", "curvature") for key, text in METRIC_LABELS.items()}
+MEASURE_AXES = {"hessian_trace": "Tr(H) (nats per unit² of weight)", "top_eigenvalue": "λ_max of H"}
 
 
 class FlatnessDock(ViewerDock):
-    """Per-epoch statistics of `Store.flatness_summary`."""
+    """Per-epoch statistics of `Store.flatness_summary` and `Store.curvature_summary`, `Store.hessian_trace`
+    and `Store.top_eigenvalue`."""
 
     NAME = "flatness"
     TITLE = "Flatness"
     NEEDS = "flatness"
 
     def build(self) -> None:
+        self.measure = self.combo("measure", MEASURES, self._draw)
+        for key, analysis in NEEDS.items():
+            reason = self.data.missing(analysis)
+            if reason:
+                self.disable_choice(self.measure, key, reason)
         self.statistic = self.combo("statistic", METRIC_LABELS, self._draw)
         self.log_y = self.checkbox("log y", False, self._on_log_changed)
         self.flatness_plot = self.plot(y_label="Δloss (nats)")
@@ -33,6 +49,8 @@ class FlatnessDock(ViewerDock):
         for item in (self.band_low, self.band_high, self.band):
             self.flatness_plot.addItem(item)
         self.curve = self.flatness_plot.plot(pen=palette.pen(palette.METRIC, 2), connect="finite")
+        self.compare = self.flatness_plot.plot(pen=palette.pen(palette.MEDIAN, 1.6, Qt.PenStyle.DashLine),
+                                               connect="finite")
         self.marker = pg.PlotDataItem(pen=None, symbol="o", symbolSize=9, symbolPen=palette.pen("w", 1.2),
                                       symbolBrush=palette.CURRENT)
         self.marker.setZValue(30)
@@ -49,7 +67,7 @@ class FlatnessDock(ViewerDock):
         self.baseline = pg.PlotDataItem(pen=palette.pen(palette.BASELINE, 1.6, Qt.PenStyle.DashLine), connect="finite")
         self.baseline.setLogMode(False, True)
         self.baseline_view.addItem(self.baseline)
-        self.static(self.band_low, self.band_high, self.band, self.curve, self.baseline)
+        self.static(self.band_low, self.band_high, self.band, self.curve, self.compare, self.baseline)
         self.flatness_plot.vb.sigResized.connect(self._sync_views)
         self.select_by_x(self.flatness_plot)
         self.line = self.epoch_line(self.flatness_plot)
@@ -59,30 +77,76 @@ class FlatnessDock(ViewerDock):
         self.baseline_view.linkedViewChanged(self.flatness_plot.vb, self.baseline_view.XAxis)
 
     def load(self) -> None:
-        self.run(self.data.load_flatness, lambda _flatness: self._draw())
+        self.run(lambda: (self.data.load_flatness(), self.data.load_curvature()), lambda _loaded: self._draw())
 
     @property
     def key(self) -> str:
-        """The summary statistic shown (a key of `Store.flatness_summary`)."""
+        """The summary statistic chosen (a key of `Store.flatness_summary`)."""
         return self.statistic.currentData()
 
+    @property
+    def kind(self) -> str:
+        """The measure shown: `one_sided`, `antithetic`, `hessian_trace` or `top_eigenvalue`."""
+        return self.measure.currentData()
+
+    def series(self) -> dict[str, np.ndarray] | None:
+        """What the current measure draws, per epoch: `value`, optionally `low`/`high` (the band) and `compare`
+        (a second estimate of the same quantity); None until loaded."""
+        flatness, curvature, kind = self.data.flatness, self.data.curvature, self.kind
+        if flatness is None or curvature is None:
+            return None
+        if kind in ("one_sided", "antithetic"):
+            summary, suffix = ((flatness.summary, "delta_loss") if kind == "one_sided"
+                               else (curvature.summary, "curvature"))
+            key = self.key.replace("delta_loss", suffix)
+            out = {"value": summary[key]}
+            if key != "flatness_ratio":
+                out.update(low=summary[f"p10_{suffix}"], high=summary[f"p90_{suffix}"])
+            return out
+        hessian = curvature.hessian
+        if kind == "hessian_trace":
+            trace, error = hessian["hessian_trace"], 2 * hessian["hessian_trace_stderr"]
+            out = {"value": trace, "low": trace - error, "high": trace + error}
+            if curvature.summary is not None:
+                out["compare"] = curvature.summary["trace_estimate"]
+            return out
+        top, residual = hessian["top_eigenvalue"], hessian["top_eigenvalue_residual"]
+        return {"value": top, "low": top - residual, "high": top + residual}
+
     def _draw(self) -> None:
-        flatness: Flatness | None = self.data.flatness
-        if flatness is None:
+        series = self.series()
+        if series is None:
             return
-        x, summary, key = self.data.x, flatness.summary, self.key
-        ratio = key == "flatness_ratio"
-        self.curve.setData(x, summary[key])
-        self.band_low.setData(x, summary["p10_delta_loss"])
-        self.band_high.setData(x, summary["p90_delta_loss"])
+        x, kind, key = self.data.x, self.kind, self.key
+        directional = kind in ("one_sided", "antithetic")
+        labels = METRIC_LABELS if kind == "one_sided" else CURVATURE_LABELS
+        if directional:
+            for index in range(self.statistic.count()):
+                self.statistic.setItemText(index, labels[self.statistic.itemData(index)])
+        self.statistic.setEnabled(directional)
+        self.curve.setData(x, series["value"])
+        banded = "low" in series
+        self.band_low.setData(x, series["low"] if banded else [])
+        self.band_high.setData(x, series["high"] if banded else [])
         for item in (self.band, self.band_low, self.band_high):
-            item.setVisible(not ratio)
-        self.baseline.setData(x, summary["baseline_loss"])
-        self.set_key(self.flatness_plot, [(METRIC_LABELS[key], palette.METRIC)]
-                     + ([] if ratio else [("p10–p90 band", palette.BAND)])
+            item.setVisible(banded)
+        self.compare.setData(x, series.get("compare", []))
+        self.compare.setVisible("compare" in series)
+        self.baseline.setData(x, self.data.flatness.summary["baseline_loss"])
+        ratio = directional and key == "flatness_ratio"
+        name = labels[key] if directional else MEASURES[kind]
+        band = {"one_sided": "p10–p90 band", "antithetic": "p10–p90 band", "hessian_trace": "±2 s.e.",
+                "top_eigenvalue": "± Lanczos residual"}[kind]
+        self.set_key(self.flatness_plot, [(name, palette.METRIC)] + ([(band, palette.BAND)] if banded else [])
+                     + ([("2D/ε² × mean antithetic curvature", palette.MEDIAN)] if "compare" in series else [])
                      + [("baseline loss (right axis)", palette.BASELINE)])
-        threshold = f" (Δloss < {flatness.threshold:g}·baseline)" if ratio else " (nats)"
-        self.flatness_plot.setLabel("left", ("share of flat directions" if ratio else METRIC_LABELS[key]) + threshold)
+        if ratio:
+            threshold = self.data.flatness.threshold
+            what = "Δloss" if kind == "one_sided" else "curvature"
+            label = f"share of flat directions ({what} < {threshold:g}·baseline)"
+        else:
+            label = f"{name} (nats)" if directional else MEASURE_AXES[kind]
+        self.flatness_plot.setLabel("left", label)
         self.log_y.setEnabled(not ratio)
         self._on_log_changed()
         self.flatness_plot.setXRange(x[0], x[-1], padding=0.02)
@@ -90,24 +154,32 @@ class FlatnessDock(ViewerDock):
 
     def refresh(self, index: int) -> None:
         self.line.setValue(self.data.x[index])
-        flatness = self.data.flatness
-        if flatness is not None:
-            value = flatness.summary[self.key][index]
+        series = self.series()
+        if series is not None:
+            value = series["value"][index]
             self.marker.setData(*(([self.data.x[index]], [value]) if np.isfinite(value) else ([], [])))
 
     def _on_log_changed(self) -> None:
         self.flatness_plot.setLogMode(y=self.log_y.isChecked() and self.log_y.isEnabled())
+        self.band.updatePath()  # the fill does not follow its curves into log mode by itself
         self.flatness_plot.enableAutoRange(y=True)
         self.refresh(self.state.index)
 
     def table(self) -> dict[str, np.ndarray]:
-        flatness = self.data.flatness
-        return {"epoch": self.data.epochs, **(flatness.summary if flatness else {})}
+        flatness, series = self.data.flatness, self.series()
+        if self.kind == "one_sided" or series is None:
+            return {"epoch": self.data.epochs, **(flatness.summary if flatness else {})}
+        return {"epoch": self.data.epochs, self.kind: series["value"],
+                **{name: values for name, values in series.items() if name != "value"},
+                "baseline_loss": flatness.summary["baseline_loss"]}
 
     def get_settings(self) -> dict:
-        return {"metric": self.key, "log_y": self.log_y.isChecked()}
+        return {"measure": self.kind, "metric": self.key, "log_y": self.log_y.isChecked()}
 
     def set_settings(self, settings: dict) -> None:
+        index = self.measure.findData(settings.get("measure"))
+        if index >= 0 and self.measure.model().item(index).isEnabled():
+            self.measure.setCurrentIndex(index)
         index = self.statistic.findData(settings.get("metric"))
         if index >= 0:
             self.statistic.setCurrentIndex(index)

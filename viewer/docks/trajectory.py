@@ -35,8 +35,7 @@ class TrajectoryDock(ViewerDock):
         self.pair = self.combo("components", PAIRS, self._draw)
         self.colour = self.combo("colour by", COLOURS, self._on_colour_changed)
         if not self.data.has_flatness:
-            self.colour.model().item(1).setEnabled(False)
-            self.colour.setItemData(1, "needs stored flatness", Qt.ItemDataRole.ToolTipRole)
+            self.disable_choice(self.colour, "baseline", "needs stored flatness")
 
         self.trajectory_plot = self.plot(0, 0, x_label="PC1", y_label="PC2")
         self.trajectory_plot.setAspectLocked(False)

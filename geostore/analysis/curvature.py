@@ -1,0 +1,194 @@
+"""Curvature of the loss landscape that one-sided flatness misses: antithetic pairs, Hutchinson's trace and Lanczos.
+
+Away from a minimum the one-sided `L(theta + eps d) - L(theta)` is dominated by the gradient term
+`eps g.d`. Evaluating each direction at `-eps` too separates the two: the *curvature part*
+`[L(theta + eps d) + L(theta - eps d)] / 2 - L(theta) = eps^2/2 d'Hd + O(eps^4)` (exactly `eps^2/2 d'Hd` for a
+quadratic loss) and the *slope part* `[L(theta + eps d) - L(theta - eps d)] / (2 eps) = g.d + O(eps^2)`. For unit
+directions uniform on the sphere, `E[d'Hd] = Tr(H) / D`.
+
+The Hessian itself is reached through exact Hessian-vector products (`torch.func`, forward-over-reverse) of
+the family's fast loss: Hutchinson's estimator `Tr(H) = E[v'Hv]` over Rademacher vectors `v`, with its
+standard error, and the largest eigenvalue by Lanczos with full reorthogonalisation. The estimators take an
+`hvp` callable, so they are tested on a quadratic with a known Hessian; `hessian_for_params` binds them to an
+epoch's weights. Random vectors come from a CPU `torch.Generator` seeded per call: the same (seed, weights)
+give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from geostore.family.modular_addition import TRAINABLE
+from geostore.store import schema
+
+# Definitions recorded with the stored values (settings attributes).
+ANTITHETIC_DEFINITION = (
+    "curvature = [L(theta + eps d) + L(theta - eps d)]/2 - L(theta), slope = [L(theta + eps d) - L(theta - eps d)]"
+    "/(2 eps), along the flatness directions d; the +eps evaluations are the one-sided delta_losses"
+)
+PROFILE_DEFINITION = (
+    "per epsilon: mean and standard error over the flatness directions of the antithetic curvature, and the "
+    "one-sided flatness ratio mean(L(theta + eps d) - L(theta) < threshold * L(theta)); epsilon times the "
+    "L2 norm of the 9 weight matrices when relative"
+)
+HESSIAN_DEFINITION = (
+    "Hessian of the flatness loss over the 9 weight matrices, exact Hessian-vector products (torch.func "
+    "forward-over-reverse, float32); trace: Hutchinson mean of v'Hv over Rademacher v (torch.randint on a CPU "
+    "torch.Generator(seed)), standard error std/sqrt(n_probes); top eigenvalue: largest Ritz value of "
+    "`iterations` Lanczos steps with full reorthogonalisation started from the first probe, with its residual"
+)
+
+Hvp = Callable[[torch.Tensor], torch.Tensor]
+"""`hvp(V)`: the Hessian times each row of a `(B, D)` block of vectors, `(B, D)`."""
+
+# Hutchinson probes per batched Hessian-vector product: 4 cost ~0.65x of 4 separate products on the paper's
+# model (the primal forward and backward are shared) for ~1.5x the memory (1.2 GB there). A constant, so an
+# epoch's numbers never depend on callers.
+PROBE_BLOCK = 4
+
+
+def antithetic_parts(plus: np.ndarray, minus: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """`(curvature, slope)` from the loss changes `plus = L(theta + eps d) - L(theta)` and `minus = L(theta -
+    eps d) - L(theta)` (float64, any shape): `(plus + minus) / 2` and `(plus - minus) / (2 eps)`."""
+    plus, minus = np.asarray(plus, dtype=np.float64), np.asarray(minus, dtype=np.float64)
+    return (plus + minus) / 2, (plus - minus) / (2 * epsilon)
+
+
+def profile_row(baseline: float, plus: np.ndarray, minus: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """One epoch of the multi-epsilon profile from `plus`/`minus` `(n_epsilon, n_directions)` loss changes at
+    `+-eps_k` along the same directions: per epsilon, the mean antithetic curvature, its standard error, and
+    the one-sided flatness ratio (`plus < threshold * baseline`, `threshold` itself where the baseline is 0)."""
+    curvature = (np.asarray(plus, dtype=np.float64) + np.asarray(minus, dtype=np.float64)) / 2
+    limit = threshold if baseline == 0 else threshold * baseline
+    return {
+        "profile_curvature": curvature.mean(axis=1),
+        "profile_curvature_stderr": standard_error(curvature, axis=1),
+        "profile_flatness_ratio": (np.asarray(plus) < limit).mean(axis=1),
+    }
+
+
+def standard_error(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Standard error of the mean along `axis`: sample standard deviation (ddof 1) over sqrt(count); NaN for one."""
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[axis]
+    if n < 2:
+        return np.full(np.delete(values.shape, axis), np.nan)
+    return values.std(axis=axis, ddof=1) / math.sqrt(n)
+
+
+def rademacher(n_params: int, n_probes: int, seed: int) -> torch.Tensor:
+    """`(n_probes, n_params)` float32 entries +-1: row `i` is the `i`-th `torch.randint(0, 2, (n_params,))` of a
+    CPU generator seeded with `seed`, so it does not depend on `n_probes`, threads or device."""
+    generator = torch.Generator().manual_seed(int(seed))
+    rows = [torch.randint(0, 2, (n_params,), generator=generator, dtype=torch.int8) for _ in range(n_probes)]
+    return (torch.stack(rows).to(torch.float32) * 2 - 1) if rows else torch.empty((0, n_params))
+
+
+def hutchinson_trace(hvp: Hvp, probes: torch.Tensor) -> tuple[float, float, np.ndarray]:
+    """`(trace, stderr, quadratic forms)`: Hutchinson's `Tr(H) = mean(v'Hv)` over the rows `v` of `probes`.
+
+    Products are taken `PROBE_BLOCK` rows at a time. The forms are summed in float64; the standard error is
+    their sample standard deviation over the square root of the probe count (NaN for one probe). For
+    Rademacher probes the variance of one form is `2 (||H||_F^2 - sum_i H_ii^2)`: exact for diagonal `H`.
+    """
+    forms = np.concatenate([
+        (block.double() * hvp(block).double()).sum(dim=1).numpy()
+        for block in probes.split(PROBE_BLOCK)]) if len(probes) else np.empty(0)
+    return float(forms.mean()), float(standard_error(forms)), forms
+
+
+def lanczos_top_eigenvalue(hvp: Hvp, start: torch.Tensor, iterations: int) -> tuple[float, float]:
+    """`(top, residual)`: the largest Ritz value of `iterations` Lanczos steps from `start`, and its residual norm.
+
+    Lanczos (not power iteration) finds the largest *algebraic* eigenvalue, even when a negative one is larger
+    in magnitude (a saddle), and converges much faster. The basis is kept in float64 and fully
+    reorthogonalised (twice), so it stays orthogonal in `iterations` steps of float32 products. Some eigenvalue
+    of the operator lies within `residual = |beta_k s_k|` of `top` (`s_k` the last entry of its Ritz vector);
+    the iteration stops early, with residual 0, when the Krylov space is invariant.
+    """
+    q = start.double() / torch.linalg.vector_norm(start.double())
+    basis, alphas, betas = [q], [], []
+    for _ in range(iterations):
+        w = hvp(q.to(start.dtype)[None])[0].double()
+        alphas.append(float(torch.dot(q, w)))
+        stacked = torch.stack(basis)
+        for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice
+            w = w - stacked.T @ (stacked @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        if beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas)):
+            betas.append(0.0)
+            break
+        betas.append(beta)
+        q = w / beta
+        basis.append(q)
+    k = len(alphas)
+    tridiagonal = np.diag(alphas) + np.diag(betas[: k - 1], 1) + np.diag(betas[: k - 1], -1)
+    values, vectors = np.linalg.eigh(tridiagonal)
+    return float(values[-1]), float(abs(betas[k - 1] * vectors[-1, -1]))
+
+
+def weight_norm(params: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the trainable vector (the 9 weight matrices), summed in float64 by numpy (thread-independent)."""
+    return math.sqrt(sum(float(np.sum(np.square(np.asarray(params[name], dtype=np.float64)))) for name in TRAINABLE))
+
+
+def loss_hvp(params: Mapping[str, np.ndarray], config: Mapping[str, object], device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> tuple[Hvp, int]:
+    """`(hvp, D)`: exact Hessian-vector products of the family's fast loss at these weights, over the flat
+    trainable vector of length `D` (schema order), by forward-over-reverse differentiation in `dtype`,
+    vectorised over a block of vectors (`torch.func.vmap`).
+
+    The loss is `modular_addition_fast.losses` of one weight set, the function flatness evaluates (the
+    HookedTransformer forward reassociated, its cross-entropy in the form made for derivatives); in float64
+    its HVP matches the plain model's double backward to ~1e-15.
+    """
+    from torch.func import grad, jvp, vmap
+
+    from geostore.family import modular_addition_fast as fast
+
+    tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype)
+               for name in schema.PARAMETERS}
+    weights = {name: tensors[name] for name in TRAINABLE}
+    biases = {name: value for name, value in tensors.items() if name not in TRAINABLE}
+    sizes = [w.numel() for w in weights.values()]
+
+    def loss(w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fast.losses({name: value[None] for name, value in w.items()}, biases, config, for_derivatives=True)[0]
+
+    def product(tangent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return jvp(grad(loss), (weights,), (tangent,))[1]
+
+    def hvp(block: torch.Tensor) -> torch.Tensor:
+        n = len(block)
+        tangents = {name: part.reshape(n, *w.shape) for (name, w), part in
+                    zip(weights.items(), block.to(device=device, dtype=dtype).split(sizes, dim=1), strict=True)}
+        products = vmap(product)(tangents)  # the tangents batched, the primal computed once
+        return torch.cat([products[name].reshape(n, -1) for name in TRAINABLE], dim=1).cpu()
+
+    return hvp, sum(sizes)
+
+
+def hessian_for_params(
+    params: Mapping[str, np.ndarray],
+    config: Mapping[str, object],
+    *,
+    n_probes: int,
+    iterations: int,
+    seed: int,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Hessian trace (Hutchinson, `n_probes` Rademacher probes), its standard error, and the top eigenvalue
+    (`iterations` Lanczos steps from the first probe) with its residual, for one epoch's stored parameters.
+
+    Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the fast loss.
+    """
+    hvp, n_params = loss_hvp(params, config, device)
+    probes = rademacher(n_params, n_probes, seed)
+    trace, stderr, _ = hutchinson_trace(hvp, probes)
+    top, residual = lanczos_top_eigenvalue(hvp, probes[0], iterations)
+    return {"hessian_trace": trace, "hessian_trace_stderr": stderr, "top_eigenvalue": top,
+            "top_eigenvalue_residual": residual}
