@@ -18,22 +18,15 @@ in the environment when other processes share the cores (see benchmarks/flatness
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import timed
 
 from geostore.analysis.curvature import PROBE_BLOCK, hessian_for_params, loss_hvp, rademacher
 from geostore.family import modular_addition as fam
 from geostore.family import modular_addition_fast as fast
 from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings, epoch_landscape
 from geostore.model import build_model, named_parameters
-
-
-def timed(fn) -> float:
-    """Seconds of one call of `fn`."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

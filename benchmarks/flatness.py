@@ -21,27 +21,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timing import best_time
 
 from geostore.analysis.flatness import compute_landscape_flatness, flatness_for_params
 from geostore.family import modular_addition as fam
 from geostore.family.modular_addition_fast import BLOCK_PAIRS, flops_per_weight_set
 from geostore.model import build_model, named_parameters
-
-
-def best_time(fn, repeats: int) -> float:
-    """The shortest of `repeats` timed calls of `fn` (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_peak(shapes: list[tuple[int, int, int]], repeats: int) -> float:

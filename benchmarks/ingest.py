@@ -17,13 +17,13 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
+from timing import timed
 
 from geostore.family.modular_addition import model_config
 from geostore.ingest import ingest
@@ -42,12 +42,6 @@ def make_run(directory: Path, n: int, p: int, d_model: int) -> list[dict[str, np
         save_file({k: v.contiguous() for k, v in state.items()}, directory / f"checkpoint_{i * 100}.safetensors")
         out.append({k: v.numpy().copy() for k, v in state.items()})
     return out
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
