@@ -9,6 +9,7 @@ a worker thread; each caches its result, so asking twice costs nothing.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,10 +127,7 @@ class ViewerData:
         self.metrics = store.metrics()
         self.analyses = store.analyses()
         self._lock = threading.Lock()
-        self._trajectories: dict[str, Trajectory] = {}
-        self._velocities: dict[bool, dict[str, np.ndarray]] = {}
-        self._flatness: Flatness | None = None
-        self._curvature: Curvature | None = None
+        self._cache: dict[tuple, object] = {}  # ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
 
     # --------------------------------------------------------------------------- epoch axis
     @property
@@ -159,79 +157,89 @@ class ViewerData:
         """Whether the store holds flatness."""
         return "flatness" in self.analyses
 
+    def _load(self, key: tuple, compute: Callable[[], object]) -> object:
+        """The cached value of `key`, computed once (by whichever thread asks first) with `compute`."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return self._cache[key]
+
     def trajectory(self, group: str) -> Trajectory | None:
         """The cached PCA of `group`, or None until `load_trajectory` ran."""
-        return self._trajectories.get(group)
+        return self._cache.get(("trajectory", group))
 
     def load_trajectory(self, group: str) -> Trajectory:
         """The PCA of `group` over every stored epoch, through `Store.pca` (slow the first time)."""
         if group not in GROUPS:
             raise StoreError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
-        with self._lock:
-            if group not in self._trajectories:
-                k = min(SCREE_COMPONENTS, self.n_epochs - 1)
-                pca = self.store.pca(group, n_components=k)
-                self._trajectories[group] = Trajectory(
-                    group=group,
-                    projections=np.asarray(pca["projections"], dtype=np.float64),
-                    explained_variance_ratio=np.asarray(pca["explained_variance_ratio"], dtype=np.float64),
-                    explained_variance=np.asarray(pca["explained_variance"], dtype=np.float64),
-                )
-            return self._trajectories[group]
+
+        def compute() -> Trajectory:
+            pca = self.store.pca(group, n_components=min(SCREE_COMPONENTS, self.n_epochs - 1))
+            return Trajectory(
+                group=group,
+                projections=np.asarray(pca["projections"], dtype=np.float64),
+                explained_variance_ratio=np.asarray(pca["explained_variance_ratio"], dtype=np.float64),
+                explained_variance=np.asarray(pca["explained_variance"], dtype=np.float64),
+            )
+
+        return self._load(("trajectory", group), compute)
 
     def velocities(self, per_epoch: bool) -> dict[str, np.ndarray] | None:
         """The cached velocities `group -> (n_epoch - 1,)`, or None until `load_velocities` ran."""
-        return self._velocities.get(per_epoch)
+        return self._cache.get(("velocities", per_epoch))
 
     def load_velocities(self, per_epoch: bool) -> dict[str, np.ndarray]:
         """Velocity of every group, through `Store.velocities`: per epoch of training or per checkpoint step.
 
         Value `i` is the step from stored epoch `i` to `i + 1`; the docks draw it at the later epoch.
         """
-        with self._lock:
-            if per_epoch not in self._velocities:
-                found = self.store.velocities(per_epoch=per_epoch)
-                self._velocities[per_epoch] = {g: np.asarray(found[g], dtype=np.float64) for g in GROUPS}
-            return self._velocities[per_epoch]
+
+        def compute() -> dict[str, np.ndarray]:
+            found = self.store.velocities(per_epoch=per_epoch)
+            return {g: np.asarray(found[g], dtype=np.float64) for g in GROUPS}
+
+        return self._load(("velocities", per_epoch), compute)
 
     @property
     def flatness(self) -> Flatness | None:
         """The cached flatness, or None until `load_flatness` ran."""
-        return self._flatness
+        return self._cache.get(("flatness",))
 
     def load_flatness(self) -> Flatness:
         """Stored flatness and its per-epoch histograms; StoreError when the store has none."""
-        with self._lock:
-            if self._flatness is None:
-                summary = self.store.flatness_summary(threshold=FLATNESS_THRESHOLD)
-                deltas = np.asarray(self.store.delta_losses.compute(), dtype=np.float64)
-                edges, counts = fixed_histograms(deltas, HISTOGRAM_BINS)
-                self._flatness = Flatness(settings=self.store.flatness_settings, threshold=FLATNESS_THRESHOLD,
-                                          summary=summary, deltas=deltas, edges=edges, counts=counts)
-            return self._flatness
+
+        def compute() -> Flatness:
+            summary = self.store.flatness_summary(threshold=FLATNESS_THRESHOLD)
+            deltas = np.asarray(self.store.delta_losses.compute(), dtype=np.float64)
+            edges, counts = fixed_histograms(deltas, HISTOGRAM_BINS)
+            return Flatness(settings=self.store.flatness_settings, threshold=FLATNESS_THRESHOLD,
+                            summary=summary, deltas=deltas, edges=edges, counts=counts)
+
+        return self._load(("flatness",), compute)
 
     @property
     def curvature(self) -> Curvature | None:
         """The cached curvature analyses, or None until `load_curvature` ran."""
-        return self._curvature
+        return self._cache.get(("curvature",))
 
     def load_curvature(self) -> Curvature:
         """Whichever curvature analyses the store holds (small per-epoch arrays, read once)."""
-        with self._lock:
-            if self._curvature is None:
-                store, present = self.store, self.analyses
-                hessian = None
-                if "hessian" in present:
-                    hessian = {name: np.asarray(getattr(store, name).compute(), dtype=np.float64)
-                               for name in ("hessian_trace", "hessian_trace_stderr", "top_eigenvalue",
-                                            "top_eigenvalue_residual")}
-                self._curvature = Curvature(
-                    summary=store.curvature_summary(FLATNESS_THRESHOLD) if "antithetic" in present else None,
-                    hessian=hessian,
-                    profile=store.curvature_profile() if "profile" in present else None,
-                    settings={name: store.analysis_settings(name) for name in present},
-                    n_params=store.n_trainable)
-            return self._curvature
+
+        def compute() -> Curvature:
+            store, present = self.store, self.analyses
+            hessian = None
+            if "hessian" in present:
+                hessian = {name: np.asarray(getattr(store, name).compute(), dtype=np.float64)
+                           for name in ("hessian_trace", "hessian_trace_stderr", "top_eigenvalue",
+                                        "top_eigenvalue_residual")}
+            return Curvature(
+                summary=store.curvature_summary(FLATNESS_THRESHOLD) if "antithetic" in present else None,
+                hessian=hessian,
+                profile=store.curvature_profile() if "profile" in present else None,
+                settings={name: store.analysis_settings(name) for name in present},
+                n_params=store.n_trainable)
+
+        return self._load(("curvature",), compute)
 
     def missing(self, needs: str) -> str | None:
         """Why a dock (or a choice in it) that `needs` `metrics` or an analysis (`flatness`, `antithetic`,
