@@ -16,7 +16,7 @@ from geostore.errors import GeostoreError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from geostore.train import TrainSpec, grokking_summary, train
+    from geostore.family.train_modular_addition import TrainSpec, grokking_summary, train
 
     defaults = TrainSpec()
     spec = TrainSpec(
@@ -97,32 +97,46 @@ def _ingest(args: argparse.Namespace) -> int:
                 for name, target in targets.items()}
     with open_client(args.workers, args.scheduler) as client:
         if None in runs:
-            reports = {None: ingest(runs[None], location, flatness=settings[None], recompute_flatness=args.recompute,
+            reports = {None: ingest(runs[None], location, family=args.family, probe=args.probe,
+                                    flatness=settings[None], recompute_flatness=args.recompute,
                                     progress=not args.quiet, client=client)}
         else:
-            reports = ingest_sweep(runs, location, flatness=settings, recompute_flatness=args.recompute,
-                                   progress=not args.quiet, client=client)
+            reports = ingest_sweep(runs, location, family=args.family, probe=args.probe, flatness=settings,
+                                   recompute_flatness=args.recompute, progress=not args.quiet, client=client)
     for name, report in reports.items():
         where = args.store if name is None else f"{args.store} run {name}"
         print(f"{where}: added {report.added} epochs from a {report.kind} source "
               f"({report.skipped} already stored); {report.total} epochs in the store")
         if report.flatness_computed:
             print(f"{where}: {', '.join(settings[name].analyses())} computed for {report.flatness_computed} epochs")
+        if report.note:
+            print(f"geostore: note: {report.note}", file=sys.stderr)
     return 0
 
 
 def _flatness(args: argparse.Namespace) -> int:
     from geostore.cluster import open_client
     from geostore.landscape import compute_store_flatness
+    from geostore.sources.probe import load_probe
 
+    probe = None if args.probe is None else load_probe(args.probe)
     with open_client(args.workers, args.scheduler) as client:
         for name, target in _targets(args.store, args.run):
-            report = compute_store_flatness(target, _flatness_settings(args, target), recompute=args.recompute,
-                                            progress=not args.quiet, client=client)
+            report = compute_store_flatness(target, _flatness_settings(args, target), probe=probe,
+                                            recompute=args.recompute, progress=not args.quiet, client=client)
             rate = f" in {report.seconds:.1f} s" if report.computed else ""
             where = args.store if name is None else f"{args.store} run {name}"
             print(f"{where}: {', '.join(report.analyses)} computed for {report.computed} epochs{rate} "
                   f"({report.already} already complete)")
+    return 0
+
+
+def _families(args: argparse.Namespace) -> int:
+    from geostore.family.registry import families
+
+    for name, family in families().items():
+        doc = (type(family).__doc__ or "").strip().splitlines()
+        print(f"{name:<34} {doc[0] if doc else ''}")
     return 0
 
 
@@ -145,6 +159,9 @@ def open_store_or_run(store: str, run: str | None):
 
 
 def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probe", metavar="FILE",
+                        help="token ids (batch, seq) in a .npy or .pt file: the probe of a language model's loss "
+                             "(recorded in the store)")
     parser.add_argument("--directions", type=int, metavar="N",
                         help="random unit directions per epoch (default: the store's, else 50)")
     parser.add_argument("--epsilon", type=float, metavar="E",
@@ -292,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_option(ingest, "the name of the run to write (default: the source directory's name)")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
     ingest.add_argument("--no-flatness", action="store_true", help="store weights only, no flatness")
+    ingest.add_argument("--family", metavar="NAME",
+                        help="the model family of the run (default: detected; see `geostore families`)")
     _add_flatness_options(ingest)
     ingest.set_defaults(handler=_ingest)
 
@@ -305,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     flatness.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_flatness_options(flatness)
     flatness.set_defaults(handler=_flatness)
+
+    families = sub.add_parser("families", help="the model families geostore knows (built-in and plug-ins)")
+    families.set_defaults(handler=_families)
 
     info = sub.add_parser("info", help="what a store (or a sweep) holds")
     info.add_argument("store", metavar="STORE")

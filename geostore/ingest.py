@@ -23,15 +23,24 @@ import numpy as np
 from tqdm import tqdm
 
 from geostore.errors import GeostoreError
-from geostore.landscape import DEFAULT_FLATNESS, FlatnessSettings, check_supported, fill_missing, progress_bar
+from geostore.landscape import (
+    DEFAULT_FLATNESS,
+    FlatnessSettings,
+    fill_missing,
+    needs_probe,
+    probe_missing_message,
+    progress_bar,
+)
 from geostore.sources import Checkpoint, RunSource, open_source
-from geostore.store import schema
+from geostore.sources.probe import load_probe
 from geostore.store.location import Location
 from geostore.store.sweep import check_run_name, create_sweep, is_sweep, run_location
 from geostore.store.writer import StoreWriter
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from geostore.family.base import Model
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class IngestReport:
     skipped: int
     total: int
     flatness_computed: int = 0
+    note: str | None = None
 
 
 def ingest(
@@ -51,6 +61,8 @@ def ingest(
     store: str | os.PathLike | Location,
     *,
     run: str | None = None,
+    family: str | None = None,
+    probe: np.ndarray | str | os.PathLike | None = None,
     flatness: FlatnessSettings | None = DEFAULT_FLATNESS,
     recompute_flatness: bool = False,
     progress: bool = True,
@@ -58,29 +70,35 @@ def ingest(
 ) -> IngestReport:
     """Write every checkpoint of `source` that `store` lacks into `store` (created when missing).
 
-    With `flatness` settings (the default), every stored epoch ends up with its flatness and the curvature
-    analyses the settings ask for; a store holding any of them with other settings is refused unless
-    `recompute_flatness`. `None` skips them all. With a `dask.distributed` client, they run on its
-    workers (one task per epoch). With `run`, `store` is a sweep (created when missing) and the run goes
-    to its `runs/<run>`.
+    The run's model family is the first that recognises it, or `family` when named. With `flatness`
+    settings (the default), every stored epoch ends up with its flatness and the curvature analyses the
+    settings ask for; a store holding any of them with other settings is refused unless `recompute_flatness`.
+    `None` skips them all, and so does a model whose loss needs a probe when neither `probe` (token ids, or a
+    `.npy`/`.pt` file of them; recorded in the store) nor the store has one: the report's `note` says so.
+    With a `dask.distributed` client, the analyses run on its workers (one task per epoch). With `run`,
+    `store` is a sweep (created when missing) and the run goes to its `runs/<run>`.
     """
     store = Location.of(store)
     if run is not None:
         check_run_name(run)
     elif is_sweep(store):
         raise GeostoreError(f"{store}: is a sweep: name the run to ingest into (run=NAME, --run NAME)")
-    checkpoints = open_source(source)
-    if flatness is not None:
-        check_supported(checkpoints.config, " (ingest with --no-flatness to store the weights alone)")
+    checkpoints = open_source(source, family)
+    if probe is not None:
+        probe = load_probe(probe) if isinstance(probe, str | os.PathLike) else np.asarray(probe)
+        checkpoints.model.probe(probe)  # checks the token ids against the model before anything is written
     if run is not None:
         create_sweep(store)
         store = run_location(store, run)
-    writer = StoreWriter.open(store, config=checkpoints.config, task=checkpoints.task,
-                              train_indices=checkpoints.train_indices)
+    writer = StoreWriter.open(store, model=checkpoints.model, task=checkpoints.task, split=checkpoints.split(),
+                              probe=probe)
+    note = None
+    if flatness is not None and needs_probe(checkpoints.model, probe if probe is not None else writer.probe()):
+        flatness, note = None, probe_missing_message(source) + "; the weights are stored"
     try:
         if flatness is not None:
             writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
-        report = _write_new_epochs(checkpoints, writer, progress)
+        report = dataclasses.replace(_write_new_epochs(checkpoints, writer, progress), note=note)
         if flatness is not None:
             computed = fill_missing(writer, flatness, progress=progress, client=client).computed
             report = dataclasses.replace(report, flatness_computed=computed)
@@ -110,6 +128,8 @@ def ingest_sweep(
     sources: Mapping[str, str | os.PathLike],
     store: str | os.PathLike | Location,
     *,
+    family: str | None = None,
+    probe: np.ndarray | str | os.PathLike | None = None,
     flatness: FlatnessSettings | Mapping[str, FlatnessSettings | None] | None = DEFAULT_FLATNESS,
     recompute_flatness: bool = False,
     progress: bool = True,
@@ -124,16 +144,13 @@ def ingest_sweep(
     per_run = flatness if isinstance(flatness, Mapping) else dict.fromkeys(sources, flatness)
     for name, source in sources.items():
         check_run_name(name)
-        if per_run[name] is not None:
-            check_supported(open_source(source).config, " (ingest with --no-flatness to store the weights alone)")
-        else:
-            open_source(source)
+        open_source(source, family)
     reports = {}
     with tqdm(total=len(sources), unit="run", desc="sweep", disable=None if progress else True,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for name, source in sources.items():
             bar.set_postfix_str(name, refresh=True)
-            reports[name] = ingest(source, store, run=name, flatness=per_run[name],
+            reports[name] = ingest(source, store, run=name, family=family, probe=probe, flatness=per_run[name],
                                    recompute_flatness=recompute_flatness, progress=progress, client=client)
             bar.update(1)
     return reports
@@ -149,14 +166,14 @@ def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> In
     writer.record_source({"kind": run.kind, "path": str(Path(run.path).resolve())})
 
     with progress_bar(len(new), "ingest", progress) as bar:
-        early_batch = _load(early, run, bar)  # read (and validated) before anything is written
+        early_batch = _load(early, run, writer, bar)  # read (and validated) before anything is written
         n = stored.size
         chunk = writer.chunk_epochs
         start = 0
         while start < len(late):
             size = chunk - (n + start) % chunk  # fill up to the next chunk boundary
             batch = late[start:start + size]
-            writer.append(*_load(batch, run, bar))
+            writer.append(*_load(batch, run, writer, bar))
             start += size
         if early:
             writer.insert(*early_batch)
@@ -167,14 +184,15 @@ def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> In
 
 
 def _load(
-    checkpoints: list[Checkpoint], run: RunSource, bar: tqdm
+    checkpoints: list[Checkpoint], run: RunSource, writer: StoreWriter, bar: tqdm
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Load checkpoints into stacked `(k, *shape)` arrays plus the source's metrics for them."""
+    """Load checkpoints into stacked `(k, *shape)` arrays (the store's layout) plus the source's metrics."""
     epochs = np.array([c.epoch for c in checkpoints], dtype=np.int64)
-    params = {name: [] for name in schema.PARAMETERS}
+    params = {name: [] for name in writer.table.names}
+    buffers = buffer_keys(run.model) if checkpoints else frozenset()
     for checkpoint in checkpoints:
-        loaded = checkpoint.load()
-        for name in schema.PARAMETERS:
+        loaded = writer.table.stored(checkpoint.load(), checkpoint.origin, ignore=buffers.__contains__)
+        for name in writer.table.names:
             params[name].append(loaded[name])
         bar.update(1)
     stacked = {name: np.stack(values) if values else np.empty((0,)) for name, values in params.items()}
@@ -183,3 +201,8 @@ def _load(
         for name, values in run.metrics.items()
     }
     return epochs, stacked, metrics
+
+
+def buffer_keys(model: Model) -> frozenset[str]:
+    """State-dict keys of the model's buffers (attention masks, ...): in checkpoints, never stored."""
+    return frozenset(key for key, _ in model.build().named_buffers())

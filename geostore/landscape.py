@@ -29,11 +29,12 @@ from geostore.store.writer import StoreWriter
 if TYPE_CHECKING:
     from distributed import Client
 
+    from geostore.family.base import Model
     from geostore.store.reader import Store
 
-LOSS_DEFINITION = "mean float32 cross-entropy at the final position over the first p logits, full p*p grid"
+LOSS_DEFINITION = "the model family's loss on its probe: mean of float32 per-example losses, summed in float64"
 DIRECTIONS_DEFINITION = (
-    "standard normal over the 9 weight matrices as one vector (schema order), unit L2 norm, "
+    "standard normal over the trainable parameters as one vector (parameter-table order), unit L2 norm, "
     "drawn on the CPU from torch.Generator(seed); the same directions at every epoch"
 )
 
@@ -55,13 +56,13 @@ class ProfileSettings:
             raise StoreError(f"--profile-epsilons must be distinct positive numbers, got {list(self.epsilons)}")
         object.__setattr__(self, "epsilons", values)
 
-    def absolute(self, params: Mapping[str, np.ndarray]) -> list[float]:
-        """The epsilons used for an epoch: as given, or times the L2 norm of its 9 weight matrices."""
+    def absolute(self, params: Mapping[str, np.ndarray], trainable: Sequence[str]) -> list[float]:
+        """The epsilons used for an epoch: as given, or times the L2 norm of its trainable parameters."""
         if not self.relative:
             return list(self.epsilons)
         from geostore.analysis.curvature import weight_norm
 
-        norm = weight_norm(params)
+        norm = weight_norm(params, trainable)
         return [e * norm for e in self.epsilons]
 
 
@@ -143,14 +144,15 @@ class FlatnessReport:
     analyses: tuple[str, ...] = ("flatness",)
 
 
-def check_supported(config: Mapping[str, object], hint: str = "") -> None:
-    """Refuse, before anything is written, a model whose loss the flatness evaluator does not implement."""
-    from geostore.family.modular_addition_fast import check_config
+def needs_probe(model: Model, probe: np.ndarray | None) -> bool:
+    """Whether the landscape of `model` cannot be measured without a probe, and none is given."""
+    return model.needs_probe and probe is None
 
-    try:
-        check_config(config)
-    except GeostoreError as exc:
-        raise GeostoreError(f"flatness: {exc}{hint}") from None
+
+def probe_missing_message(where: object) -> str:
+    """The one line saying that the landscape analyses need a probe."""
+    return (f"{where}: the landscape analyses of this model need a probe: give token ids (batch, seq) with "
+            "--probe FILE (.npy or .pt)")
 
 
 def resolve_settings(
@@ -230,9 +232,10 @@ def _epsilons(values: str | Sequence[float]) -> tuple[float, ...]:
         raise StoreError(f"--profile-epsilons must be numbers separated by commas, got {values!r}") from None
 
 
-def epoch_landscape(params: Mapping[str, np.ndarray], config: Mapping[str, object], settings: FlatnessSettings,
-                    analyses: Collection[str]) -> dict[str, dict[str, object]]:
-    """One epoch's rows of the asked `analyses` from its parameters: analysis -> array name -> value.
+def epoch_landscape(params: Mapping[str, np.ndarray], model: Model, probe: np.ndarray | None,
+                    settings: FlatnessSettings, analyses: Collection[str]) -> dict[str, dict[str, object]]:
+    """One epoch's rows of the asked `analyses` from its parameters (the model's table names): analysis -> array
+    name -> value. `probe` is the stored probe array, for families that need one.
 
     Every direction is evaluated once per distinct perturbation length (`+eps` for flatness, `-eps` too for
     the antithetic pair, `+-eps_k` for the profile), so the one-sided `delta_losses` are the same numbers
@@ -245,12 +248,13 @@ def epoch_landscape(params: Mapping[str, np.ndarray], config: Mapping[str, objec
     eps = settings.epsilon
     scales = ([eps] if {"flatness", "antithetic"} & set(analyses) else []) + ([-eps] if "antithetic" in analyses
                                                                                 else [])
-    profile = settings.profile.absolute(params) if "profile" in analyses else []
+    profile = settings.profile.absolute(params, model.table.trainable) if "profile" in analyses else []
     scales += [s for e in profile for s in (e, -e)]
+    probe_data = model.probe(probe)
     if scales:
         unique = list(dict.fromkeys(scales))
-        baseline, deltas = directional_losses(params, config, n_directions=settings.n_directions, scales=unique,
-                                              seed=settings.seed, device=settings.device)
+        baseline, deltas = directional_losses(params, model, probe_data, n_directions=settings.n_directions,
+                                              scales=unique, seed=settings.seed, device=settings.device)
         at = dict(zip(unique, deltas, strict=True))
         if "flatness" in analyses:
             rows["flatness"] = {"baseline_loss": baseline, "delta_losses": at[eps]}
@@ -263,8 +267,8 @@ def epoch_landscape(params: Mapping[str, np.ndarray], config: Mapping[str, objec
                                "profile_epsilon": np.array(profile)}
     if "hessian" in analyses:
         hessian = settings.hessian
-        rows["hessian"] = hessian_for_params(params, config, n_probes=hessian.n_probes, iterations=hessian.iterations,
-                                             seed=hessian.seed, device=settings.device)
+        rows["hessian"] = hessian_for_params(params, model, probe_data, n_probes=hessian.n_probes,
+                                             iterations=hessian.iterations, seed=hessian.seed, device=settings.device)
     return rows
 
 
@@ -322,14 +326,23 @@ def _serial_results(store: Store, wanted: Mapping[int, tuple[str, ...]], setting
     """`(epoch, rows)` in epoch order, reading each chunk that holds the `wanted` epochs once."""
     index = np.searchsorted(store.epochs, np.array(list(wanted), dtype=np.int64))
     chunk = store.chunk_epochs
+    model, probe = store.model, store.probe()
     for block in np.unique(index // chunk):
         rows = index[index // chunk == block]
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        stored = {name: np.asarray(store.params[name][lo:hi]) for name in schema.PARAMETERS}
+        stored = {name: np.asarray(store.params[name][lo:hi]) for name in store.table.names}
         for row in rows:
             epoch = int(store.epochs[row])
-            params = {name: value[row - lo] for name, value in stored.items()}
-            yield epoch, epoch_landscape(params, store.config, settings, wanted[epoch])
+            params = model_params(store, model, {name: value[row - lo] for name, value in stored.items()})
+            yield epoch, epoch_landscape(params, model, probe, settings, wanted[epoch])
+
+
+def model_params(store: Store, model: Model, params: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """One epoch's stored parameters in the layout of the family's model (a format-1 store's 1-layer arrays get
+    their `layer` dimension back); unchanged when the store's table is the model's."""
+    if store.table == model.table:
+        return params
+    return model.table.stored(store.table.state_dict(params), store.path)
 
 
 def _distributed_results(client: Client, store: Store, wanted: Mapping[int, tuple[str, ...]],
@@ -360,23 +373,31 @@ def remote_epoch_landscape(path: str | Location, epoch: int, settings: FlatnessS
 
     torch.set_num_threads(1)
     store = open_store(path)
-    return epoch, epoch_landscape(store.params_at(epoch), store.config, settings, analyses)
+    model = store.model
+    params = model_params(store, model, store.params_at(epoch))
+    return epoch, epoch_landscape(params, model, store.probe(), settings, analyses)
 
 
 def compute_store_flatness(
-    store: str | os.PathLike | Location, settings: FlatnessSettings, *, recompute: bool = False,
-    progress: bool = True, client: Client | None = None,
+    store: str | os.PathLike | Location, settings: FlatnessSettings, *, probe: np.ndarray | None = None,
+    recompute: bool = False, progress: bool = True, client: Client | None = None,
 ) -> FlatnessReport:
     """Add or extend flatness and the curvature analyses of `settings` on an existing store from its weights
-    alone (`geostore flatness`)."""
+    alone (`geostore flatness`); `probe` (token ids) is recorded in the store first, for families that need one."""
     from geostore.store.reader import open_store
 
     store = Location.of(store)
-    attrs = open_store(store).attrs  # refuses a missing path or a non-store before anything is opened for writing
-    check_supported(attrs["model_config"])
-    writer = StoreWriter.open(store, config=attrs["model_config"], task=attrs.get("task", {}))
+    opened = open_store(store)  # refuses a missing path or a non-store before anything is opened for writing
+    model = opened.model
+    if probe is not None:
+        model.probe(probe)  # checks the token ids against the model before anything is written
+    if needs_probe(model, opened.probe() if probe is None else probe):
+        raise GeostoreError(probe_missing_message(opened.path))
+    writer = StoreWriter.open(store, model=model, task=opened.task, probe=probe)
     writer.enable_analyses(settings.analyses(), recompute=recompute)
     return fill_missing(writer, settings, progress=progress, client=client)
+
+
 
 
 def progress_bar(total: int, desc: str, progress: bool) -> tqdm:

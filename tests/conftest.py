@@ -35,7 +35,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A real (tiny) geostore training run: p=11, 40 epochs, a checkpoint every 5."""
-    from geostore.train import TrainSpec, train
+    from geostore.family.train_modular_addition import TrainSpec, train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     spec = TrainSpec(p=11, d_model=16, n_heads=2, train_fraction=0.5, lr=3e-3, epochs=40, schedule="0:41:5")

@@ -1,4 +1,4 @@
-"""geostore.train: the checkpoint schedule grammar and a tiny end-to-end training run."""
+"""geostore.family.train_modular_addition: the checkpoint schedule grammar and a tiny end-to-end training run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from geostore.errors import GeostoreError  # noqa: E402
 from geostore.store import schema  # noqa: E402
-from geostore.train import TrainSpec, checkpoint_epochs, grokking_summary, train  # noqa: E402
+from geostore.family.train_modular_addition import TrainSpec, checkpoint_epochs, grokking_summary, train  # noqa: E402
 
 TINY = TrainSpec(p=7, d_model=16, n_heads=2, train_fraction=0.5, lr=1e-2, epochs=30, model_seed=1, data_seed=2,
                  schedule="0:10:1,10:30:5")
@@ -215,7 +215,7 @@ def test_bad_spec_refused_before_writing(tmp_path, change):
 
 
 def test_interrupted_run_is_readable(tmp_path, monkeypatch):
-    import geostore.train as train_module
+    import geostore.family.train_modular_addition as train_module
 
     real_save = train_module.save_file
 

@@ -17,13 +17,14 @@ give the same numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from geostore.family.modular_addition import TRAINABLE
-from geostore.store import schema
+if TYPE_CHECKING:
+    from geostore.family.base import Model, Probe
 
 # Definitions recorded with the stored values (settings attributes).
 ANTITHETIC_DEFINITION = (
@@ -33,10 +34,10 @@ ANTITHETIC_DEFINITION = (
 PROFILE_DEFINITION = (
     "per epsilon: mean and standard error over the flatness directions of the antithetic curvature, and the "
     "one-sided flatness ratio mean(L(theta + eps d) - L(theta) < threshold * L(theta)); epsilon times the "
-    "L2 norm of the 9 weight matrices when relative"
+    "L2 norm of the trainable parameters when relative"
 )
 HESSIAN_DEFINITION = (
-    "Hessian of the flatness loss over the 9 weight matrices, exact Hessian-vector products (torch.func "
+    "Hessian of the flatness loss over the trainable parameters, exact Hessian-vector products (torch.func "
     "forward-over-reverse, float32); trace: Hutchinson mean of v'Hv over Rademacher v (torch.randint on a CPU "
     "torch.Generator(seed)), standard error std/sqrt(n_probes); top eigenvalue: largest Ritz value of "
     "`iterations` Lanczos steps with full reorthogonalisation started from the first probe, with its residual"
@@ -131,33 +132,30 @@ def lanczos_top_eigenvalue(hvp: Hvp, start: torch.Tensor, iterations: int) -> tu
     return float(values[-1]), float(abs(betas[k - 1] * vectors[-1, -1]))
 
 
-def weight_norm(params: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of the trainable vector (the 9 weight matrices), summed in float64 by numpy (thread-independent)."""
-    return math.sqrt(sum(float(np.sum(np.square(np.asarray(params[name], dtype=np.float64)))) for name in TRAINABLE))
+def weight_norm(params: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
+    """L2 norm of the trainable vector (the parameters `names`), summed in float64 by numpy (thread-independent)."""
+    return math.sqrt(sum(float(np.sum(np.square(np.asarray(params[name], dtype=np.float64)))) for name in names))
 
 
-def loss_hvp(params: Mapping[str, np.ndarray], config: Mapping[str, object], device: str = "cpu",
+def loss_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None = None, device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> tuple[Hvp, int]:
-    """`(hvp, D)`: exact Hessian-vector products of the family's fast loss at these weights, over the flat
-    trainable vector of length `D` (schema order), by forward-over-reverse differentiation in `dtype`,
-    vectorised over a block of vectors (`torch.func.vmap`).
+    """`(hvp, D)`: exact Hessian-vector products of the model's loss at these weights, over the flat trainable
+    vector of length `D` (table order), by forward-over-reverse differentiation in `dtype`, vectorised over a
+    block of vectors (`torch.func.vmap`).
 
-    The loss is `modular_addition_fast.losses` of one weight set, the function flatness evaluates (the
-    HookedTransformer forward reassociated, its cross-entropy in the form made for derivatives); in float64
-    its HVP matches the plain model's double backward to ~1e-15.
+    The loss is the one flatness evaluates (`evaluator.batched_loss` of one weight set, in its form made for
+    derivatives: for modular addition's fast loss, the HookedTransformer forward reassociated, whose float64
+    HVP matches the plain model's double backward to ~1e-15).
     """
     from torch.func import grad, jvp, vmap
 
-    from geostore.family import modular_addition_fast as fast
+    from geostore.analysis.evaluator import batched_loss
 
-    tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype)
-               for name in schema.PARAMETERS}
-    weights = {name: tensors[name] for name in TRAINABLE}
-    biases = {name: value for name, value in tensors.items() if name not in TRAINABLE}
+    weights, batched = batched_loss(model, params, probe, device=device, dtype=dtype, for_derivatives=True)
     sizes = [w.numel() for w in weights.values()]
 
     def loss(w: dict[str, torch.Tensor]) -> torch.Tensor:
-        return fast.losses({name: value[None] for name, value in w.items()}, biases, config, for_derivatives=True)[0]
+        return batched({name: value[None] for name, value in w.items()})[0]
 
     def product(tangent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return jvp(grad(loss), (weights,), (tangent,))[1]
@@ -167,14 +165,15 @@ def loss_hvp(params: Mapping[str, np.ndarray], config: Mapping[str, object], dev
         tangents = {name: part.reshape(n, *w.shape) for (name, w), part in
                     zip(weights.items(), block.to(device=device, dtype=dtype).split(sizes, dim=1), strict=True)}
         products = vmap(product)(tangents)  # the tangents batched, the primal computed once
-        return torch.cat([products[name].reshape(n, -1) for name in TRAINABLE], dim=1).cpu()
+        return torch.cat([products[name].reshape(n, -1) for name in weights], dim=1).cpu()
 
     return hvp, sum(sizes)
 
 
 def hessian_for_params(
     params: Mapping[str, np.ndarray],
-    config: Mapping[str, object],
+    model: Model,
+    probe: Probe | None = None,
     *,
     n_probes: int,
     iterations: int,
@@ -184,9 +183,9 @@ def hessian_for_params(
     """Hessian trace (Hutchinson, `n_probes` Rademacher probes), its standard error, and the top eigenvalue
     (`iterations` Lanczos steps from the first probe) with its residual, for one epoch's stored parameters.
 
-    Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the fast loss.
+    Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the loss.
     """
-    hvp, n_params = loss_hvp(params, config, device)
+    hvp, n_params = loss_hvp(params, model, probe, device)
     probes = rademacher(n_params, n_probes, seed)
     trace, stderr, _ = hutchinson_trace(hvp, probes)
     top, residual = lanczos_top_eigenvalue(hvp, probes[0], iterations)

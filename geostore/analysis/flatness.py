@@ -1,15 +1,16 @@
 """Loss-landscape flatness (REQ_031): the loss change along seeded random unit directions in weight space.
 
-Directions are standard normal over the family's trainable vector (the 9 weight matrices of
-`schema.WEIGHT_MATRICES`, flattened and concatenated in that order: one vector, not one per matrix),
-each normalised to unit L2 norm, and drawn on the CPU from `torch.Generator().manual_seed(seed)`, one
-direction after the other, so direction `i` depends only on the seed, the parameter count and `i`: every
-epoch, device and caller sees the same directions (common random numbers across epochs). For each,
-`delta_loss = L(theta + epsilon d) - L(theta)` with `L` the family loss on the full grid.
+Directions are standard normal over the model's trainable vector (its family's trainable parameters,
+flattened and concatenated in parameter-table order: one vector, not one per matrix), each normalised to
+unit L2 norm, and drawn on the CPU from `torch.Generator().manual_seed(seed)`, one direction after the
+other, so direction `i` depends only on the seed, the parameter count and `i`: every epoch, device and
+caller sees the same directions (common random numbers across epochs). For each,
+`delta_loss = L(theta + epsilon d) - L(theta)` with `L` the family's loss on its probe.
 
-`compute_landscape_flatness` is the reference: it perturbs a HookedTransformer in place and calls the
-family's loss function. `flatness_for_params` is what ingest uses: the same directions and perturbed
-weights, evaluated by the family's fast exact evaluator (`geostore.family.modular_addition_fast`).
+`compute_landscape_flatness` is the reference (REQ_031's contract): it perturbs a torch model in place and
+calls the family's loss function. `directional_losses` is what ingest uses: the same directions and
+perturbed weights, evaluated in blocks by the model's batched loss (`geostore.analysis.evaluator`: a fast
+exact evaluator where the family has one, else `vmap(functional_call)` of the family's loss).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import functools
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from geostore.errors import GeostoreError
-from geostore.family.modular_addition import TRAINABLE
-from geostore.store import schema
+
+if TYPE_CHECKING:
+    from geostore.family.base import Model, Probe
 
 # Directions per call of the fast evaluator: a constant, so an epoch's result never depends on callers.
 DIRECTION_BLOCK = 8
@@ -52,18 +55,18 @@ def _directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor:
 
 def perturbed(weights: Mapping[str, torch.Tensor], directions: torch.Tensor, epsilon: float
               ) -> dict[str, torch.Tensor]:
-    """The trainable matrices moved by `epsilon` along each row of `directions` `(B, D)`: `(B, *shape)` each.
+    """The trainable `weights` (in trainable-vector order) moved by `epsilon` along each row of `directions`
+    `(B, D)`: `(B, *shape)` each.
 
-    Both flatness paths build perturbed weights here, so they evaluate bit-identical weights.
+    Every flatness path builds perturbed weights here, so they evaluate bit-identical weights.
     """
     out, offset = {}, 0
-    for name in TRAINABLE:
-        w = weights[name]
+    for name, w in weights.items():
         step = directions[:, offset:offset + w.numel()].reshape(-1, *w.shape)
         out[name] = w + epsilon * step
         offset += w.numel()
     if offset != directions.shape[1]:
-        raise ValueError(f"directions have {directions.shape[1]} entries, the trainable matrices {offset}")
+        raise ValueError(f"directions have {directions.shape[1]} entries, the trainable parameters {offset}")
     return out
 
 
@@ -74,17 +77,22 @@ def compute_landscape_flatness(
     n_directions: int = 50,
     epsilon: float = 0.1,
     seed: int | None = None,
+    *,
+    trainable: Sequence[str] | None = None,
 ) -> dict[str, object]:
     """Flatness of `model` the plain way: perturb its weights in place, call `loss_fn(model, probe)`, restore.
 
     Returns `baseline_loss` (float), `delta_losses` (float64 `(n_directions,)`, differences of the float32
     losses) and `epsilon`. The weights are bit-identical afterwards, also when `loss_fn` raises. `seed=None`
     draws a fresh seed. `loss_fn` must come from the model family: without one this raises, never guesses.
+    The directions span `trainable` (parameter keys, in that order; default: every parameter with
+    `requires_grad`, in `named_parameters()` order, as models built by geostore families mark them).
     """
     if loss_fn is None:
         raise GeostoreError("flatness needs the model family's loss function (loss_fn is None), e.g. "
                             "geostore.family.modular_addition.loss_fn; no default loss is assumed")
-    params = {name: model.get_parameter(schema.PARAMETERS[name][0]) for name in TRAINABLE}
+    keys = trainable if trainable is not None else [k for k, p in model.named_parameters() if p.requires_grad]
+    params = {key: model.get_parameter(key) for key in keys}
     original = {name: param.detach().clone() for name, param in params.items()}
     n_params = sum(w.numel() for w in original.values())
     directions = _directions(n_params, n_directions, secrets.randbits(63) if seed is None else seed)
@@ -107,31 +115,32 @@ def compute_landscape_flatness(
 
 def flatness_for_params(
     params: Mapping[str, np.ndarray],
-    config: Mapping[str, object],
+    model: Model,
+    probe: Probe | None = None,
     *,
     n_directions: int,
     epsilon: float,
     seed: int,
     device: str = "cpu",
 ) -> tuple[float, np.ndarray]:
-    """`(baseline_loss, delta_losses)` of one epoch's stored parameters (short names), with the fast evaluator.
+    """`(baseline_loss, delta_losses)` of one epoch's parameters (the model's table names, numpy).
 
-    The same directions and perturbed weights as `compute_landscape_flatness`; the losses come from
-    `modular_addition_fast.losses` (float32 matmuls, per-pair losses summed in float64), directions
-    evaluated in fixed blocks of `DIRECTION_BLOCK`. The result is float64 and depends only on
-    (seed, n_directions, epsilon, these weights): not on which epochs a caller processes, in what order,
-    or in which process. Torch threads: 1 and 2 give bit-identical results here (MKL on an AMD EPYC;
-    benchmarks/flatness.py checks it), but BLAS kernels may round differently on another CPU, BLAS version
-    or on CUDA, so a run that must match bitwise keeps one machine type, thread count and device.
+    The same directions and perturbed weights as `compute_landscape_flatness`; the losses come from the
+    model's batched evaluator (see `directional_losses`). The result is float64 and depends only on
+    (seed, n_directions, epsilon, these weights, the probe): not on which epochs a caller processes, in what
+    order, or in which process. Torch threads: 1 and 2 give bit-identical results here (MKL on an AMD EPYC;
+    benchmarks/flatness.py checks it), but BLAS kernels may round differently on another CPU, BLAS version or
+    on CUDA, so a run that must match bitwise keeps one machine type, thread count and device.
     """
-    baseline, deltas = directional_losses(params, config, n_directions=n_directions, scales=[epsilon], seed=seed,
-                                          device=device)
+    baseline, deltas = directional_losses(params, model, probe, n_directions=n_directions, scales=[epsilon],
+                                          seed=seed, device=device)
     return baseline, deltas[0]
 
 
 def directional_losses(
     params: Mapping[str, np.ndarray],
-    config: Mapping[str, object],
+    model: Model,
+    probe: Probe | None = None,
     *,
     n_directions: int,
     scales: Sequence[float],
@@ -142,25 +151,24 @@ def directional_losses(
     """`(baseline_loss, deltas (len(scales), n_directions))`: `L(theta + s d) - L(theta)` for each scale `s`
     (any sign) and seeded direction `d`, as `flatness_for_params` computes them.
 
-    Each scale's row is computed exactly as the one-sided flatness at `epsilon = s`, so the row of a scale
-    equal to the flatness epsilon is bit-identical to the stored `delta_losses`, whatever other scales are
-    asked for (the antithetic and multi-epsilon measurements build on this). `dtype` float64 evaluates the
-    same directions in float64, to check the float32 numbers against.
+    Directions are evaluated in fixed blocks of `DIRECTION_BLOCK` by `evaluator.batched_loss` (the family's
+    fast exact loss where it has one, else the generic `vmap(functional_call)` evaluator). Each scale's row is
+    computed exactly as the one-sided flatness at `epsilon = s`, so the row of a scale equal to the flatness
+    epsilon is bit-identical to the stored `delta_losses`, whatever other scales are asked for (the antithetic
+    and multi-epsilon measurements build on this). `dtype` float64 evaluates the same directions in float64,
+    to check the float32 numbers against.
     """
-    from geostore.family import modular_addition_fast as fast
+    from geostore.analysis.evaluator import batched_loss
 
-    tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype)
-               for name in schema.PARAMETERS}
-    weights = {name: tensors[name] for name in TRAINABLE}
-    biases = {name: value for name, value in tensors.items() if name not in TRAINABLE}
+    weights, loss = batched_loss(model, params, probe, device=device, dtype=dtype)
     n_params = sum(w.numel() for w in weights.values())
     directions = _directions(n_params, n_directions, seed)
     rows = []
     with torch.no_grad():
-        baseline = fast.losses({name: w[None] for name, w in weights.items()}, biases, config)[0]
+        baseline = loss({name: w[None] for name, w in weights.items()})[0]
         for scale in scales:
             rows.append(torch.cat([
-                fast.losses(perturbed(weights, directions[i:i + DIRECTION_BLOCK].to(device), scale), biases, config)
-                - baseline for i in range(0, n_directions, DIRECTION_BLOCK)]))
+                loss(perturbed(weights, directions[i:i + DIRECTION_BLOCK].to(device), scale)) - baseline
+                for i in range(0, n_directions, DIRECTION_BLOCK)]))
     deltas = torch.stack(rows) if rows else torch.empty((0, n_directions), dtype=torch.float64)
     return float(baseline), deltas.cpu().numpy()

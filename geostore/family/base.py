@@ -123,6 +123,18 @@ class ParameterTable:
                 return parameter
         raise KeyError(name)
 
+    def partition(self) -> dict[str, tuple[str, ...]]:
+        """The groups made of whole parameters that split `all` without overlap (in group order), e.g.
+        embedding, attention, mlp, norm; empty when the groups do not cover `all` that way."""
+        out: dict[str, tuple[str, ...]] = {}
+        seen: set[str] = set()
+        for group, members in self.groups.items():
+            if group == ALL or any(m not in self.names for m in members) or seen & set(members):
+                continue
+            out[group] = members
+            seen |= set(members)
+        return out if seen == set(self.trainable) else {}
+
     def dim_sizes(self) -> dict[str, int]:
         """Size of every named dimension."""
         return {d: s for p in self.parameters for d, s in zip(p.dims, p.shape, strict=True)}

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from geostore.errors import SourceError
-from geostore.store.schema import WEIGHT_MATRICES
+from geostore.family.base import RunInfo
 
 NAME = "modular_addition"
 
-# The 9 weight matrices: biases are frozen at zero, as in the reference implementation.
-TRAINABLE = WEIGHT_MATRICES
+# The 9 weight matrices of the 1-layer model without normalisation: biases are frozen at zero, as in the
+# reference implementation.
+TRAINABLE = ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_U")
 
 
 def model_config(
@@ -97,3 +98,97 @@ def split(p: int, train_fraction: float, data_seed: int) -> np.ndarray:
     order = torch.randperm(p * p, generator=generator).numpy()
     n_train = round(train_fraction * p * p)
     return np.sort(order[:n_train]).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ the family
+# config.json fields that describe the task, and their names in a store's `task`.
+TASK_FIELDS = {"seed": "seed", "model_seed": "model_seed", "data_seed": "data_seed", "train_fraction": "train_fraction",
+               "training_fraction": "train_fraction", "frac_train": "train_fraction"}
+
+
+def trainable(name: str) -> bool:
+    """Weight matrices and normalisation weights train; biases are frozen at zero, as in the reference project."""
+    return not name.startswith("b_")
+
+
+def _prime_in(run: RunInfo) -> int | None:
+    """The modulus a config.json records as `p` or `prime`, if any."""
+    for key in ("p", "prime"):
+        if run.config and run.config.get(key) is not None:
+            try:
+                return int(run.config[key])
+            except (TypeError, ValueError):
+                raise SourceError(f"{run.origin}: {key}={run.config[key]!r} is not an integer") from None
+    return None
+
+
+def grid_split(p: int, train_indices: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+    """The train split as a `(p, p)` boolean grid `[a, b]` from flat indices `a*p + b`, with its dimension names."""
+    indices = np.asarray(train_indices, dtype=np.int64).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= p * p):
+        raise SourceError(f"train indices must lie in [0, {p * p}) for p={p}")
+    mask = np.zeros(p * p, dtype=bool)
+    mask[indices] = True
+    return mask.reshape(p, p), ("a", "b")
+
+
+def task_fields(run: RunInfo) -> dict[str, object]:
+    """Seeds and the training fraction a run's config.json records, under their `task` names."""
+    config = run.config or {}
+    return {name: config[key] for key, name in TASK_FIELDS.items() if config.get(key) is not None}
+
+
+class ModularAdditionFamily:
+    """Modular addition on HookedTransformers of any depth, normalisation and activation: inputs `[a, b, =]`, the
+    loss at the final position over the first p logits on the full p x p grid."""
+
+    name = NAME
+
+    def recognise(self, run: RunInfo) -> bool:
+        from geostore.family.transformer import looks_hooked
+
+        if not looks_hooked(run):
+            return False
+        if _prime_in(run) is not None:
+            return True
+        shapes = run.shapes()
+        d_vocab = shapes["embed.W_E"][0]
+        n_ctx = shapes.get("pos_embed.W_pos", (None,))[0]
+        d_vocab_out = shapes.get("unembed.W_U", (None, None))[-1]
+        return n_ctx == 3 and d_vocab_out in (d_vocab - 1, d_vocab)
+
+    def from_run(self, run: RunInfo):
+        from geostore.family.transformer import check_fits, run_architecture
+
+        architecture = run_architecture(run)
+        p = _prime_in(run)
+        if p is not None and int(architecture["d_vocab"]) != p + 1:
+            raise SourceError(f"{run.origin}: prime={p} does not fit d_vocab={architecture['d_vocab']} "
+                              f"(expected {p + 1})")
+        try:
+            prime_of(architecture)
+        except SourceError as exc:
+            raise SourceError(f"{run.origin}: {exc}") from None
+        model = self.model(architecture)
+        check_fits(model, run)
+        return model
+
+    def model(self, config: Mapping[str, object]):
+        from geostore.family import hooked
+        from geostore.family.transformer import model_of
+
+        return model_of(self.name, hooked.architecture(config, "model config"), loss="final_position",
+                        trainable=trainable)
+
+    def task(self, run: RunInfo) -> dict[str, object]:
+        architecture = run.config or {}
+        p = _prime_in(run)
+        if p is None:
+            p = int(architecture.get("d_vocab") or run.shapes()["embed.W_E"][0]) - 1
+        return {"family": self.name, "p": p, **task_fields(run)}
+
+    def split(self, model, train_indices: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+        return grid_split(prime_of(model.config), train_indices)
+
+
+MODULAR_ADDITION = ModularAdditionFamily()

@@ -186,3 +186,40 @@ class _Mixer:
         pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], out=work.take("a", (n_a, p, width)))
         pre += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b, out=work.take("b", (p, n_a, width))).transpose(0, 1)
         return pre.view(-1, width)
+
+
+# The HookedTransformerConfig fields the fast loss reads; every other architecture field must keep its default.
+_READ_FIELDS = {"n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "d_vocab_out", "n_ctx", "act_fn",
+                "normalization_type"}
+
+
+def supports(model: object) -> bool:
+    """Whether the fast loss computes `model`'s loss exactly: the modular-addition family's 1-layer model without
+    normalisation, relu or gelu, biases frozen, every other architecture field at TransformerLens' default."""
+    from geostore.family import hooked
+    from geostore.family.modular_addition import NAME, TRAINABLE
+
+    config = getattr(model, "config", {})
+    if getattr(model, "family", None) != NAME or set(model.table.trainable) != set(TRAINABLE):
+        return False
+    try:
+        check_config(config)
+    except (GeostoreError, KeyError, ValueError):
+        return False
+    defaults = hooked.config_fields()
+    return all(value == defaults.get(key) for key, value in config.items() if key not in _READ_FIELDS)
+
+
+def batched(model: object, frozen: Mapping[str, torch.Tensor], *, for_derivatives: bool = False):
+    """The fast loss of a supported model as `loss(weights) -> (B,)`: `weights` its trainable parameters
+    `(B, *shape)` under the model's table names, `frozen` the others (one epoch's values)."""
+    table = model.table  # type: ignore[attr-defined]
+    config = model.config  # type: ignore[attr-defined]
+    layered = {p.name for p in table.parameters if p.layered}
+    biases = {name: value[0] if name in layered else value for name, value in frozen.items()}
+
+    def loss(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        flat = {name: w[:, 0] if name in layered else w for name, w in weights.items()}
+        return losses(flat, biases, config, for_derivatives=for_derivatives)
+
+    return loss

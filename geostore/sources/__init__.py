@@ -24,7 +24,7 @@ _LOOKED_FOR = (
 )
 
 
-def open_source(path: str | Path) -> RunSource:
+def open_source(path: str | Path, family: str | None = None) -> RunSource:
     """The training run at `path`, in whichever checkpoint format it is.
 
     Detection, in order: a geostore run directory (`run.json` with `"format": "geostore-run"`);
@@ -38,7 +38,7 @@ def open_source(path: str | Path) -> RunSource:
         raise SourceError(f"{path}: no such file or directory")
     if path.is_file():
         if bundle_file(path) is not None:
-            return open_arena_bundle(path)
+            return open_arena_bundle(path, family)
         if path.suffix in SAFETENSORS_SUFFIXES:
             raise SourceError(
                 f"{path}: a single checkpoint file: pass the directory that holds the run's checkpoints"
@@ -48,13 +48,13 @@ def open_source(path: str | Path) -> RunSource:
         raise SourceError(f"{path}: not a file or directory")
     try:
         if is_geostore_run(path):
-            return open_geostore_run(path)
+            return open_geostore_run(path, family)
         if is_miscope_variant(path):
-            return open_miscope_variant(path)
+            return open_miscope_variant(path, family)
         if bundle_file(path) is not None:
-            return open_arena_bundle(path)
+            return open_arena_bundle(path, family)
         if checkpoint_files(path):
-            return open_state_dict_dir(path)
+            return open_state_dict_dir(path, family)
     except PermissionError as exc:
         raise SourceError(f"{exc.filename or path}: permission denied") from None
     raise SourceError(f"{path}: no checkpoints found (looked for {_LOOKED_FOR})")

@@ -14,8 +14,8 @@ dicts come from the paper's own transformer (not TransformerLens) and share its 
 | `W_pos`, `W_U` | (n_ctx, d_model), (d_model, d_vocab) | as is |
 
 The model has no attention or unembedding biases (zero in HookedTransformer layout); the MLP
-biases are kept; `d_vocab_out = d_vocab = p + 1`. The bundle is read once (weights only) and
-held in memory; each checkpoint's `load()` converts its state dict.
+biases are kept; `d_vocab_out = d_vocab = p + 1`. The bundle is read once (weights only) and held
+in memory; each checkpoint's `load()` converts its state dict into a HookedTransformer's.
 """
 
 from __future__ import annotations
@@ -27,24 +27,19 @@ from pathlib import Path
 import numpy as np
 
 from geostore.errors import SourceError
+from geostore.family.base import RunInfo
 from geostore.sources.base import Checkpoint, RunSource
-from geostore.sources.common import as_epoch, family_task, finite_float, ordered
-from geostore.sources.infer import infer_config
+from geostore.sources.common import as_epoch, finite_float, identify, ordered
 from geostore.sources.safe_load import PICKLE_SUFFIXES, load_pickle
-from geostore.sources.state_dict import check_keys, to_float32
-from geostore.store import schema
+from geostore.sources.state_dict import arrays, shapes_of
 
 KIND = "arena-bundle"
 BUNDLE_NAME = "full_run_data.pth"
+# Short names (the last part of a key) stored transposed, and the attention/unembedding biases the model lacks.
 TRANSPOSED = ("W_E", "W_Q", "W_K", "W_V", "W_in", "W_out")
-AS_IS = ("W_pos", "W_U", "b_in", "b_out")
-ZERO_BIASES = ("b_Q", "b_K", "b_V", "b_O", "b_U")
+ZERO_BIASES = ("b_Q", "b_K", "b_V", "b_O")
 # Metric lists of the bundle and their schema names.
 LOSSES = {"train_losses": "train_loss", "test_losses": "test_loss"}
-
-
-def _key(short: str) -> str:
-    return schema.PARAMETERS[short][0]
 
 
 def bundle_file(path: Path) -> Path | None:
@@ -56,52 +51,35 @@ def bundle_file(path: Path) -> Path | None:
     return None
 
 
-def infer_original_config(state_dict: Mapping[str, object], origin: str) -> dict[str, object]:
-    """The HookedTransformer config of an original-layout state dict, from its shapes.
-
-    The transposed matrices' shapes are swapped into HookedTransformer layout, then inferred as
-    for any state dict (W_O, the one rearranged matrix, tells nothing new).
-    """
-    shapes = {str(k): tuple(int(d) for d in v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
-    for short in TRANSPOSED:
-        shape = shapes.get(_key(short))
-        if shape is not None and len(shape) >= 2:
-            shapes[_key(short)] = (*shape[:-2], shape[-1], shape[-2])
-    return infer_config(shapes, origin)
-
-
-def convert(state_dict: Mapping[str, object], config: Mapping[str, object], origin: str) -> dict[str, np.ndarray]:
-    """An original-layout state dict as HookedTransformer-layout float32 parameters (short names)."""
-    check_keys(state_dict.keys(), origin)
-    sizes = schema.dim_sizes(config)
-    raw = {}
-    for short in (*TRANSPOSED, *AS_IS, "W_O"):
-        key = _key(short)
-        if key not in state_dict:
-            raise SourceError(f"{origin}: missing parameter {key}")
-        raw[short] = to_float32(state_dict[key], origin, key)
-    w_o = raw.pop("W_O")
-    expected_o = (sizes["d_model"], sizes["n_heads"] * sizes["d_head"])
-    if w_o.shape != expected_o:
-        raise SourceError(f"{origin}: {_key('W_O')} has shape {w_o.shape}, expected {expected_o}")
+def convert(state_dict: Mapping[str, object], origin: str) -> dict[str, np.ndarray]:
+    """An original-layout state dict as a HookedTransformer state dict (numpy): transposed matrices swapped,
+    `W_O` rearranged `d_model (n_heads d_head) -> n_heads d_head d_model`, zero attention and unembedding biases
+    added (their shapes follow from the weights)."""
     out: dict[str, np.ndarray] = {}
-    for short, value in raw.items():
-        out[short] = np.ascontiguousarray(np.swapaxes(value, -1, -2)) if short in TRANSPOSED else value
-    # "d_model (n_heads d_head) -> n_heads d_head d_model"
-    out["W_O"] = np.ascontiguousarray(
-        w_o.reshape(sizes["d_model"], sizes["n_heads"], sizes["d_head"]).transpose(1, 2, 0)
-    )
-    for short in ZERO_BIASES:
-        out[short] = np.zeros(schema.param_shape(short, config), dtype=np.float32)
-    for short in schema.PARAMETERS:
-        expected = schema.param_shape(short, config)
-        if out[short].shape != expected:
-            original = tuple(reversed(expected[-2:])) if short in TRANSPOSED else expected
-            raise SourceError(
-                f"{origin}: {_key(short)} has shape {raw[short].shape}, expected {original} "
-                "(original transposed layout)"
-            )
-    return {short: out[short] for short in schema.PARAMETERS}
+    for key, value in arrays(state_dict, origin).items():
+        name = key.rsplit(".", 1)[-1]
+        if name in TRANSPOSED:
+            if value.ndim < 2:
+                raise SourceError(f"{origin}: {key} has shape {value.shape}, expected a matrix")
+            value = np.swapaxes(value, -1, -2)
+        out[key] = np.ascontiguousarray(value)
+    for key in [k for k in out if k.endswith("attn.W_O")]:
+        block = key[: -len("W_O")]
+        w_q = out.get(block + "W_Q")
+        if w_q is None or w_q.ndim != 3:
+            raise SourceError(f"{origin}: missing parameter {block}W_Q (n_heads, d_head, d_model)")
+        n_heads, d_model, d_head = w_q.shape
+        if out[key].shape != (d_model, n_heads * d_head):
+            raise SourceError(f"{origin}: {key} has shape {out[key].shape}, expected {(d_model, n_heads * d_head)} "
+                              "(original layout)")
+        out[key] = np.ascontiguousarray(out[key].reshape(d_model, n_heads, d_head).transpose(1, 2, 0))
+        dtype = out[key].dtype
+        for bias in ("b_Q", "b_K", "b_V"):
+            out.setdefault(block + bias, np.zeros((n_heads, d_head), dtype=dtype))
+        out.setdefault(block + "b_O", np.zeros(d_model, dtype=dtype))
+    if "unembed.W_U" in out:
+        out.setdefault("unembed.b_U", np.zeros(out["unembed.W_U"].shape[-1], dtype=out["unembed.W_U"].dtype))
+    return out
 
 
 def _as_list(value: object) -> list | None:
@@ -119,7 +97,7 @@ def _metric(values: list, epochs: list[int], index: int) -> float | None:
     return None
 
 
-def open_arena_bundle(path: str | Path) -> RunSource:
+def open_arena_bundle(path: str | Path, family: str | None = None) -> RunSource:
     """The run in a `full_run_data.pth` bundle (a file, or a directory holding one)."""
     path = Path(path)
     file = bundle_file(path)
@@ -143,19 +121,20 @@ def open_arena_bundle(path: str | Path) -> RunSource:
         if not isinstance(sd, Mapping):
             raise SourceError(f"{file}: state_dicts[{i}] is a {type(sd).__name__}, not a state dict")
 
-    config = infer_original_config(state_dicts[0], f"{file}#state_dicts[0]")
-    task = family_task(config, str(file))
+    first = convert(state_dicts[0], f"{file}#state_dicts[0]")
+    info = RunInfo(path=path, config=None, shapes=lambda: shapes_of(first), origin=f"{file}#state_dicts[0]")
+    found, model, task = identify(info, family)
     checkpoints = []
     metrics: dict[str, dict[int, float]] = {}
     lists = {name: _as_list(bundle.get(key)) for key, name in LOSSES.items()}
     for i, (epoch, sd) in enumerate(zip(epochs, state_dicts, strict=True)):
         origin = f"{file}#state_dicts[{i}]"
-        checkpoints.append(Checkpoint(epoch=epoch, origin=origin, load=partial(convert, sd, config, origin)))
+        checkpoints.append(Checkpoint(epoch=epoch, origin=origin, load=partial(convert, sd, origin)))
         for name, values in lists.items():
             value = _metric(values, epochs, i) if values else None
             if value is not None:
                 metrics.setdefault(name, {})[epoch] = value
     return RunSource(
-        kind=KIND, path=path, config=config, task=task,
+        kind=KIND, path=path, family=found, model=model, task=task,
         checkpoints=ordered(checkpoints, file), metrics=metrics,
     )

@@ -1,14 +1,15 @@
-"""Small helpers every reader shares: JSON side files, epoch ordering, the task of a config."""
+"""Small helpers every reader shares: JSON side files, epoch ordering, the family of a run."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
 
 from geostore.errors import SourceError
+from geostore.family.base import Family, Model, RunInfo
 from geostore.sources.base import Checkpoint
 
 
@@ -70,12 +71,25 @@ def finite_float(value: object) -> float | None:
     return number if not math.isnan(number) else None
 
 
-def family_task(config: Mapping[str, object], origin: str) -> dict[str, object]:
-    """`{"family": ..., "p": ...}` of a config: the task family decides what the config means."""
-    from geostore.family import modular_addition  # imports torch: only when a source is opened
+def json_config_dict(data: object) -> dict[str, object]:
+    """The config part of a config.json/run.json: the top level, or a dict under model_config/config/cfg
+    (with `p`/`prime` of the top level carried along)."""
+    if not isinstance(data, dict):
+        return {}
+    for key in ("model_config", "config", "cfg"):
+        inner = data.get(key)
+        if isinstance(inner, dict):
+            merged = dict(inner)
+            for extra in ("p", "prime"):
+                if extra in data and extra not in merged:
+                    merged[extra] = data[extra]
+            return merged
+    return data
 
-    try:
-        p = modular_addition.prime_of(config)
-    except SourceError as exc:
-        raise SourceError(f"{origin}: {exc}") from None
-    return {"family": modular_addition.NAME, "p": p}
+
+def identify(info: RunInfo, family: str | None = None) -> tuple[Family, Model, dict[str, object]]:
+    """`(family, model, task)` of a run: the named family, or the first that recognises it."""
+    from geostore.family import registry
+
+    chosen = registry.detect(info, family)
+    return chosen, chosen.from_run(info), chosen.task(info)

@@ -1,9 +1,9 @@
 """geostore's own run directory: `run.json` (format "geostore-run") and safetensors state dicts.
 
-run.json (written by `geostore.train`)::
+run.json (written by `geostore.family.train_modular_addition`)::
 
-    {"format": "geostore-run", "version": 1, "family": "modular_addition",
-     "model_config": {<schema.CONFIG_FIELDS>},
+    {"format": "geostore-run", "version": 1, "family": "<registry name>",
+     "model_config": {<the family's config: HookedTransformerConfig fields for transformers>},
      "task": {"p", "train_fraction", "data_seed", "model_seed", "train_indices": [sorted ints]},
      "training": {"optimizer", "lr", "weight_decay", "betas", "epochs", "schedule"},
      "checkpoints": [{"epoch", "file", "train_loss", "test_loss", "train_accuracy", "test_accuracy"}]}
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from geostore.errors import SourceError
+from geostore.family.base import RunInfo
 from geostore.sources.base import Checkpoint, RunSource
-from geostore.sources.common import as_epoch, finite_float, ordered, read_json, read_json_object
-from geostore.sources.infer import normalise_config
-from geostore.sources.state_dict import loader
+from geostore.sources.common import as_epoch, finite_float, identify, ordered, read_json, read_json_object
+from geostore.sources.state_dict import loader, state_dict_shapes
 from geostore.store.schema import METRICS
 
 KIND = "geostore-run"
@@ -40,7 +40,7 @@ def is_geostore_run(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def open_geostore_run(path: str | Path) -> RunSource:
+def open_geostore_run(path: str | Path, family: str | None = None) -> RunSource:
     """The run recorded by `path/run.json`; checkpoint files are read only by `load()`."""
     path = Path(path)
     run_file = path / RUN_FILE
@@ -53,16 +53,9 @@ def open_geostore_run(path: str | Path) -> RunSource:
     model_config = data.get("model_config")
     if not isinstance(model_config, dict):
         raise SourceError(f"{run_file}: no model_config")
-    config = normalise_config(model_config, str(run_file))
-
     raw_task = data.get("task") or {}
     if not isinstance(raw_task, dict):
         raise SourceError(f"{run_file}: task is not an object")
-    task: dict[str, object] = {"family": data.get("family", "modular_addition")}
-    task.update({k: v for k, v in raw_task.items() if k != "train_indices"})
-    if isinstance(data.get("training"), dict):
-        task["training"] = data["training"]
-
     train_indices = None
     if raw_task.get("train_indices") is not None:
         try:
@@ -81,17 +74,25 @@ def open_geostore_run(path: str | Path) -> RunSource:
             raise SourceError(f"{where}: expected an object with 'epoch' and 'file'")
         epoch = as_epoch(entry.get("epoch"), where)
         file = path / entry["file"]
-        checkpoints.append(Checkpoint(epoch=epoch, origin=str(file), load=loader(file, config)))
+        checkpoints.append(Checkpoint(epoch=epoch, origin=str(file), load=loader(file)))
         for name in METRICS:
             value = finite_float(entry.get(name))
             if value is not None:
                 metrics.setdefault(name, {})[epoch] = value
     if not checkpoints:
         raise SourceError(f"{path}: no checkpoints found (run.json lists none)")
+    first = min(checkpoints, key=lambda c: c.epoch).origin
+    info = RunInfo(path=path, config={**raw_task, **model_config}, shapes=lambda: state_dict_shapes(first),
+                   origin=str(run_file))
+    found, model, task = identify(info, family if family is not None else data.get("family"))
+    task.update({k: v for k, v in raw_task.items() if k != "train_indices"})
+    if isinstance(data.get("training"), dict):
+        task["training"] = data["training"]
     return RunSource(
         kind=KIND,
         path=path,
-        config=config,
+        family=found,
+        model=model,
         task=task,
         checkpoints=ordered(checkpoints, run_file),
         metrics=metrics,

@@ -1,8 +1,8 @@
-"""A training-dynamics-workbench (miscope) variant directory.
+"""A training-dynamics-workbench (miscope) run directory, of any of its model families.
 
-    <variant>/checkpoints/checkpoint_epoch_{epoch:05d}.safetensors   raw HookedTransformer state dicts
-    <variant>/config.json     n_layers, n_heads, d_model, d_head, d_mlp, act_fn, normalization_type,
-                              d_vocab, d_vocab_out, n_ctx, seed, prime, data_seed, model_seed,
+    <variant>/checkpoints/checkpoint_epoch_{epoch:05d}.safetensors   the model's raw state dicts
+    <variant>/config.json     the architecture (HookedTransformerConfig fields, or `architecture`,
+                              `d_hidden`, ... for its MLPs), seed, prime, data_seed, model_seed,
                               training_fraction
     <variant>/metadata.json   train_losses, test_losses (one per epoch, indexed by epoch),
                               train_indices, test_indices (flat grid positions), checkpoint_epochs,
@@ -20,17 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from geostore.errors import SourceError
+from geostore.family.base import RunInfo
 from geostore.sources.base import Checkpoint, RunSource
-from geostore.sources.common import family_task, finite_float, ordered, read_json_object
-from geostore.sources.infer import config_from_json, infer_config
+from geostore.sources.common import finite_float, identify, ordered, read_json_object
 from geostore.sources.state_dict import loader, state_dict_shapes
 
 KIND = "miscope"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_epoch_(\d+)\.safetensors")
-# config.json fields that describe the task, and their names in `task`.
-TASK_FIELDS = {"seed": "seed", "model_seed": "model_seed", "data_seed": "data_seed",
-               "training_fraction": "train_fraction"}
 LOSSES = {"train_losses": "train_loss", "test_losses": "test_loss"}
 
 
@@ -56,28 +53,18 @@ def is_miscope_variant(path: Path) -> bool:
     return folder.is_dir() and any(CHECKPOINT_PATTERN.fullmatch(f.name) for f in folder.iterdir())
 
 
-def open_miscope_variant(path: str | Path) -> RunSource:
-    """A miscope variant: config.json architecture, metadata.json losses and split, lazy checkpoints."""
+def open_miscope_variant(path: str | Path, family: str | None = None) -> RunSource:
+    """A miscope run: config.json architecture, metadata.json losses and split, lazy checkpoints."""
     path = Path(path)
     files = checkpoint_files(path)
     if not files:
         raise SourceError(f"{path}: no checkpoints found (looked for {CHECKPOINT_DIR}/checkpoint_epoch_*.safetensors)")
     first = files[min(files)]
-
-    def shapes():
-        return state_dict_shapes(first)
-
     config_file = path / "config.json"
-    if config_file.is_file():
-        data = read_json_object(config_file)
-        config = config_from_json(data, str(config_file), shapes=shapes)
-        task = family_task(config, str(config_file))
-        if data.get("prime") is not None and int(data["prime"]) != task["p"]:
-            raise SourceError(f"{config_file}: prime={data['prime']} does not fit d_vocab={config['d_vocab']}")
-        task.update({name: data[key] for key, name in TASK_FIELDS.items() if data.get(key) is not None})
-    else:
-        config = infer_config(shapes(), str(first))
-        task = family_task(config, str(first))
+    config = read_json_object(config_file) if config_file.is_file() else None
+    info = RunInfo(path=path, config=config, shapes=lambda: state_dict_shapes(first),
+                   origin=str(config_file if config is not None else first))
+    found, model, task = identify(info, family)
 
     metrics: dict[str, dict[int, float]] = {}
     train_indices = None
@@ -101,8 +88,8 @@ def open_miscope_variant(path: str | Path) -> RunSource:
         if metadata.get("num_epochs") is not None:
             task["num_epochs"] = metadata["num_epochs"]
 
-    checkpoints = [Checkpoint(epoch=e, origin=str(f), load=loader(f, config)) for e, f in files.items()]
+    checkpoints = [Checkpoint(epoch=e, origin=str(f), load=loader(f)) for e, f in files.items()]
     return RunSource(
-        kind=KIND, path=path, config=config, task=task,
+        kind=KIND, path=path, family=found, model=model, task=task,
         checkpoints=ordered(checkpoints, path), metrics=metrics, train_indices=train_indices,
     )

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.store import schema
 
 if TYPE_CHECKING:
     from geostore.analysis.trajectory import TrajectoryPass
@@ -36,17 +35,17 @@ DERIVED = "derived"
 TRAJECTORY = "trajectory"
 # Bytes of panels a trajectory pass may hold per process: a paper-size run (400 x 226,048) is read once.
 DEFAULT_MEMORY_BUDGET = 2**30
-STANDARD_UNITS = ("embedding", "attention", "mlp")
 
 
-def units_of(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Split parameter names into cache units: whole standard groups, then the rest as one unit."""
+def units_of(store: Store, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Split group members into cache units: whole groups of the store's partition of `all` (embedding,
+    attention, mlp, ...), then the rest as one unit."""
     rest = list(names)
     units = {}
-    for group in STANDARD_UNITS:
-        if set(schema.GROUPS[group]) <= set(rest):
-            units[group] = schema.GROUPS[group]
-            rest = [n for n in rest if n not in schema.GROUPS[group]]
+    for group, members in store.table.partition().items():
+        if set(members) <= set(rest):
+            units[group] = members
+            rest = [n for n in rest if n not in members]
     if rest:
         units["+".join(sorted(rest))] = tuple(sorted(rest))
     return units
@@ -88,7 +87,7 @@ def unit_passes(store: Store, names: Sequence[str], memory_budget: int | None = 
     epochs = store.epochs
     n = epochs.size
     done, todo = {}, {}
-    for unit, unit_names in units_of(names).items():
+    for unit, unit_names in units_of(store, names).items():
         cached = _load(store, unit, unit_names)
         known = np.zeros(n, dtype=bool)
         result = TrajectoryPass(np.zeros((n, n)), np.full(max(n - 1, 0), np.nan))
@@ -106,7 +105,7 @@ def unit_passes(store: Store, names: Sequence[str], memory_budget: int | None = 
         known = np.frombuffer(key, dtype=bool)
         rows = np.flatnonzero(~known)
         steps = np.flatnonzero(~known[:-1] | ~known[1:])
-        passes = trajectory_pass({u: [store.params[p] for p in ns] for u, ns, _ in units}, rows, steps,
+        passes = trajectory_pass({u: [store.member(p) for p in ns] for u, ns, _ in units}, rows, steps,
                                  memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET)
         for unit, unit_names, result in units:
             new = passes[unit]
@@ -116,13 +115,6 @@ def unit_passes(store: Store, names: Sequence[str], memory_budget: int | None = 
             _save(store, unit, unit_names, result)
             done[unit] = result
     return done
-
-
-def _names(group: str | Sequence[str]) -> tuple[str, ...]:
-    try:
-        return schema.resolve_group(group)
-    except KeyError as exc:
-        raise StoreError(str(exc.args[0])) from None
 
 
 def _summed(passes: dict[str, TrajectoryPass]) -> TrajectoryPass:
@@ -157,9 +149,9 @@ def pca(
     """PCA of a group's trajectory (see `Store.pca`)."""
     from geostore.analysis.trajectory import components, pca_from_gram
 
-    names = _names(group)
+    names = store.resolve(group)
     fit = _fit_rows(store.epochs, fit_epochs)
-    width = sum(int(np.prod(store.param_shapes()[n])) for n in names)
+    width = sum(int(np.prod(store.member(n).shape[1:])) for n in names)
     m = store.epochs.size if fit is None else fit.size
     if not 1 <= n_components <= min(m, width):
         raise StoreError(f"n_components must be between 1 and {min(m, width)} here, got {n_components}")
@@ -182,15 +174,16 @@ def velocity(store: Store, group: str | Sequence[str] = "all", *, per_epoch: boo
     """Step lengths of a group between consecutive epochs (see `Store.velocity`)."""
     from geostore.analysis.trajectory import velocity as from_steps
 
-    steps2 = _summed(unit_passes(store, _names(group), memory_budget)).steps2
+    steps2 = _summed(unit_passes(store, store.resolve(group), memory_budget)).steps2
     return from_steps(steps2, store.epochs, per_epoch=per_epoch)
 
 
 def velocities(store: Store, *, per_epoch: bool = True, memory_budget: int | None = None) -> dict[str, np.ndarray]:
-    """Velocity of `all`, `embedding`, `attention` and `mlp`, from one pass (see `Store.velocities`)."""
+    """Velocity of `all` and of each group of the store's partition of it, from one pass (see
+    `Store.velocities`)."""
     from geostore.analysis.trajectory import velocity as from_steps
 
-    passes = unit_passes(store, schema.GROUPS["all"], memory_budget)
+    passes = unit_passes(store, store.groups["all"], memory_budget)
     out = {"all": from_steps(_summed(passes).steps2, store.epochs, per_epoch=per_epoch)}
-    out.update({g: from_steps(passes[g].steps2, store.epochs, per_epoch=per_epoch) for g in STANDARD_UNITS})
+    out.update({g: from_steps(passes[g].steps2, store.epochs, per_epoch=per_epoch) for g in store.table.partition()})
     return out

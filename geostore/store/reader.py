@@ -24,8 +24,10 @@ ADD_OPTIONS = {"flatness": "", "antithetic": " --antithetic", "profile": " --pro
 
 if TYPE_CHECKING:
     import dask.array as da
+    import torch
     import xarray as xr
-    from transformer_lens import HookedTransformer
+
+    from geostore.family.base import Model, ParameterTable
 
 
 class Store:
@@ -41,6 +43,7 @@ class Store:
         if not self.location.exists():
             raise StoreError(f"{self.path}: no such store")
         self.attrs: dict = layout.read_root_attrs(self.location)
+        self.table: ParameterTable = schema.table_of(self.attrs)
         self._group = layout.open_committed(self.location)
         epochs = np.asarray(self._group[schema.EPOCH_DIM][:], dtype=np.int64)
         pending = layout.pending_state(self.location)
@@ -59,7 +62,7 @@ class Store:
 
     @property
     def params(self) -> Mapping[str, da.Array]:
-        """Parameter name (`W_E`, ..., `b_U`) -> lazy dask array `(n_epoch, *shape)`, float32.
+        """Parameter name (see `table`) -> lazy dask array `(n_epoch, *shape)`, float32.
 
         Dask chunks follow the stored chunks (`chunk_epochs` epochs), not zarr's one-task-per-chunk
         default of `da.from_zarr` with small inner chunks.
@@ -71,18 +74,42 @@ class Store:
                 name: da.from_zarr(self._group[name], chunks=(self.chunk_epochs, *self._group[name].shape[1:]))[
                     : self._n
                 ]
-                for name in schema.PARAMETERS
+                for name in self.table.names
             })
         return self._params
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-epoch shape of every parameter (no dask needed)."""
-        return {name: tuple(self._group[name].shape[1:]) for name in schema.PARAMETERS}
+        return {name: tuple(self._group[name].shape[1:]) for name in self.table.names}
+
+    @property
+    def family(self) -> str:
+        """The name of the model family that wrote the store (see `geostore.family.registry`)."""
+        return schema.family_of(self.attrs)
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Component groups -> parameter names (`all` first: every trainable parameter); a member `W_Q[0]` is one
+        layer of a layered parameter."""
+        return dict(self.table.groups)
 
     @property
     def config(self) -> dict:
-        """The model config (HookedTransformerConfig fields)."""
+        """The model config the family records (HookedTransformerConfig fields for transformers)."""
         return dict(self.attrs["model_config"])
+
+    @property
+    def model(self) -> Model:
+        """The family's `Model` of this store (needs the family installed; imports torch)."""
+        from geostore.family import registry
+
+        return registry.get(self.family).model(self.config)
+
+    def probe(self) -> np.ndarray | None:
+        """The landscape probe a user gave (token ids `(batch, seq)`), or None."""
+        if schema.PROBE not in self._group:
+            return None
+        return np.asarray(self._group[schema.PROBE][...])
 
     @property
     def task(self) -> dict:
@@ -109,29 +136,43 @@ class Store:
         return out
 
     def train_mask(self) -> np.ndarray | None:
-        """The task's train split as a `(p, p)` bool grid (`[a, b]`), or None if not recorded."""
+        """The task's train split as a boolean array (dimensions from the family), or None if not recorded."""
         if schema.SPLIT not in self._group:
             return None
-        return np.asarray(self._group[schema.SPLIT][:])
+        return np.asarray(self._group[schema.SPLIT][...])
 
     # ------------------------------------------------------------------------------ derived views
     def flatten(self, group: str | Sequence[str] = "all") -> da.Array:
         """Lazy `(n_epoch, D)` float32 matrix of a component group's flattened parameters.
 
-        Groups: `all` (the 9 weight matrices), `embedding`, `attention`, `mlp`, or a list of names.
+        Groups: those of `groups` (`all`: every trainable parameter), or a list of parameter names.
         """
-        try:
-            names = schema.resolve_group(group)
-        except KeyError as exc:
-            raise StoreError(str(exc.args[0])) from None
         import dask.array as da
 
-        return da.concatenate([self.params[n].reshape(self._n, -1) for n in names], axis=1)
+        return da.concatenate([self.member(n).reshape(self._n, -1) for n in self.resolve(group)], axis=1)
+
+    def resolve(self, group: str | Sequence[str]) -> tuple[str, ...]:
+        """The members of a group name, a parameter name or a list of names; StoreError naming the choices."""
+        try:
+            return self.table.resolve(group)
+        except KeyError as exc:
+            raise StoreError(f"{self.path}: {exc.args[0]}") from None
+
+    def member(self, name: str) -> da.Array:
+        """A group member as a lazy `(n_epoch, ...)` array: a parameter, or `name[l]`, layer `l` of a layered one."""
+        if name.endswith("]") and "[" in name:
+            base, layer = name[:-1].split("[")
+            return self.params[base][:, int(layer)]
+        return self.params[name]
 
     def params_at(self, epoch: int) -> dict[str, np.ndarray]:
         """Every parameter at one stored epoch, as numpy arrays."""
         index = self.index_of(epoch)
-        return {name: np.asarray(self._group[name][index]) for name in schema.PARAMETERS}
+        return {name: np.asarray(self._group[name][index]) for name in self.table.names}
+
+    def state_dict_at(self, epoch: int) -> dict[str, np.ndarray]:
+        """One stored epoch as the model's state-dict entries (parameters only; layers unstacked)."""
+        return self.table.state_dict(self.params_at(epoch))
 
     def index_of(self, epoch: int) -> int:
         """Position of a stored epoch on the epoch axis; StoreError if it is not stored."""
@@ -140,13 +181,11 @@ class Store:
             raise StoreError(f"{self.path}: epoch {epoch} is not stored")
         return index
 
-    def model_at(self, epoch: int) -> HookedTransformer:
-        """The exact HookedTransformer of a stored epoch, rebuilt from the store alone."""
-        from geostore.model import build_model, load_parameters
-
-        model = build_model(self.config)
-        load_parameters(model, self.params_at(epoch))
-        return model
+    def model_at(self, epoch: int) -> torch.nn.Module:
+        """The exact torch model of a stored epoch, rebuilt by its family from the store alone (eval mode): its
+        `state_dict()` equals the checkpoint's."""
+        model = self.model
+        return model.build(model.table.stored(self.state_dict_at(epoch), f"{self.path}@{epoch}"))
 
     def to_xarray(self) -> xr.Dataset:
         """The store as an xarray Dataset (lazy), as `xarray.open_zarr(path)` gives it."""
@@ -295,9 +334,8 @@ class Store:
 
     @property
     def n_trainable(self) -> int:
-        """Numbers in the 9 weight matrices (the vector flatness and curvature are measured over)."""
-        shapes = self.param_shapes()
-        return sum(int(np.prod(shapes[name])) for name in schema.WEIGHT_MATRICES)
+        """Numbers in the trainable parameters (the vector flatness and curvature are measured over)."""
+        return self.table.n_trainable()
 
     def _require(self, analysis: str) -> None:
         if analysis not in self.analyses():

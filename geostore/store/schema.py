@@ -6,15 +6,20 @@ Everything that reads or writes a geostore store takes names from here; the READ
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+
+from geostore.family.base import Parameter, ParameterTable
 
 FORMAT_NAME = "geostore"
-FORMAT_VERSION = 1
+# 1: the fixed 1-layer HookedTransformer table below, no table in the metadata. 2: any model family; the
+# store's parameter table (`geostore.family.base.ParameterTable`) in the root attribute `parameters`.
+FORMAT_VERSION = 2
 
 EPOCH_DIM = "epoch"
 
-# TransformerLens short name -> (state_dict key of layer 0, dimension names of one epoch).
-PARAMETERS: dict[str, tuple[str, tuple[str, ...]]] = {
+# Format 1: TransformerLens short name -> (state_dict key, dimension names of one epoch), every store a
+# 1-layer HookedTransformer without normalisation; the 9 weight matrices train, biases are frozen.
+FORMAT1_PARAMETERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "W_E": ("embed.W_E", ("d_vocab", "d_model")),
     "W_pos": ("pos_embed.W_pos", ("n_ctx", "d_model")),
     "W_Q": ("blocks.0.attn.W_Q", ("n_heads", "d_model", "d_head")),
@@ -32,66 +37,44 @@ PARAMETERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "W_U": ("unembed.W_U", ("d_model", "d_vocab_out")),
     "b_U": ("unembed.b_U", ("d_vocab_out",)),
 }
-
-# State-dict entries that are buffers, not parameters: never stored.
-BUFFER_SUFFIXES = ("attn.mask", "attn.IGNORE")
-
-WEIGHT_MATRICES = ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_U")
-
-GROUPS: dict[str, tuple[str, ...]] = {
-    "all": WEIGHT_MATRICES,
+FORMAT1_GROUPS: dict[str, tuple[str, ...]] = {
     "embedding": ("W_E", "W_pos", "W_U"),
     "attention": ("W_Q", "W_K", "W_V", "W_O"),
     "mlp": ("W_in", "W_out"),
 }
+FORMAT1_FAMILY = "modular_addition"
 
 # Per-checkpoint training metrics (dims: epoch), NaN where the source did not record them.
 METRICS = ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
 
-# The train/test split of the task, when the source records it: dims (a, b).
+# The train/test split of the task, when the source records it (dimension names from the family).
 SPLIT = "train_mask"
-SPLIT_DIMS = ("a", "b")
-
-# Model-config fields a store records; the dimension sizes derive from them.
-CONFIG_FIELDS = (
-    "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "d_vocab_out", "n_ctx",
-    "act_fn", "normalization_type",
-)
+# The probe of the landscape analyses, when the user gave one (`--probe`): token ids.
+PROBE = "probe"
+PROBE_DIMS = ("probe_example", "probe_position")
 
 
-def dim_sizes(config: Mapping[str, object]) -> dict[str, int]:
-    """Size of every named parameter dimension, from a model config."""
-    return {name: int(config[name]) for name in
-            ("d_vocab", "d_vocab_out", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx")}
+def format1_table(config: Mapping[str, object]) -> ParameterTable:
+    """The parameter table of a format-1 store, from its model config."""
+    sizes = {name: int(config[name]) for name in
+             ("d_vocab", "d_vocab_out", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx")}
+    parameters = tuple(Parameter(name, tuple(sizes[d] for d in dims), dims, (key,), trainable=name.startswith("W_"))
+                       for name, (key, dims) in FORMAT1_PARAMETERS.items())
+    return ParameterTable(parameters, FORMAT1_GROUPS)
 
 
-def param_shape(name: str, config: Mapping[str, object]) -> tuple[int, ...]:
-    """Shape of one epoch of parameter `name` under `config`."""
-    sizes = dim_sizes(config)
-    return tuple(sizes[d] for d in PARAMETERS[name][1])
+def table_of(attrs: Mapping[str, object]) -> ParameterTable:
+    """A store's parameter table, from its root attributes (format 1: the fixed table)."""
+    if int(attrs["geostore"]["version"]) < 2:  # type: ignore[index]
+        return format1_table(attrs["model_config"])  # type: ignore[arg-type]
+    return ParameterTable.from_json(attrs["parameters"])  # type: ignore[arg-type]
 
 
-def short_name(state_dict_key: str) -> str | None:
-    """The short name of a state-dict key, or None for buffers and unknown keys."""
-    for short, (key, _) in PARAMETERS.items():
-        if key == state_dict_key:
-            return short
-    return None
-
-
-def resolve_group(group: str | Sequence[str]) -> tuple[str, ...]:
-    """Parameter names of a component group name or an explicit list of names."""
-    if isinstance(group, str):
-        if group in GROUPS:
-            return GROUPS[group]
-        if group in PARAMETERS:
-            return (group,)
-        raise KeyError(f"unknown group {group!r}: use one of {', '.join(GROUPS)} or parameter names")
-    names = tuple(group)
-    unknown = [n for n in names if n not in PARAMETERS]
-    if unknown or not names:
-        raise KeyError(f"unknown parameter names {unknown}: use names from {', '.join(PARAMETERS)}")
-    return names
+def family_of(attrs: Mapping[str, object]) -> str:
+    """The name of the family that wrote a store."""
+    if int(attrs["geostore"]["version"]) < 2:  # type: ignore[index]
+        return FORMAT1_FAMILY
+    return str(attrs["family"])
 
 DIRECTION_DIM = "direction"
 EPSILON_DIM = "epsilon"

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from geostore.store import schema
-
 if TYPE_CHECKING:
     from geostore.store.reader import Store
 
@@ -41,24 +37,29 @@ def describe(store: Store) -> str:
     lines = [
         f"store       {store.path}  (geostore format {store.attrs['geostore']['version']}, "
         f"{_size(store.nbytes_on_disk())} on disk, {store.chunk_epochs} epochs per chunk)",
-        f"model       {task.get('family', 'unknown family')} p={task.get('p', '?')}: "
-        + " ".join(f"{k}={cfg[k]}" for k in ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act_fn")),
+        f"model       {store.family}: " + " ".join(f"{k}={v}" for k, v in cfg.items() if _short_value(v)),
+        "task        " + (", ".join(f"{k}={v}" for k, v in task.items() if k != "family" and _short_value(v))
+                               or "nothing recorded"),
         f"epochs      {epochs.size} stored, {span}",
     ]
     if store.interrupted:
         lines.append("            (an interrupted ingest left staged work: re-run ingest to finish it)")
     lines.append("parameters  (per epoch, float32)")
-    shapes = store.param_shapes()
-    for name, shape in shapes.items():
-        dims = ", ".join(f"{d}={s}" for d, s in zip(schema.PARAMETERS[name][1], shape, strict=True))
-        lines.append(f"  {name:<6} {shape!s:<16} {dims}")
-    weights = sum(int(np.prod(shapes[n])) for n in schema.GROUPS["all"])
-    lines.append(f"  the 9 weight matrices hold {weights:,} numbers per epoch")
+    width = max(len(p.name) for p in store.table.parameters)
+    for parameter in store.table.parameters:
+        dims = ", ".join(f"{d}={s}" for d, s in zip(parameter.dims, parameter.shape, strict=True))
+        frozen = "" if parameter.trainable else "  (frozen)"
+        lines.append(f"  {parameter.name:<{width}} {parameter.shape!s:<18} {dims}{frozen}")
+    lines.append(f"  {len(store.table.trainable)} trainable parameters hold {store.n_trainable:,} numbers per epoch")
+    lines.append("groups      " + "; ".join(f"{g}: {', '.join(m)}" for g, m in store.groups.items()
+                                            if not g.startswith("layer")))
+    if store.probe() is not None:
+        lines.append(f"probe       {store.probe().shape[0]} x {store.probe().shape[1]} tokens")
     metrics = store.metrics()
     lines.append(f"metrics     {', '.join(metrics) if metrics else 'none recorded'}")
     mask = store.train_mask()
     if mask is not None:
-        lines.append(f"split       {mask.sum()} of {mask.size} pairs for training ({mask.mean():.0%})")
+        lines.append(f"split       {mask.sum()} of {mask.size} examples for training ({mask.mean():.0%})")
     for source in store.sources:
         lines.append(f"source      {source['kind']}: {source['path']}")
     analyses = store.analyses()
@@ -68,3 +69,8 @@ def describe(store: Store) -> str:
         lines.append(f"{name:<11} {_describe_settings(name, settings)}: {done}")
     lines.append(f"analyses    {', '.join(analyses) if analyses else 'none stored yet'}")
     return "\n".join(lines)
+
+
+def _short_value(value: object) -> bool:
+    """Config values worth a word in the summary: numbers, names and flags that are set."""
+    return value not in (None, False) and isinstance(value, int | float | str)

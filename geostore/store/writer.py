@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 
 from geostore.errors import ModelMismatchError, StoreError
+from geostore.family.base import Model, ParameterTable
 from geostore.store import layout, schema
 from geostore.store.location import PARTIAL_SUFFIX, Location
 
@@ -38,9 +39,10 @@ def _json_bytes(obj: object) -> bytes:
 class StoreWriter:
     """The one writer of a store: create or open, add epochs, commit each batch atomically.
 
-    Use `StoreWriter.open(path, config=..., task=...)`; it refuses a path that is not a geostore
+    Use `StoreWriter.open(path, model=..., task=...)`; it refuses a path that is not a geostore
     store and a store of another model before writing anything, and finishes or discards the work
-    of a writer that was killed. `path` is a local folder or an fsspec URL (see location.py).
+    of a writer that was killed. `path` is a local folder or an fsspec URL (see location.py). Epochs
+    are written in the store's own layout (`table`: format-1 stores keep theirs).
     """
 
     def __init__(self, location: Location, attrs: dict, *, created: bool) -> None:
@@ -48,6 +50,7 @@ class StoreWriter:
         self.path = str(location)  # for messages: the folder or URL as given
         self.attrs = attrs
         self.created = created
+        self.table: ParameterTable = schema.table_of(attrs)
         self._arrays: dict[str, zarr.Array] = {}
         with layout.quiet_zarr():
             self._group = zarr.open_group(location.zarr_store(read_only=False), mode="r+", use_consolidated=False)
@@ -55,6 +58,7 @@ class StoreWriter:
         self._n = int(committed.shape[0])
         self._epochs = np.asarray(committed[:], dtype=np.int64)
         self._shifted = False
+        self._added_probe = False
         self._mark_rollback_point()
 
     # ----------------------------------------------------------------------------------- opening
@@ -63,23 +67,31 @@ class StoreWriter:
         cls,
         path: str | os.PathLike | Location,
         *,
-        config: Mapping[str, object],
+        model: Model,
         task: Mapping[str, object],
-        train_indices: np.ndarray | None = None,
+        split: tuple[np.ndarray, Sequence[str]] | None = None,
+        probe: np.ndarray | None = None,
         chunk_epochs: int | None = None,
         storage_options: dict | None = None,
     ) -> StoreWriter:
-        """Open `path` for writing, creating the store when the path is missing or an empty folder."""
+        """Open `path` for writing, creating the store when the path is missing or an empty folder.
+
+        `model` gives the family, config and parameter table of a new store (an existing one must hold the
+        same model); `split` the task's train split (a boolean array and its dimension names), `probe` the
+        landscape probe a user gave (recorded once; an existing store must hold the same one).
+        """
         location = Location.of(path, storage_options)
         if location.is_file():
             raise StoreError(f"{location}: exists and is not a geostore store (a file)")
         if not location.is_empty():
             attrs = layout.read_root_attrs(location)
-            _check_same_run(location, attrs, config, task, train_indices)
+            _check_same_run(location, attrs, model, task, split)
             writer = cls(location, attrs, created=False)
             writer._recover()
+            if probe is not None:
+                writer.record_probe(probe)
             return writer
-        _create(location, config, task, train_indices, chunk_epochs)
+        _create(location, model, task, split, probe, chunk_epochs)
         return cls(location, layout.read_root_attrs(location), created=True)
 
     @property
@@ -93,7 +105,7 @@ class StoreWriter:
         return int(self.attrs["geostore"]["chunk_epochs"])
 
     def _epoch_arrays(self) -> list[str]:
-        return [schema.EPOCH_DIM, *schema.PARAMETERS, *schema.METRICS, *self._analysis_arrays()]
+        return [schema.EPOCH_DIM, *self.table.names, *schema.METRICS, *self._analysis_arrays()]
 
     def _analysis_arrays(self) -> list[str]:
         """Arrays of the analyses the committed attributes enable (an analysis is listed by its settings)."""
@@ -276,6 +288,27 @@ class StoreWriter:
                              f"{n_dir} directions")
         self.write_analysis("flatness", epochs, {"baseline_loss": baseline_loss, "delta_losses": delta_losses})
 
+    def probe(self) -> np.ndarray | None:
+        """The landscape probe the store records, or None."""
+        if not self.location.exists(f"{schema.PROBE}/{layout.ROOT_META}"):
+            return None
+        return layout.open_committed(self.location)[schema.PROBE][...]
+
+    def record_probe(self, probe: np.ndarray) -> None:
+        """Record the landscape probe (committed): once; a store holding another probe refuses it."""
+        tokens = np.asarray(probe, dtype=np.int64)
+        stored = self.probe()
+        if stored is not None:
+            if stored.shape != tokens.shape or not np.array_equal(stored, tokens):
+                raise StoreError(f"{self.path}: holds another probe ({stored.shape[0]} x {stored.shape[1]} tokens): "
+                                 "its analyses were measured on that one")
+            return
+        with layout.quiet_zarr():
+            _write_probe(self._group, tokens, {"compressors": layout.COMPRESSORS,
+                                               "config": {"write_empty_chunks": True}})
+        self._commit(self._epochs)
+        self._added_probe = True
+
     def record_source(self, record: Mapping[str, object]) -> None:
         """Remember where epochs came from (kept in the root attributes at the next commit)."""
         sources = list(self.attrs.get("sources", []))
@@ -305,6 +338,9 @@ class StoreWriter:
         self.attrs = copy.deepcopy(self._start_attrs)
         for name in added:
             self.location.remove(name)
+        if self._added_probe:
+            self.location.remove(schema.PROBE)
+            self._added_probe = False
         self._arrays.clear()  # the handles' metadata predates the restored files
 
     def _mark_rollback_point(self) -> None:
@@ -331,11 +367,13 @@ class StoreWriter:
     # ---------------------------------------------------------------------------------- internals
     def _columns(self, epochs, params, metrics) -> dict[str, np.ndarray]:
         k = epochs.size
-        sizes = schema.dim_sizes(self.attrs["model_config"])
         columns = {schema.EPOCH_DIM: epochs}
-        for name, (_, dims) in schema.PARAMETERS.items():
+        for parameter in self.table.parameters:
+            name = parameter.name
+            if name not in params:
+                raise StoreError(f"{self.path}: no values for parameter {name}")
             value = np.asarray(params[name], dtype=np.float32)
-            expected = (k, *(sizes[d] for d in dims))
+            expected = (k, *parameter.shape)
             if value.shape != expected:
                 raise StoreError(f"{self.path}: {name} has shape {value.shape[1:]}, store holds {expected[1:]}")
             columns[name] = value
@@ -369,8 +407,9 @@ class StoreWriter:
         for name in self._epoch_arrays():
             meta = json.loads(self.location.read_text(f"{name}/{layout.ROOT_META}"))
             consolidated[name] = {**meta, "shape": [n, *meta["shape"][1:]]}
-        if self.location.exists(f"{schema.SPLIT}/{layout.ROOT_META}"):
-            consolidated[schema.SPLIT] = json.loads(self.location.read_text(f"{schema.SPLIT}/{layout.ROOT_META}"))
+        for name in (schema.SPLIT, schema.PROBE):
+            if self.location.exists(f"{name}/{layout.ROOT_META}"):
+                consolidated[name] = json.loads(self.location.read_text(f"{name}/{layout.ROOT_META}"))
         root = layout.read_root_meta(self.location)
         root["attributes"] = self.attrs
         root["consolidated_metadata"] = {
@@ -433,16 +472,17 @@ def _dim_size(settings: Mapping, dim: str) -> int:
     return len(value) if isinstance(value, list | tuple) else int(value)
 
 
-def _create(location: Location, config, task, train_indices, chunk_epochs) -> None:
-    """Write an empty store (no epochs) for `config`, committed."""
-    config = {k: config[k] for k in schema.CONFIG_FIELDS}
-    sizes = schema.dim_sizes(config)
-    largest = max(int(np.prod([sizes[d] for d in dims])) * 4 for _, dims in schema.PARAMETERS.values())
+def _create(location: Location, model: Model, task, split, probe, chunk_epochs) -> None:
+    """Write an empty store (no epochs) for `model`, committed."""
+    table = model.table
+    largest = max(p.size for p in table.parameters) * 4
     chunks = chunk_epochs or layout.chunk_epochs_for(largest)
     location.make_folder()
     attrs = {
         "geostore": {"format": schema.FORMAT_NAME, "version": schema.FORMAT_VERSION, "chunk_epochs": chunks},
-        "model_config": config,
+        "family": model.family,
+        "model_config": dict(model.config),
+        "parameters": table.to_json(),
         "task": dict(task),
         "sources": [],
     }
@@ -452,30 +492,50 @@ def _create(location: Location, config, task, train_indices, chunk_epochs) -> No
         opts = {"compressors": layout.COMPRESSORS, "config": {"write_empty_chunks": True}}
         group.create_array(schema.EPOCH_DIM, shape=(0,), chunks=(chunks,), dtype="int64",
                            fill_value=-1, dimension_names=(schema.EPOCH_DIM,), **opts)
-        for name, (_, dims) in schema.PARAMETERS.items():
-            shape = tuple(sizes[d] for d in dims)
-            group.create_array(name, shape=(0, *shape), chunks=(chunks, *shape), dtype="float32",
-                               fill_value=0.0, dimension_names=(schema.EPOCH_DIM, *dims), **opts)
+        for parameter in table.parameters:
+            group.create_array(parameter.name, shape=(0, *parameter.shape), chunks=(chunks, *parameter.shape),
+                               dtype="float32", fill_value=0.0, dimension_names=(schema.EPOCH_DIM, *parameter.dims),
+                               **opts)
         for name in schema.METRICS:
             group.create_array(name, shape=(0,), chunks=(chunks,), dtype="float64",
                                fill_value=float("nan"), dimension_names=(schema.EPOCH_DIM,), **opts)
-        if train_indices is not None:
-            p = int(task["p"])
-            mask = np.zeros(p * p, dtype=bool)
-            mask[np.asarray(train_indices, dtype=np.int64)] = True
-            split = group.create_array(schema.SPLIT, shape=(p, p), chunks=(p, p), dtype="bool",
-                                       fill_value=False, dimension_names=schema.SPLIT_DIMS, **opts)
-            split[:] = mask.reshape(p, p)
+        if split is not None:
+            mask, dims = np.asarray(split[0], dtype=bool), tuple(split[1])
+            array = group.create_array(schema.SPLIT, shape=mask.shape, chunks=mask.shape, dtype="bool",
+                                       fill_value=False, dimension_names=dims, **opts)
+            array[...] = mask
+        if probe is not None:
+            _write_probe(group, probe, opts)
         zarr.consolidate_metadata(store)
 
 
-def _check_same_run(path: Location, attrs: Mapping, config, task, train_indices) -> None:
-    """Refuse a source whose model (or recorded run) differs from the store's."""
+def _write_probe(group: zarr.Group, probe: np.ndarray, opts: Mapping) -> None:
+    tokens = np.asarray(probe, dtype=np.int64)
+    array = group.create_array(schema.PROBE, shape=tokens.shape, chunks=tokens.shape, dtype="int64",
+                               fill_value=0, dimension_names=schema.PROBE_DIMS, **opts)
+    array[...] = tokens
+
+
+def _check_same_run(path: Location, attrs: Mapping, model: Model, task, split) -> None:
+    """Refuse a source whose model (or recorded run) differs from the store's.
+
+    The same model: the same family, the same state-dict entries with the same shapes, and no config field
+    that both record with different values (a format-1 store records fewer fields).
+    """
+    family = schema.family_of(attrs)
+    if family != model.family:
+        raise ModelMismatchError(f"{path}: store holds a {family} model, the source a {model.family} model")
+    stored_keys = {key: p.key_shape for p in schema.table_of(attrs).parameters for key in p.keys}
+    keys = {key: p.key_shape for p in model.table.parameters for key in p.keys}
+    for key in sorted(set(stored_keys) | set(keys)):
+        if stored_keys.get(key) != keys.get(key):
+            raise ModelMismatchError(f"{path}: store holds another model ({key}: {stored_keys.get(key)}, "
+                                     f"source has {keys.get(key)})")
     stored = attrs.get("model_config", {})
-    for key in schema.CONFIG_FIELDS:
-        if stored.get(key) != config.get(key):
+    for key in sorted(set(stored) & set(model.config)):
+        if stored[key] != model.config[key]:
             raise ModelMismatchError(
-                f"{path}: store holds another model ({key}={stored.get(key)!r}, source has {config.get(key)!r})"
+                f"{path}: store holds another model ({key}={stored[key]!r}, source has {model.config[key]!r})"
             )
     stored_task = attrs.get("task", {})
     for key in ("family", "p", "train_fraction", "data_seed", "model_seed", "seed"):
@@ -483,10 +543,7 @@ def _check_same_run(path: Location, attrs: Mapping, config, task, train_indices)
             raise ModelMismatchError(
                 f"{path}: store holds another run ({key}={stored_task[key]!r}, source has {task[key]!r})"
             )
-    if train_indices is not None and path.exists(schema.SPLIT):
-        p = int(stored_task["p"])
-        mask = np.zeros(p * p, dtype=bool)
-        mask[np.asarray(train_indices, dtype=np.int64)] = True
-        stored_mask = layout.open_committed(path)[schema.SPLIT][:].reshape(-1)
-        if not np.array_equal(mask, stored_mask):
+    if split is not None and path.exists(schema.SPLIT):
+        stored_mask = layout.open_committed(path)[schema.SPLIT][...]
+        if not np.array_equal(np.asarray(split[0], dtype=bool), stored_mask):
             raise ModelMismatchError(f"{path}: store holds another run (the train/test split differs)")

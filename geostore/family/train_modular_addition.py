@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 
 from geostore.errors import GeostoreError
 from geostore.family import modular_addition
-from geostore.model import build_model
-from geostore.store.schema import BUFFER_SUFFIXES, CONFIG_FIELDS, PARAMETERS
+from geostore.family.hooked import is_buffer
 
 RUN_FORMAT = "geostore-run"
 RUN_VERSION = 1
@@ -87,7 +86,7 @@ class TrainSpec:
         return cls(**fields)
 
     def model_config(self) -> dict[str, object]:
-        """The HookedTransformer config of this run (schema.CONFIG_FIELDS keys)."""
+        """The HookedTransformer config of this run (`modular_addition.model_config`)."""
         return modular_addition.model_config(self.p, d_model=self.d_model, n_heads=self.n_heads, d_mlp=self.d_mlp)
 
 
@@ -166,7 +165,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 def _parameters_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with parameters only (buffers dropped), float32 and contiguous copies."""
     return {key: value.detach().to(torch.float32).contiguous().clone()
-            for key, value in model.state_dict().items() if not key.endswith(BUFFER_SUFFIXES)}
+            for key, value in model.state_dict().items() if not is_buffer(key)}
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -208,15 +207,13 @@ def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int
     train_tokens, train_labels = tokens[is_train], labels[is_train]
     test_labels = labels[~is_train]
 
-    model = build_model(config, seed=spec.model_seed)
-    trainable_keys = {PARAMETERS[name][0] for name in modular_addition.TRAINABLE}
+    model = modular_addition.MODULAR_ADDITION.model(config).build(seed=spec.model_seed)
+    model.train()
     trainable = []
-    for key, param in model.named_parameters():
-        if key in trainable_keys:
-            param.requires_grad_(True)
+    for param in model.parameters():
+        if param.requires_grad:
             trainable.append(param)
         else:  # biases: frozen at zero, as in the reference implementation
-            param.requires_grad_(False)
             with torch.no_grad():
                 param.zero_()
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay, betas=tuple(spec.betas))
@@ -225,7 +222,7 @@ def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
         "family": modular_addition.NAME,
-        "model_config": {k: config[k] for k in CONFIG_FIELDS},
+        "model_config": dict(config),
         "task": {"p": p, "train_fraction": spec.train_fraction, "data_seed": spec.data_seed,
                  "model_seed": spec.model_seed, "train_indices": [int(i) for i in train_indices]},
         "training": {"optimizer": "AdamW", "lr": spec.lr, "weight_decay": spec.weight_decay,

@@ -1,0 +1,245 @@
+"""TransformerLens HookedTransformers of any shape: their parameter tables, configs and exact rebuilding.
+
+A HookedTransformer's state dict names every parameter `blocks.{l}.attn.W_Q`, `blocks.{l}.ln1.w`,
+`embed.W_E`, ... The store keeps TransformerLens' short names (`W_Q`, `ln1.w`, `W_E`), stacking the
+per-layer ones along a `layer` dimension as `model.W_Q` does, in a fixed order (embeddings, each
+block's parts, final norm, unembedding) so the trainable vector is the same for every reader.
+
+Two families build on this: any HookedTransformer language model (`hooked_transformer`, in
+`geostore.family.transformer`) and modular addition (`geostore.family.modular_addition`).
+TransformerLens is imported only to build a model (`import transformer_lens` takes seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from geostore.errors import SourceError
+from geostore.family.base import LAYER_DIM, Parameter, ParameterTable
+
+if TYPE_CHECKING:
+    import torch
+
+# Per-epoch dimension names of TransformerLens short names; other parameters get generic names.
+DIMS: dict[str, tuple[str, ...]] = {
+    "W_E": ("d_vocab", "d_model"),
+    "W_pos": ("n_ctx", "d_model"),
+    "ln1.w": ("d_model",), "ln1.b": ("d_model",), "ln2.w": ("d_model",), "ln2.b": ("d_model",),
+    "W_Q": ("n_heads", "d_model", "d_head"),
+    "W_K": ("n_heads", "d_model", "d_head"),
+    "W_V": ("n_heads", "d_model", "d_head"),
+    "W_O": ("n_heads", "d_head", "d_model"),
+    "b_Q": ("n_heads", "d_head"),
+    "b_K": ("n_heads", "d_head"),
+    "b_V": ("n_heads", "d_head"),
+    "b_O": ("d_model",),
+    "W_in": ("d_model", "d_mlp"),
+    "b_in": ("d_mlp",),
+    "W_gate": ("d_model", "d_mlp"),
+    "W_out": ("d_mlp", "d_model"),
+    "b_out": ("d_model",),
+    "ln_final.w": ("d_model",), "ln_final.b": ("d_model",),
+    "W_U": ("d_model", "d_vocab_out"),
+    "b_U": ("d_vocab_out",),
+}
+ORDER = tuple(DIMS)
+# Where each short name lives in a block or at the top of the model.
+_BLOCK_PREFIX = {"attn": "", "mlp": "", "ln1": "ln1.", "ln2": "ln2."}
+_TOP_KEYS = {"embed.W_E": "W_E", "pos_embed.W_pos": "W_pos", "ln_final.w": "ln_final.w", "ln_final.b": "ln_final.b",
+             "unembed.W_U": "W_U", "unembed.b_U": "b_U"}
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp|ln1|ln2)\.(\w+)")
+# Buffers TransformerLens keeps in state dicts: never parameters.
+BUFFER_SUFFIXES = ("attn.mask", "attn.IGNORE", "rotary_sin", "rotary_cos")
+
+GROUP_OF = {"W_E": "embedding", "W_pos": "embedding", "W_U": "embedding", "b_U": "embedding",
+            "ln1.w": "norm", "ln1.b": "norm", "ln2.w": "norm", "ln2.b": "norm", "ln_final.w": "norm",
+            "ln_final.b": "norm", "W_in": "mlp", "b_in": "mlp", "W_gate": "mlp", "W_out": "mlp", "b_out": "mlp"}
+
+
+def is_buffer(key: str) -> bool:
+    """Whether a HookedTransformer state-dict key is a buffer (attention mask, IGNORE, rotary tables)."""
+    return key.endswith(BUFFER_SUFFIXES)
+
+
+def short_key(key: str) -> tuple[str, int | None] | None:
+    """`(short name, layer)` of a state-dict key (`layer` None outside the blocks), None for unknown keys."""
+    if key in _TOP_KEYS:
+        return _TOP_KEYS[key], None
+    match = _BLOCK_KEY.fullmatch(key)
+    if match is None:
+        return None
+    layer, part, name = match.groups()
+    return _BLOCK_PREFIX[part] + name, int(layer)
+
+
+def table_from_shapes(shapes: Mapping[str, tuple[int, ...]], origin: str,
+                      trainable: Callable[[str], bool] = lambda name: True) -> ParameterTable:
+    """The parameter table of a HookedTransformer state dict (key -> shape), buffers skipped.
+
+    Groups: `embedding`, `attention`, `mlp`, `norm` (those that are non-empty) and, for more than one
+    layer, `layer{l}` (each layered parameter's slice `name[l]`, see `Store.flatten`).
+    """
+    by_name: dict[str, dict[int | None, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if is_buffer(key):
+            continue
+        found = short_key(key)
+        if found is None or found[0] not in DIMS:
+            raise SourceError(f"{origin}: state-dict key {key!r} is not a HookedTransformer parameter geostore "
+                              "knows (embed, pos_embed, blocks.N.{attn,mlp,ln1,ln2}, ln_final, unembed)")
+        name, layer = found
+        by_name.setdefault(name, {})[layer] = tuple(int(s) for s in shape)
+    layers = sorted({layer for entries in by_name.values() for layer in entries if layer is not None})
+    if layers and layers != list(range(len(layers))):
+        raise SourceError(f"{origin}: blocks {layers} are not numbered 0..{len(layers) - 1}")
+    parameters = []
+    for name in ORDER:
+        entries = by_name.get(name)
+        if not entries:
+            continue
+        dims = DIMS[name]
+        if None in entries:
+            parameters.append(Parameter(name, entries[None], dims, (_top_key(name),), trainable(name)))
+            continue
+        shapes_seen = set(entries.values())
+        missing = [layer for layer in layers if layer not in entries]
+        if missing or len(shapes_seen) != 1:
+            raise SourceError(f"{origin}: {name} is missing in blocks {missing} or changes shape across blocks")
+        shape = shapes_seen.pop()
+        if len(shape) != len(dims):
+            raise SourceError(f"{origin}: {name} has shape {shape}, expected {len(dims)} dimensions {dims}")
+        keys = tuple(_block_key(name, layer) for layer in layers)
+        parameters.append(Parameter(name, (len(layers), *shape), (LAYER_DIM, *dims), keys, trainable(name),
+                                    layered=True))
+    try:
+        return ParameterTable(tuple(parameters), groups(parameters, len(layers)))
+    except ValueError as exc:
+        raise SourceError(f"{origin}: {exc}") from None
+
+
+def groups(parameters: Iterable[Parameter], n_layers: int) -> dict[str, tuple[str, ...]]:
+    """Component groups of HookedTransformer parameters (trainable ones only)."""
+    out: dict[str, list[str]] = {}
+    trainable = [p for p in parameters if p.trainable]
+    for parameter in trainable:
+        out.setdefault(GROUP_OF.get(parameter.name, "attention"), []).append(parameter.name)
+    ordered = {g: tuple(out[g]) for g in ("embedding", "attention", "mlp", "norm") if g in out}
+    if n_layers > 1:
+        for layer in range(n_layers):
+            ordered[f"layer{layer}"] = tuple(f"{p.name}[{layer}]" for p in trainable if p.layered)
+    return ordered
+
+
+def _top_key(name: str) -> str:
+    return next(key for key, short in _TOP_KEYS.items() if short == name)
+
+
+def _block_key(name: str, layer: int) -> str:
+    if name.startswith(("ln1.", "ln2.")):
+        return f"blocks.{layer}.{name}"
+    part = "mlp" if GROUP_OF.get(name) == "mlp" else "attn"
+    return f"blocks.{layer}.{part}.{name}"
+
+
+# ---------------------------------------------------------------------------------------------- configs
+# HookedTransformerConfig fields that are not the architecture: never stored, never compared.
+_NOT_ARCHITECTURE = {"device", "n_devices", "seed", "dtype", "checkpoint_index", "checkpoint_label_type",
+                     "checkpoint_value", "from_checkpoint", "tokenizer_name", "model_name", "n_params",
+                     "initializer_range", "init_mode", "init_weights", "load_in_4bit", "quantization_method",
+                     "trust_remote_code", "default_prepend_bos", "tokenizer_prepends_bos", "original_architecture"}
+REQUIRED = ("n_layers", "d_model", "n_ctx", "d_head", "d_vocab", "act_fn")
+
+
+def config_fields() -> dict[str, Any]:
+    """The architecture fields HookedTransformerConfig accepts, with their defaults (MISSING for required)."""
+    from transformer_lens import HookedTransformerConfig
+
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING)
+            for f in dataclasses.fields(HookedTransformerConfig) if f.init and f.name not in _NOT_ARCHITECTURE}
+
+
+def architecture(config: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """The architecture fields of a HookedTransformerConfig-like dict, JSON values, the model's defaults dropped
+    only where absent; SourceError naming `origin` when a required field is missing or not JSON."""
+    fields = config_fields()
+    out = {}
+    for key, value in config.items():
+        if key not in fields:
+            continue
+        if not isinstance(value, str | int | float | bool | type(None) | list | dict):
+            raise SourceError(f"{origin}: model config {key}={value!r} is not a plain value")
+        out[key] = value
+    missing = [k for k in REQUIRED if out.get(k) is None]
+    if missing:
+        raise SourceError(f"{origin}: model config lacks {', '.join(missing)}")
+    if out.get("d_vocab_out") in (-1, None):
+        out["d_vocab_out"] = out["d_vocab"]
+    if out.get("normalization_type") in ("None", "none"):
+        out["normalization_type"] = None
+    return out
+
+
+def build_module(config: Mapping[str, Any], *, seed: int | None = None) -> torch.nn.Module:
+    """A freshly initialised HookedTransformer of an architecture dict (eval mode, CPU)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TransformerLens 3.x warns that HookedTransformer is deprecated
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        try:
+            cfg = HookedTransformerConfig(**dict(config), seed=seed, device="cpu")
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise SourceError(f"not a valid HookedTransformer config: {exc}") from None
+        model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter key -> shape of a module (buffers left out)."""
+    return {key: tuple(value.shape) for key, value in module.named_parameters()}
+
+
+def load_stored(module: torch.nn.Module, table: ParameterTable, params: Mapping[str, np.ndarray]) -> None:
+    """Copy stored parameters into `module` in place (buffers kept); ValueError when they do not fit."""
+    import torch
+
+    state = {key: torch.as_tensor(np.asarray(value)) for key, value in table.state_dict(params).items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_buffer(k)]
+    if missing or unexpected:
+        raise ValueError(f"parameters do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def infer_architecture(shapes: Mapping[str, tuple[int, ...]], origin: str) -> dict[str, Any]:
+    """A HookedTransformer architecture from state-dict shapes: sizes, layers, normalisation, attention-only.
+
+    What shapes cannot tell takes TransformerLens' defaults except `act_fn`, which is `relu` (the
+    modular-addition models') and should come from a config.json for anything else.
+    """
+    table = table_from_shapes(shapes, origin)
+    names = set(table.names)
+    for needed in ("W_E", "W_Q", "W_U"):
+        if needed not in names:
+            raise SourceError(f"{origin}: cannot infer the model config: no {needed} parameter")
+    d_vocab, d_model = table["W_E"].shape
+    n_layers, n_heads, _, d_head = table["W_Q"].shape
+    config: dict[str, Any] = {
+        "n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_head": d_head, "d_vocab": d_vocab,
+        "d_vocab_out": table["W_U"].shape[1], "act_fn": "relu",
+        "normalization_type": ("LN" if "ln1.b" in names or "ln_final.b" in names
+                               else "RMS" if "ln1.w" in names or "ln_final.w" in names else None),
+        "attn_only": "W_in" not in names,
+    }
+    if "W_in" in names:
+        config["d_mlp"] = table["W_in"].shape[2]
+    if "W_pos" in names:
+        config["n_ctx"] = table["W_pos"].shape[0]
+    else:
+        raise SourceError(f"{origin}: no positional embedding (rotary?): give the architecture in a config.json")
+    return config
