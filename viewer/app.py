@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from geostore import GeostoreError, open_store
-from viewer.state import GROUPS
 
 DEFAULT_SIZE = (1600, 1000)
 
@@ -37,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--screenshot", metavar="OUT.png", type=Path,
                         help="render the whole window offscreen into this image and exit")
     parser.add_argument("--epoch", type=int, help="open at this stored epoch (default: the first)")
-    parser.add_argument("--group", choices=GROUPS, default="all", help="component group of the trajectory")
+    parser.add_argument("--group", default="all", metavar="G",
+                        help="component group of the trajectory (the store's groups; default all)")
     parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, metavar="WxH",
                         help=f"window size (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]})")
     parser.add_argument("--settings", metavar="FILE.ini",
@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         data = ViewerData(open_store(args.store, args.run))
         index = 0 if args.epoch is None else data.index_of(args.epoch)
+        if args.group not in data.groups:
+            raise GeostoreError(f"--group {args.group}: not a group of {args.store} ({', '.join(data.groups)})")
     except GeostoreError as exc:
         return fail(str(exc), exc.exit_code, dialog=args.screenshot is None)
     except (OSError, ValueError, KeyError) as exc:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from geostore import Store, StoreError
-from viewer.state import GROUPS
 
 SCREE_COMPONENTS = 10
 """Principal components asked of the store: three for the projections, the rest for the scree plot."""
@@ -32,7 +31,16 @@ ANALYSIS_HELP = {
 }
 """What each analysis is called in messages, and the `geostore flatness` option that adds it."""
 
-GROUP_LABELS = {"all": "All", "embedding": "Embedding", "attention": "Attention", "mlp": "MLP"}
+GROUP_LABELS = {"all": "All", "embedding": "Embedding", "attention": "Attention", "mlp": "MLP", "norm": "Norm"}
+
+
+def group_label(group: str) -> str:
+    """A component group's name as the viewer shows it (`layer0` -> `Layer 0`)."""
+    if group in GROUP_LABELS:
+        return GROUP_LABELS[group]
+    if group.startswith("layer") and group[5:].isdigit():
+        return f"Layer {group[5:]}"
+    return group.replace("_", " ").capitalize()
 METRIC_LABELS = {
     "mean_delta_loss": "mean Δloss", "median_delta_loss": "median Δloss", "max_delta_loss": "max Δloss",
     "std_delta_loss": "std of Δloss", "p90_delta_loss": "p90 Δloss", "flatness_ratio": "flatness ratio",
@@ -126,6 +134,8 @@ class ViewerData:
         self.x = epochs.astype(np.float64)  # float64 x for pyqtgraph (float32 x is slow with clip-to-view)
         self.metrics = store.metrics()
         self.analyses = store.analyses()
+        self.groups = tuple(store.groups)  # `all` first, then the family's groups
+        self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
         self._lock = threading.Lock()
         self._cache: dict[tuple, object] = {}  # ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
 
@@ -170,8 +180,8 @@ class ViewerData:
 
     def load_trajectory(self, group: str) -> Trajectory:
         """The PCA of `group` over every stored epoch, through `Store.pca` (slow the first time)."""
-        if group not in GROUPS:
-            raise StoreError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
+        if group not in self.groups:
+            raise StoreError(f"unknown group {group!r}; choose from {', '.join(self.groups)}")
 
         def compute() -> Trajectory:
             pca = self.store.pca(group, n_components=min(SCREE_COMPONENTS, self.n_epochs - 1))
@@ -196,7 +206,7 @@ class ViewerData:
 
         def compute() -> dict[str, np.ndarray]:
             found = self.store.velocities(per_epoch=per_epoch)
-            return {g: np.asarray(found[g], dtype=np.float64) for g in GROUPS}
+            return {g: np.asarray(found[g], dtype=np.float64) for g in self.velocity_groups}
 
         return self._load(("velocities", per_epoch), compute)
 

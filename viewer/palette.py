@@ -17,7 +17,14 @@ PATH = "#b8b8b8"
 
 TRAIN = "#0072B2"
 TEST = "#D55E00"
-GROUPS = {"all": "#2b2b2b", "embedding": "#0072B2", "attention": "#D55E00", "mlp": "#009E73"}
+GROUPS = {"all": "#2b2b2b", "embedding": "#0072B2", "attention": "#D55E00", "mlp": "#009E73", "norm": "#CC79A7"}
+# Colours of other groups (a family's own), in order (Okabe-Ito).
+MORE_GROUPS = ("#E69F00", "#56B4E9", "#F0E442", "#999999", "#6a3d9a")
+
+
+def group_colour(group: str, position: int) -> str:
+    """The colour of a component group: its own, else the `position`-th of the spare colours."""
+    return GROUPS.get(group, MORE_GROUPS[position % len(MORE_GROUPS)])
 METRIC = "#6a3d9a"
 BAND = "#b9a6d6"
 BASELINE = "#E69F00"

@@ -1,4 +1,4 @@
-"""The viewer's shared state, free of Qt: the current epoch and component group.
+"""The viewer's shared state, free of Qt: the current epoch and component group (of the store's groups).
 
 Docks read it and change it only through `set_index`/`set_group`; listeners run only on a real
 change (as napari's `Dims`), so a dock that echoes the state back cannot start a loop.
@@ -6,9 +6,7 @@ change (as napari's `Dims`), so a dock that echoes the state back cannot start a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-GROUPS = ("all", "embedding", "attention", "mlp")
+from collections.abc import Callable, Sequence
 
 
 class Event:
@@ -30,10 +28,13 @@ class Event:
 class ViewerState:
     """Position on the epoch axis (an index into the stored epochs) and the selected component group."""
 
-    def __init__(self, n_epochs: int, *, index: int = 0, group: str = "all") -> None:
+    def __init__(self, n_epochs: int, groups: Sequence[str] = ("all",), *, index: int = 0,
+                 group: str = "all") -> None:
         self.n_epochs = n_epochs
+        self.groups = tuple(groups)
         self.index = min(max(index, 0), n_epochs - 1)
         self.group = group
+        self._check(group)
         self.epoch_changed = Event()
         self.group_changed = Event()
 
@@ -49,9 +50,12 @@ class ViewerState:
         self.set_index(self.index + delta)
 
     def set_group(self, group: str) -> None:
-        """Select a component group (`all`, `embedding`, `attention`, `mlp`)."""
-        if group not in GROUPS:
-            raise ValueError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
+        """Select a component group (one of `groups`: the store's, `all` first)."""
+        self._check(group)
         if group != self.group:
             self.group = group
             self.group_changed.emit(group)
+
+    def _check(self, group: str) -> None:
+        if group not in self.groups:
+            raise ValueError(f"unknown group {group!r}; choose from {', '.join(self.groups)}")

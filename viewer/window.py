@@ -61,7 +61,7 @@ class MainWindow(QMainWindow):
         super().__init__()
         QPixmapCache.setCacheLimit(max(QPixmapCache.cacheLimit(), PIXMAP_CACHE_KB))
         self.data = data
-        self.state = ViewerState(data.n_epochs, index=index, group=group)
+        self.state = ViewerState(data.n_epochs, data.groups, index=index, group=group)
         self.jobs = Jobs(self)
         self.settings = settings
         self.docks: dict[str, ViewerDock] = {}
@@ -127,7 +127,7 @@ class MainWindow(QMainWindow):
 
     def _build_status_bar(self) -> None:
         data, task = self.data, self.data.store.task
-        what = f"{task.get('family', 'run').replace('_', ' ')}" + (f", p = {task['p']}" if "p" in task else "")
+        what = f"{data.store.family.replace('_', ' ')}" + (f", p = {task['p']}" if "p" in task else "")
         analyses = ", ".join(data.analyses) or "no analyses"
         self.statusBar().addWidget(QLabel(f"  {data.name} · {what} · {data.n_epochs} epochs "
                                           f"({data.epochs[0]}–{data.epochs[-1]}) · {analyses}"))

@@ -12,9 +12,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 
 from viewer import palette
-from viewer.data import GROUP_LABELS, Trajectory
+from viewer.data import Trajectory, group_label
 from viewer.docks.base import ViewerDock
-from viewer.state import GROUPS
 
 PAIRS = {"1-2": "PC1 – PC2", "1-3": "PC1 – PC3", "2-3": "PC2 – PC3"}
 COLOURS = {"epoch": "epoch", "baseline": "baseline loss"}
@@ -29,9 +28,9 @@ class TrajectoryDock(ViewerDock):
     TITLE = "Trajectory"
 
     def build(self) -> None:
-        self.group = self.combo("group", {g: GROUP_LABELS[g] for g in GROUPS},
+        self.group = self.combo("group", {g: group_label(g) for g in self.state.groups},
                                 lambda: self.state.set_group(self.group.currentData()))
-        self.group.setCurrentIndex(GROUPS.index(self.state.group))
+        self.group.setCurrentIndex(self.state.groups.index(self.state.group))
         self.pair = self.combo("components", PAIRS, self._draw)
         self.colour = self.combo("colour by", COLOURS, self._on_colour_changed)
         if not self.data.has_flatness:
@@ -78,7 +77,7 @@ class TrajectoryDock(ViewerDock):
 
     def _on_group_changed(self, group: str) -> None:
         self.group.blockSignals(True)
-        self.group.setCurrentIndex(GROUPS.index(group))
+        self.group.setCurrentIndex(self.state.groups.index(group))
         self.group.blockSignals(False)
         if self.reason is not None:
             return
@@ -111,7 +110,7 @@ class TrajectoryDock(ViewerDock):
         self._xy = trajectory.projections[:, [a, b]]
         x, y = self._xy[:, 0], self._xy[:, 1]
         ratio = trajectory.explained_variance_ratio * 100
-        name = GROUP_LABELS[trajectory.group]
+        name = group_label(trajectory.group)
         self.trajectory_plot.setLabel("bottom", f"PC{a + 1} ({ratio[a]:.1f}% of variance) · {name} weights")
         self.trajectory_plot.setLabel("left", f"PC{b + 1} ({ratio[b]:.1f}% of variance)")
         self.path.setData(x, y)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from viewer import palette
-from viewer.data import GROUP_LABELS
+from viewer.data import group_label
 from viewer.docks.base import ViewerDock
-from viewer.state import GROUPS
 
 MODES = {"per_epoch": "per epoch", "per_checkpoint": "per checkpoint"}
 
@@ -26,11 +25,12 @@ class VelocityDock(ViewerDock):
         self.mode = self.combo("rate", MODES, self.load)
         self.log_y = self.checkbox("log y", True, self._on_log_changed)
         self.velocity_plot = self.plot(y_label="‖Δθ‖₂ per epoch")
-        self.set_key(self.velocity_plot, [(GROUP_LABELS[g], palette.GROUPS[g]) for g in GROUPS])
-        self.curves = {group: self.velocity_plot.plot(pen=palette.pen(palette.GROUPS[group],
-                                                                      2.2 if group == "all" else 1.5),
+        groups = self.data.velocity_groups
+        colours = {g: palette.group_colour(g, i) for i, g in enumerate(groups)}
+        self.set_key(self.velocity_plot, [(group_label(g), colours[g]) for g in groups])
+        self.curves = {group: self.velocity_plot.plot(pen=palette.pen(colours[group], 2.2 if group == "all" else 1.5),
                                                       connect="finite")
-                       for group in GROUPS}
+                       for group in groups}
         self.static(*self.curves.values())
         self.select_by_x(self.velocity_plot)
         self.line = self.epoch_line(self.velocity_plot)
