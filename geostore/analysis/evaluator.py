@@ -62,7 +62,7 @@ def generic_loss(model: Model, tensors: Mapping[str, torch.Tensor], probe: Probe
 
     table = model.table
     module = model.build({name: value.detach().cpu().numpy() for name, value in tensors.items()})
-    module = module.to(device=device, dtype=dtype)
+    module = module.to(dtype).to(device)  # one at a time: TransformerLens' `to` takes one target
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     inputs = tuple(t.to(device) for t in probe)

@@ -90,6 +90,7 @@ class ParameterTable:
 
     parameters: tuple[Parameter, ...]
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Group name -> members: parameter names, or `name[l]` for layer `l` of a layered parameter."""
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.parameters]
@@ -103,7 +104,7 @@ class ParameterTable:
                                      f"{parameter.name}): one name, one size")
         groups = {ALL: self.trainable, **{g: tuple(n) for g, n in self.groups.items() if g != ALL}}
         for group, members in groups.items():
-            frozen = [n for n in members if n not in self.trainable]
+            frozen = [n for n in members if n.split("[")[0] not in self.trainable]
             if frozen or not members:
                 raise ValueError(f"group {group!r} lists {frozen or 'nothing'}: groups hold trainable parameters")
         object.__setattr__(self, "groups", groups)

@@ -1,0 +1,192 @@
+"""Model families end to end: runs written by TransformerLens itself (any depth, normalisation, activation),
+ingested, analysed and rebuilt exactly; language models with a probe; families detected and named."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from sklearn.decomposition import PCA
+
+import geostore
+from geostore.cli import main
+from geostore.family import registry
+from geostore.ingest import ingest
+from geostore.landscape import FlatnessSettings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+ARCHITECTURES = {
+    "ln_gelu": dict(n_layers=2, normalization_type="LN", act_fn="gelu"),
+    "attn_only": dict(n_layers=2, normalization_type="LN", act_fn="relu", attn_only=True),
+    "lnpre_relu": dict(n_layers=3, normalization_type="LNPre", act_fn="relu"),
+}
+STEPS = (0, 3, 6)
+
+
+def write_tl_run(path: Path, architecture: dict, *, steps=STEPS, seed: int = 0, d_vocab: int = 23, n_ctx: int = 6,
+                 safetensors: bool = True) -> tuple[Path, HookedTransformerConfig]:
+    """A language-model run as a TransformerLens user saves it: `config.json` from `cfg.to_dict()` and one state dict
+    per checkpoint, after real AdamW steps on random token sequences."""
+    cfg = HookedTransformerConfig(d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab, n_ctx=n_ctx, seed=seed,
+                                  device="cpu", **architecture)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_dict(), default=str))
+    tokens = torch.randint(0, d_vocab, (8, n_ctx), generator=torch.Generator().manual_seed(seed))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(max(steps) + 1):
+        if step in steps:
+            state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+            if safetensors:
+                save_file(state, str(path / f"step_{step}.safetensors"))
+            else:
+                torch.save(state, path / f"step_{step}.pt")
+        optimiser.zero_grad()
+        model(tokens, return_type="loss").backward()
+        optimiser.step()
+    return path, cfg
+
+
+def probe_file(path: Path, d_vocab: int = 23, shape=(5, 6), seed: int = 1) -> Path:
+    tokens = np.random.default_rng(seed).integers(0, d_vocab, size=shape)
+    np.save(path, tokens)
+    return path
+
+
+def checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / f"step_{step}.safetensors"))
+
+
+def tl_model(cfg: HookedTransformerConfig, state: dict[str, torch.Tensor]) -> HookedTransformer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_transformerlens_runs_ingest_exactly(tmp_path, name):
+    run, cfg = write_tl_run(tmp_path / name, ARCHITECTURES[name])
+    probe = probe_file(tmp_path / "probe.npy")
+    report = ingest(run, tmp_path / "s.zarr", probe=probe, flatness=FlatnessSettings(n_directions=3), progress=False)
+    assert report.added == len(STEPS) and report.flatness_computed == len(STEPS) and report.note is None
+    store = geostore.open_store(tmp_path / "s.zarr")
+    assert store.family == "hooked_transformer"
+    assert store.params["W_Q"].shape == (len(STEPS), cfg.n_layers, 2, 16, 8)
+    assert {"embedding", "attention", *(f"layer{i}" for i in range(cfg.n_layers))} <= set(store.groups)
+    assert ("mlp" in store.groups) == (not cfg.attn_only)
+    assert ("norm" in store.groups) == (cfg.normalization_type == "LN")
+    tokens = torch.as_tensor(np.load(probe))
+    np.testing.assert_array_equal(store.probe(), tokens.numpy())
+    baseline = store.baseline_loss.compute()
+    flat = []
+    for i, step in enumerate(STEPS):
+        state = checkpoint(run, step)
+        rebuilt = store.model_at(step).state_dict()
+        assert set(rebuilt) == set(state)
+        for key, value in state.items():
+            assert torch.equal(rebuilt[key], value), key
+        with torch.no_grad():
+            expected = tl_model(cfg, state)(tokens, return_type="loss").item()
+        assert baseline[i] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        flat.append(np.concatenate([state[k].double().numpy().ravel() for p in store.table.parameters
+                                    for k in p.keys]))
+    # every parameter of a language model trains: the trajectory of `all` is every parameter
+    assert store.table.trainable == store.table.names
+    ours = store.pca("all", n_components=2)
+    theirs = PCA(n_components=2).fit(np.stack(flat))
+    np.testing.assert_allclose(ours["explained_variance"], theirs.explained_variance_, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(ours["projections"]), np.abs(theirs.transform(np.stack(flat))), atol=1e-6)
+
+
+def test_language_model_without_probe_stores_weights_and_says_flatness_needs_one(tmp_path, capsys):
+    run, _ = write_tl_run(tmp_path / "run", ARCHITECTURES["ln_gelu"], safetensors=False)
+    store = tmp_path / "s.zarr"
+    assert main(["ingest", str(run), str(store), "--quiet", "--directions", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "--probe" in err and err.count("\n") == 1
+    assert geostore.open_store(store).epochs.tolist() == list(STEPS)
+    assert geostore.open_store(store).analyses() == []
+    assert main(["flatness", str(store), "--quiet", "--directions", "2"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("geostore: error:") and "--probe" in err and err.count("\n") == 1
+    bad = probe_file(tmp_path / "bad.npy", d_vocab=99)
+    assert main(["flatness", str(store), "--quiet", "--directions", "2", "--probe", str(bad)]) != 0
+    assert "token ids must lie in [0, 23)" in capsys.readouterr().err
+    assert geostore.open_store(store).probe() is None  # nothing recorded by the refused call
+    good = probe_file(tmp_path / "good.npy")
+    assert main(["flatness", str(store), "--quiet", "--directions", "2", "--probe", str(good)]) == 0
+    assert geostore.open_store(store).analyses() == ["flatness"]
+    assert main(["flatness", str(store), "--quiet", "--probe", str(probe_file(tmp_path / "o.npy", seed=7))]) != 0
+    assert "holds another probe" in capsys.readouterr().err
+
+
+def test_modular_addition_on_a_two_layer_transformer_uses_the_grid(tmp_path):
+    """A 2-layer LN modular-addition model: its family is recognised from the shapes (n_ctx 3, d_vocab p + 1), its
+    loss is the grid's final-position cross-entropy, evaluated by the generic evaluator."""
+    from geostore.family.modular_addition import MODULAR_ADDITION, probe
+    from geostore.family.modular_addition_fast import supports
+
+    p = 7
+    run, cfg = write_tl_run(tmp_path / "run", dict(n_layers=2, normalization_type="LN", act_fn="gelu"),
+                            d_vocab=p + 1, n_ctx=3)
+    config = json.loads((run / "config.json").read_text())
+    config["d_vocab_out"] = p
+    (run / "config.json").write_text(json.dumps(config))
+    for step in STEPS:  # a modular-addition unembedding has p outputs
+        state = checkpoint(run, step)
+        state["unembed.W_U"], state["unembed.b_U"] = state["unembed.W_U"][:, :p].contiguous(), state["unembed.b_U"][:p]
+        save_file(state, str(run / f"step_{step}.safetensors"))
+    ingest(run, tmp_path / "s.zarr", flatness=FlatnessSettings(n_directions=2), progress=False)
+    store = geostore.open_store(tmp_path / "s.zarr")
+    assert store.family == MODULAR_ADDITION.name and store.task["p"] == p
+    assert not supports(store.model)  # the fast loss covers 1-layer models without normalisation only
+    assert "b_in" not in store.groups["all"] and "ln1.w" in store.groups["all"]  # biases frozen, norms train
+    tokens, labels = probe(p)
+    cfg = HookedTransformerConfig(**{**cfg.to_dict(), "d_vocab_out": p})
+    for i, step in enumerate(STEPS):
+        with torch.no_grad():
+            logits = tl_model(cfg, checkpoint(run, step))(tokens)
+        expected = torch.nn.functional.cross_entropy(logits[:, -1, :p], labels).item()
+        assert store.baseline_loss.compute()[i] == pytest.approx(expected, rel=1e-5)
+
+
+def test_families_are_listed_and_a_named_family_must_fit(tmp_path, capsys):
+    assert main(["families"]) == 0
+    out = capsys.readouterr().out
+    assert "modular_addition" in out and "hooked_transformer" in out
+    run, _ = write_tl_run(tmp_path / "run", ARCHITECTURES["attn_only"])
+    assert main(["ingest", str(run), str(tmp_path / "s.zarr"), "--family", "no_such", "--no-flatness"]) != 0
+    assert "unknown model family 'no_such'" in capsys.readouterr().err
+    assert main(["ingest", str(run), str(tmp_path / "s.zarr"), "--family", "modular_addition", "--no-flatness"]) != 0
+    assert "not a run of the modular_addition family" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_store_refuses_checkpoints_of_another_architecture(tmp_path, capsys):
+    run, _ = write_tl_run(tmp_path / "a", ARCHITECTURES["ln_gelu"])
+    other, _ = write_tl_run(tmp_path / "b", ARCHITECTURES["lnpre_relu"])
+    assert main(["ingest", str(run), str(tmp_path / "s.zarr"), "--no-flatness", "--quiet"]) == 0
+    before = sorted(p.name for p in (tmp_path / "s.zarr").rglob("*"))
+    assert main(["ingest", str(other), str(tmp_path / "s.zarr"), "--no-flatness", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "store holds another model" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "s.zarr").rglob("*")) == before
+
+
+def test_registry_detects_in_order():
+    names = list(registry.families())
+    assert names.index("modular_addition") < names.index("hooked_transformer")
