@@ -2,7 +2,10 @@
 
 Every builder writes real files (torch.save / safetensors) from real HookedTransformer weights:
 `trajectory()` makes a seeded model and perturbs it once per epoch, and the writers store those
-parameters in one format each. Tests compare what a source loads with the `trajectory()` they wrote.
+parameters in one format each, exactly as TransformerLens (`model.state_dict()`), the ARENA run or
+miscope write them. A trajectory holds each epoch's parameters in the modular-addition family's
+table layout (store format 2: `W_Q` is `(layer, n_heads, d_model, d_head)`). Tests compare what a
+source loads, turned into stored arrays by the family's table, with the `trajectory()` they wrote.
 
     traj = trajectory(tiny_config(), [0, 10, 20])
     run = write_state_dict_dir(tmp_path / "run", traj)            # state-dict directory
@@ -22,9 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from geostore.family import modular_addition
-from geostore.model import build_model, load_parameters, named_parameters
-from geostore.store.schema import CONFIG_FIELDS, METRICS, PARAMETERS
+from geostore.family import hooked, modular_addition
+from geostore.family.modular_addition import MODULAR_ADDITION
+from geostore.store.schema import METRICS
 
 Trajectory = dict[int, dict[str, np.ndarray]]
 
@@ -40,6 +43,17 @@ def tiny_config(p: int = 7, *, d_model: int = 16, n_heads: int = 2, d_vocab_out:
     return config
 
 
+def family_model(config: Mapping[str, object]):
+    """The modular-addition family's `Model` of a config (its parameter table, exact rebuild, probe)."""
+    return MODULAR_ADDITION.model(dict(config))
+
+
+def stored_params(module: torch.nn.Module, model) -> dict[str, np.ndarray]:
+    """A torch module's parameters as the store holds them (`model.table`'s names and layout, float32)."""
+    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    return model.table.stored(state, "module", ignore=hooked.is_buffer)
+
+
 def trajectory(
     config: Mapping[str, object], epochs: Sequence[int], *, seed: int = 0, biases: str = "all"
 ) -> Trajectory:
@@ -48,7 +62,8 @@ def trajectory(
     `biases`: "all" (every bias non-zero), "mlp" (only b_in, b_out non-zero, as in the ARENA run)
     or "none" (biases zero, as a fresh HookedTransformer has them).
     """
-    base = named_parameters(build_model(config, seed=seed))
+    model = family_model(config)
+    base = stored_params(model.build(seed=seed), model)
     rng = np.random.default_rng(seed)
     out: Trajectory = {}
     for step, epoch in enumerate(epochs):
@@ -65,28 +80,30 @@ def trajectory(
 
 
 @cache
-def _model(config_items: tuple) -> torch.nn.Module:
-    return build_model(dict(config_items), seed=0)
+def _module(config_items: tuple) -> torch.nn.Module:
+    return family_model(dict(config_items)).build(seed=0)
 
 
 def model_with(params: Mapping[str, np.ndarray], config: Mapping[str, object]) -> torch.nn.Module:
-    """A fresh HookedTransformer of `config` holding `params`."""
-    model = build_model(config, seed=0)
-    load_parameters(model, params)
-    return model
+    """A fresh HookedTransformer of `config` holding `params` (stored names and layout)."""
+    return family_model(config).build(params, seed=0)
 
 
 def tl_state_dict(
     params: Mapping[str, np.ndarray], config: Mapping[str, object], *, buffers: bool = True
 ) -> dict[str, torch.Tensor]:
     """A HookedTransformer `state_dict()` holding `params` (buffers `attn.mask`, `IGNORE` included)."""
-    model = _model(tuple(sorted(config.items(), key=lambda kv: kv[0])))
-    load_parameters(model, params)
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    module = _module(tuple(sorted(config.items(), key=lambda kv: kv[0])))
+    hooked.load_stored(module, family_model(config).table, params)
+    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
     if not buffers:
-        keep = {key for key, _ in PARAMETERS.values()}
-        state = {k: v for k, v in state.items() if k in keep}
+        state = {k: v for k, v in state.items() if not hooked.is_buffer(k)}
     return state
+
+
+def state_dict_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A state dict of tensors as numpy arrays (what `Checkpoint.load()` returns)."""
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
 def metrics_of(epoch: int) -> dict[str, float]:
@@ -99,16 +116,16 @@ def metrics_of(epoch: int) -> dict[str, float]:
 
 def config_json(config: Mapping[str, object], **extra: object) -> dict:
     """A config.json holding the HookedTransformerConfig fields and `p`."""
-    return {**{k: config[k] for k in CONFIG_FIELDS}, "p": int(config["d_vocab"]) - 1, **extra}
+    return {**config, "p": int(config["d_vocab"]) - 1, **extra}
 
 
 def _config_of(traj: Trajectory) -> dict:
     params = next(iter(traj.values()))
     d_vocab, d_model = params["W_E"].shape
-    n_heads, _, d_head = params["W_Q"].shape
+    n_layers, n_heads, _, d_head = params["W_Q"].shape
     return {
-        "n_layers": 1, "d_model": d_model, "n_heads": n_heads, "d_head": d_head,
-        "d_mlp": params["W_in"].shape[1], "d_vocab": d_vocab, "d_vocab_out": params["W_U"].shape[1],
+        "n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "d_head": d_head,
+        "d_mlp": params["W_in"].shape[-1], "d_vocab": d_vocab, "d_vocab_out": params["W_U"].shape[1],
         "n_ctx": params["W_pos"].shape[0], "act_fn": "relu", "normalization_type": None,
     }
 
@@ -172,7 +189,7 @@ def write_geostore_run(
         "format": "geostore-run",
         "version": 1,
         "family": "modular_addition",
-        "model_config": {k: config[k] for k in CONFIG_FIELDS},
+        "model_config": dict(config),
         "task": {
             "p": p, "train_fraction": train_fraction, "data_seed": data_seed, "model_seed": model_seed,
             "train_indices": modular_addition.split(p, train_fraction, data_seed).tolist(),
@@ -202,15 +219,17 @@ def to_original_layout(params: Mapping[str, np.ndarray]) -> dict[str, torch.Tens
     last two axes; W_O `n_heads d_head d_model -> d_model (n_heads d_head)`; W_pos, W_U and the MLP
     biases as they are; no attention or unembedding biases; the causal `mask` buffer.
     """
-    n_heads, d_head, d_model = params["W_O"].shape
+    state = family_model(_config_of({0: params})).table.state_dict(params)  # state-dict key -> array
+    n_heads, d_head, d_model = state["blocks.0.attn.W_O"].shape
     out = {}
-    for name in ("W_E", "W_Q", "W_K", "W_V", "W_in", "W_out"):
-        out[PARAMETERS[name][0]] = torch.from_numpy(np.ascontiguousarray(np.swapaxes(params[name], -1, -2)))
-    w_o = params["W_O"].transpose(2, 0, 1).reshape(d_model, n_heads * d_head)
-    out[PARAMETERS["W_O"][0]] = torch.from_numpy(np.ascontiguousarray(w_o))
-    for name in ("W_pos", "W_U", "b_in", "b_out"):
-        out[PARAMETERS[name][0]] = torch.from_numpy(params[name].copy())
-    n_ctx = params["W_pos"].shape[0]
+    for key in ("embed.W_E", "blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.W_V", "blocks.0.mlp.W_in",
+                "blocks.0.mlp.W_out"):
+        out[key] = torch.from_numpy(np.ascontiguousarray(np.swapaxes(state[key], -1, -2)))
+    w_o = state["blocks.0.attn.W_O"].transpose(2, 0, 1).reshape(d_model, n_heads * d_head)
+    out["blocks.0.attn.W_O"] = torch.from_numpy(np.ascontiguousarray(w_o))
+    for key in ("pos_embed.W_pos", "unembed.W_U", "blocks.0.mlp.b_in", "blocks.0.mlp.b_out"):
+        out[key] = torch.from_numpy(np.array(state[key]))
+    n_ctx = state["pos_embed.W_pos"].shape[0]
     out["blocks.0.attn.mask"] = torch.tril(torch.ones((n_ctx, n_ctx)))
     return out
 
@@ -287,7 +306,7 @@ def write_miscope_variant(
         save_file(tl_state_dict(params, config), str(folder / f"checkpoint_epoch_{epoch:05d}.safetensors"))
     num_epochs = max(traj) + 1
     (path / "config.json").write_text(json.dumps({
-        **{k: config[k] for k in CONFIG_FIELDS},
+        **config,
         "seed": seed, "prime": p, "data_seed": data_seed, "model_seed": seed,
         "training_fraction": training_fraction,
     }))

@@ -18,13 +18,25 @@ def tiny_config() -> dict:
     return model_config(7, d_model=16, n_heads=2)
 
 
-def random_params(config: dict, epochs, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 parameters `(len(epochs), *shape)` for every stored name."""
-    from geostore.store import schema
+@pytest.fixture
+def tiny_model(tiny_config):
+    """The modular-addition family's `Model` of `tiny_config` (p=7, d_model=16, 2 heads, 1 layer)."""
+    return ma_model(tiny_config)
 
+
+def ma_model(config: dict):
+    """The modular-addition family's `Model` of a HookedTransformer config."""
+    from geostore.family.modular_addition import MODULAR_ADDITION
+
+    return MODULAR_ADDITION.model(config)
+
+
+def random_params(model_or_table, epochs, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 parameters `(len(epochs), *shape)` for every name of a model's (or a table's) parameter
+    table, in the table's layout (layered parameters stacked along `layer`)."""
+    table = getattr(model_or_table, "table", model_or_table)
     rng = np.random.default_rng(seed)
-    return {name: rng.standard_normal((len(epochs), *schema.param_shape(name, config))).astype(np.float32)
-            for name in schema.PARAMETERS}
+    return {p.name: rng.standard_normal((len(epochs), *p.shape)).astype(np.float32) for p in table.parameters}
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

@@ -91,5 +91,9 @@ def identify(info: RunInfo, family: str | None = None) -> tuple[Family, Model, d
     """`(family, model, task)` of a run: the named family, or the first that recognises it."""
     from geostore.family import registry
 
-    chosen = registry.detect(info, family)
+    try:
+        chosen = registry.detect(info, family)
+    except SourceError:
+        info.shapes()  # a first checkpoint that cannot be read (truncated, unsafe, no state dict) is the reason
+        raise
     return chosen, chosen.from_run(info), chosen.task(info)
