@@ -127,7 +127,8 @@ class MainWindow(QMainWindow):
 
     def _build_status_bar(self) -> None:
         data, task = self.data, self.data.store.task
-        what = f"{data.store.family.replace('_', ' ')}" + (f", p = {task['p']}" if "p" in task else "")
+        facts = [f"{k} = {v}" for k, v in task.items() if k != "family" and isinstance(v, int | float | str)]
+        what = ", ".join([data.store.family.replace("_", " "), *facts[:2]])
         analyses = ", ".join(data.analyses) or "no analyses"
         self.statusBar().addWidget(QLabel(f"  {data.name} · {what} · {data.n_epochs} epochs "
                                           f"({data.epochs[0]}–{data.epochs[-1]}) · {analyses}"))

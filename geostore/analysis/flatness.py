@@ -89,8 +89,8 @@ def compute_landscape_flatness(
     `requires_grad`, in `named_parameters()` order, as models built by geostore families mark them).
     """
     if loss_fn is None:
-        raise GeostoreError("flatness needs the model family's loss function (loss_fn is None), e.g. "
-                            "geostore.family.modular_addition.loss_fn; no default loss is assumed")
+        raise GeostoreError("flatness needs the model family's loss function (loss_fn is None), e.g. the mean of a "
+                            "geostore Model's `losses`; no default loss is assumed")
     keys = trainable if trainable is not None else [k for k, p in model.named_parameters() if p.requires_grad]
     params = {key: model.get_parameter(key) for key in keys}
     original = {name: param.detach().clone() for name, param in params.items()}

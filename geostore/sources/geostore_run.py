@@ -1,6 +1,6 @@
 """geostore's own run directory: `run.json` (format "geostore-run") and safetensors state dicts.
 
-run.json (written by `geostore.family.train_modular_addition`)::
+run.json (written by `geostore train`)::
 
     {"format": "geostore-run", "version": 1, "family": "<registry name>",
      "model_config": {<the family's config: HookedTransformerConfig fields for transformers>},

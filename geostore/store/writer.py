@@ -538,7 +538,7 @@ def _check_same_run(path: Location, attrs: Mapping, model: Model, task, split) -
                 f"{path}: store holds another model ({key}={stored[key]!r}, source has {model.config[key]!r})"
             )
     stored_task = attrs.get("task", {})
-    for key in ("family", "p", "train_fraction", "data_seed", "model_seed", "seed"):
+    for key in ("family", "train_fraction", "data_seed", "model_seed", "seed"):
         if key in stored_task and key in task and stored_task[key] != task[key]:
             raise ModelMismatchError(
                 f"{path}: store holds another run ({key}={stored_task[key]!r}, source has {task[key]!r})"
