@@ -72,18 +72,15 @@ def finite_float(value: object) -> float | None:
 
 
 def json_config_dict(data: object) -> dict[str, object]:
-    """The config part of a config.json/run.json: the top level, or a dict under model_config/config/cfg
-    (with `p`/`prime` of the top level carried along)."""
+    """The config part of a config.json/run.json: the top level, or a dict under model_config/config/cfg with the
+    top level's other plain values carried along (task facts such as seeds often sit beside the model config)."""
     if not isinstance(data, dict):
         return {}
     for key in ("model_config", "config", "cfg"):
         inner = data.get(key)
         if isinstance(inner, dict):
-            merged = dict(inner)
-            for extra in ("p", "prime"):
-                if extra in data and extra not in merged:
-                    merged[extra] = data[extra]
-            return merged
+            outer = {k: v for k, v in data.items() if not isinstance(v, dict | list)}
+            return {**outer, **inner}
     return data
 
 
