@@ -188,5 +188,5 @@ def test_malformed_runs_are_one_line_source_errors(run, tmp_path):
 def test_split_refuses_indices_off_the_grid(run):
     name, path = run
     family = FAMILIES[name]
-    with pytest.raises(SourceError, match="outside the 11 x 11 grid"):
+    with pytest.raises(SourceError, match=r"must lie in \[0, 121\) for p=11"):
         family.split(family.from_run(run_info(path)), np.array([0, 121]))

@@ -21,15 +21,10 @@ import numpy as np
 
 from geostore.errors import SourceError
 from geostore.family.base import Forward, Parameter, ParameterTable, Probe, RunInfo
-from geostore.store.schema import SPLIT_DIMS
+from geostore.family.modular_addition import grid_split, task_fields
 
 if TYPE_CHECKING:
     import torch
-
-# config.json keys of the run -> keys of the task record.
-TASK_KEYS = {"seed": "seed", "model_seed": "model_seed", "data_seed": "data_seed",
-             "training_fraction": "train_fraction"}
-
 
 def check_shapes(table: ParameterTable, shapes: Mapping[str, tuple[int, ...]], origin: str) -> None:
     """One-line SourceError naming `origin` unless the state-dict key -> shape map holds exactly the table's keys
@@ -43,16 +38,6 @@ def check_shapes(table: ParameterTable, shapes: Mapping[str, tuple[int, ...]], o
     for key, shape in expected.items():
         if tuple(shapes[key]) != shape:
             raise SourceError(f"{origin}: {key} has shape {tuple(shapes[key])}, expected {shape}")
-
-
-def grid_split(p: int, train_indices: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The `(p, p)` bool train mask (`[a, b]`) of flat grid indices `a*p + b`; SourceError for indices off the grid."""
-    indices = np.asarray(train_indices, dtype=np.int64).reshape(-1)
-    if indices.size and (indices.min() < 0 or indices.max() >= p * p):
-        raise SourceError(f"train indices range over {indices.min()}..{indices.max()}, outside the {p} x {p} grid")
-    mask = np.zeros(p * p, dtype=bool)
-    mask[indices] = True
-    return mask.reshape(p, p), SPLIT_DIMS
 
 
 @dataclass(frozen=True)
@@ -148,10 +133,7 @@ class MLPFamily:
         return MLPModel(family=self.name, config={**sizes, "act_fn": act_fn}, table=self._table(sizes))
 
     def task(self, run: RunInfo) -> dict[str, Any]:
-        config = run.config or {}
-        task = {"family": self.name, "p": self.from_run(run).config["p"]}
-        task.update({out: config[key] for key, out in TASK_KEYS.items() if config.get(key) is not None})
-        return task
+        return {"family": self.name, "p": self.from_run(run).config["p"], **task_fields(run)}
 
     def split(self, model: MLPModel, train_indices: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
         return grid_split(model.config["p"], train_indices)

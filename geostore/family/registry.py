@@ -23,10 +23,11 @@ ENTRY_POINT_GROUP = "geostore.families"
 
 
 def _builtin() -> list[Family]:
+    from geostore.family.mlp import LEARNED_EMB_MLP, TWO_LAYER_MLP
     from geostore.family.modular_addition import MODULAR_ADDITION
     from geostore.family.transformer import HOOKED_TRANSFORMER
 
-    return [MODULAR_ADDITION, HOOKED_TRANSFORMER]
+    return [TWO_LAYER_MLP, LEARNED_EMB_MLP, MODULAR_ADDITION, HOOKED_TRANSFORMER]
 
 
 @functools.cache
