@@ -21,12 +21,11 @@ from safetensors.torch import save_file
 
 import geostore
 from geostore.cli import main
-from geostore.family.modular_addition import model_config
+from geostore.family.modular_addition import MODULAR_ADDITION, model_config
 from geostore.ingest import ingest
-from geostore.model import build_model
 from geostore.store import schema
 from geostore.store.writer import StoreWriter
-from tests.conftest import snapshot
+from tests.conftest import ma_model, snapshot
 from tests.terminal import run_on_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ def state_dict_dir(directory: Path, epochs, *, config=None, seed: int = 0, suffi
     """Real HookedTransformer state dicts, one file per epoch; returns {epoch: state_dict}."""
     config = config or model_config(7, d_model=16, n_heads=2)
     directory.mkdir(parents=True, exist_ok=True)
-    model = build_model(config, seed=seed)
+    model = MODULAR_ADDITION.model(config).build(seed=seed)
     generator = torch.Generator().manual_seed(seed)
     states = {}
     for epoch in epochs:
@@ -60,20 +59,26 @@ def test_trained_run_ingests_bit_equal_with_metrics_and_split(trained_run, tmp_p
     np.testing.assert_array_equal(store.epochs, [c["epoch"] for c in run["checkpoints"]])
     for index, entry in enumerate(run["checkpoints"]):
         tensors = load_file(trained_run / entry["file"])
-        for name, (key, _) in schema.PARAMETERS.items():
-            assert store.params[name][index].compute().tobytes() == tensors[key].tobytes(), (entry["epoch"], name)
+        for parameter in store.table.parameters:  # layered ones: the blocks' entries stacked along `layer`
+            expected = np.stack([tensors[key] for key in parameter.keys]) if parameter.layered else tensors[
+                parameter.keys[0]]
+            got = store.params[parameter.name][index].compute()
+            assert got.shape == expected.shape and got.tobytes() == expected.tobytes(), (entry["epoch"], parameter)
+        assert {key for p in store.table.parameters for key in p.keys} == set(tensors)
     metrics = store.metrics()
     for name in schema.METRICS:
         np.testing.assert_array_equal(metrics[name], [c[name] for c in run["checkpoints"]])
     mask = store.train_mask().reshape(-1)
     np.testing.assert_array_equal(np.flatnonzero(mask), run["task"]["train_indices"])
-    assert store.config == run["model_config"]
+    assert store.family == "modular_addition" and store.model.family == "modular_addition"
+    assert {k: store.config[k] for k in run["model_config"]} == run["model_config"]
     assert store.task["p"] == 11 and store.task["data_seed"] == run["task"]["data_seed"]
     assert store.sources == [{"kind": "geostore-run", "path": str(trained_run.resolve())}]
 
     ds = xr.open_zarr(store_path)
     assert np.all(np.diff(ds["epoch"].values) > 0)
-    assert set(schema.PARAMETERS) <= set(ds.data_vars)
+    assert set(store.table.names) <= set(ds.data_vars)
+    assert ds["W_Q"].dims == ("epoch", "layer", "n_heads", "d_model", "d_head")
     # The model of the last epoch, rebuilt from the store, scores what training recorded.
     from geostore.family import modular_addition as fam
 
@@ -106,7 +111,7 @@ def test_reingest_adds_only_missing_epochs_and_inserts_in_order(tmp_path):
     np.testing.assert_array_equal(store.epochs, [0, 10, 20, 30, 40, 50])
     w_in = store.params["W_in"].compute()
     for i, epoch in enumerate(store.epochs):
-        assert w_in[i].tobytes() == states[epoch]["blocks.0.mlp.W_in"].numpy().tobytes()
+        assert w_in[i, 0].tobytes() == states[epoch]["blocks.0.mlp.W_in"].numpy().tobytes()
     assert w_in[[1, 3, 4]].tobytes() == before.tobytes()
     assert ingest(partial, store_path, progress=False).added == 0
 
@@ -213,7 +218,7 @@ def test_sigkilled_ingest_shows_whole_epochs_and_resumes_to_the_same_store(tmp_p
     task = {"family": "modular_addition", "p": 23}
 
     def fresh(path: Path) -> None:  # small chunks: many commits, so kills land between and inside them
-        StoreWriter.open(path, config=config, task=task, chunk_epochs=8)
+        StoreWriter.open(path, model=ma_model(config), task=task, chunk_epochs=8)
 
     reference = tmp_path / "reference.zarr"
     fresh(reference)
@@ -240,7 +245,7 @@ def test_sigkilled_ingest_shows_whole_epochs_and_resumes_to_the_same_store(tmp_p
         ds = xr.open_zarr(store_path)
         assert ds.sizes["epoch"] == store.epochs.size
         for i, epoch in enumerate(store.epochs):  # every visible epoch is whole and exact
-            assert store.params["W_out"][i].compute().tobytes() == states[epoch]["blocks.0.mlp.W_out"].numpy(
+            assert store.params["W_out"][i, 0].compute().tobytes() == states[epoch]["blocks.0.mlp.W_out"].numpy(
             ).tobytes()
             assert store.params["b_U"][i].compute().tobytes() == states[epoch]["unembed.b_U"].numpy().tobytes()
     assert sum(0 < n < len(states) for n in seen) >= 2, seen  # kills landed mid-ingest
