@@ -190,3 +190,50 @@ def test_a_store_refuses_checkpoints_of_another_architecture(tmp_path, capsys):
 def test_registry_detects_in_order():
     names = list(registry.families())
     assert names.index("modular_addition") < names.index("hooked_transformer")
+
+
+def test_every_landscape_analysis_runs_through_the_generic_evaluator(tmp_path):
+    """Antithetic curvature, the profile and the Hessian of a language model: the generic evaluator's HVP equals a
+    float64 double backward through TransformerLens, and a 2-worker cluster writes the serial bits."""
+    from geostore.analysis.curvature import loss_hvp
+    from geostore.cluster import open_client
+    from geostore.landscape import HessianSettings, ProfileSettings, compute_store_flatness
+
+    run, cfg = write_tl_run(tmp_path / "run", ARCHITECTURES["ln_gelu"])
+    probe = probe_file(tmp_path / "probe.npy")
+    settings = FlatnessSettings(n_directions=3, antithetic=True, profile=ProfileSettings((0.05, 0.2)),
+                                hessian=HessianSettings(n_probes=2, iterations=3))
+    ingest(run, tmp_path / "s.zarr", probe=probe, flatness=settings, progress=False)
+    store = geostore.open_store(tmp_path / "s.zarr")
+    assert store.analyses() == ["flatness", "antithetic", "profile", "hessian"]
+    assert np.isfinite(store.hessian_trace.compute()).all() and np.isfinite(store.curvature.compute()).all()
+    np.testing.assert_allclose(store.curvature_profile()["epsilon"], [[0.05, 0.2]] * len(STEPS))
+
+    model, tokens = store.model, torch.as_tensor(np.load(probe))
+    params = {name: value.astype(np.float64) for name, value in store.params_at(STEPS[-1]).items()}
+    hvp, n = loss_hvp(params, model, model.probe(np.load(probe)), dtype=torch.float64)
+    assert n == store.n_trainable
+    module = tl_model(cfg, checkpoint(run, STEPS[-1])).to(torch.float64)
+    keys = [key for name in model.table.trainable for key in model.table[name].keys]
+    weights = [module.get_parameter(k) for k in keys]
+    gradient = torch.autograd.grad(module(tokens, return_type="loss"), weights, create_graph=True)
+    vectors = torch.randn(2, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = hvp(vectors)
+    for row, vector in enumerate(vectors):
+        # layer-stacked table order: W_Q is (layer, ...), its keys one per layer, so the flat vector splits by key
+        parts = vector.split([w.numel() for w in weights])
+        product = torch.autograd.grad(gradient, weights, grad_outputs=[p.reshape(w.shape) for p, w in
+                                                                          zip(parts, weights, strict=True)],
+                                      retain_graph=True)
+        expected = torch.cat([g.reshape(-1) for g in product])
+        np.testing.assert_allclose(ours[row].numpy(), expected.numpy(), rtol=1e-8, atol=1e-10)
+
+    parallel = tmp_path / "parallel.zarr"
+    ingest(run, parallel, probe=probe, flatness=None, progress=False)
+    with open_client(workers=2) as client:
+        compute_store_flatness(parallel, FlatnessSettings(n_directions=3), progress=False, client=client)
+    np.testing.assert_array_equal(geostore.open_store(parallel).delta_losses.compute(), store.delta_losses.compute())
+
+    from viewer.app import main as geoview
+
+    assert geoview([str(tmp_path / "s.zarr"), "--screenshot", str(tmp_path / "shot.png"), "--group", "layer1"]) == 0

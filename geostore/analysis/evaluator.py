@@ -10,6 +10,7 @@ sums the per-example losses in float64.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -61,8 +62,12 @@ def generic_loss(model: Model, tensors: Mapping[str, torch.Tensor], probe: Probe
     from torch.func import functional_call, vmap
 
     table = model.table
-    module = model.build({name: value.detach().cpu().numpy() for name, value in tensors.items()})
-    module = module.to(dtype).to(device)  # one at a time: TransformerLens' `to` takes one target
+    params = {name: value.detach().cpu().numpy() for name, value in tensors.items()}
+    # A family whose model computes in a configured dtype (TransformerLens casts attention patterns to
+    # `cfg.dtype`) builds it in that dtype; the plain `Module.to` then moves any other model.
+    typed = "dtype" in inspect.signature(model.build).parameters
+    module = model.build(params, dtype=dtype) if typed else model.build(params)
+    torch.nn.Module.to(module, device=device, dtype=dtype)
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     inputs = tuple(t.to(device) for t in probe)

@@ -219,7 +219,8 @@ class Model(Protocol):
       `family.model(config)` to give this model back (it is stored in the store's metadata).
     - `table`: the stored parameters and groups.
     - `build(params)`: the exact torch module (eval mode) holding stored parameters (`None`: a fresh
-      initialisation); its `state_dict()` equals the checkpoint's, key for key.
+      initialisation); its `state_dict()` equals the checkpoint's, key for key. A model that computes in a
+      configured dtype may accept `build(params, dtype=...)`; the evaluators then ask for float64 that way.
     - `probe(stored)`: the probe of the landscape analyses: from the task alone (modular addition's full
       grid), or from `stored`, the probe array a user gave (`--probe`); None when it needs one and none is given.
     - `losses(forward, probe)`: per-example float32 losses `(N,)` of a forward pass on a probe; their mean

@@ -185,14 +185,16 @@ def architecture(config: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return out
 
 
-def build_module(config: Mapping[str, Any], *, seed: int | None = None) -> torch.nn.Module:
-    """A freshly initialised HookedTransformer of an architecture dict (eval mode, CPU)."""
+def build_module(config: Mapping[str, Any], *, seed: int | None = None, dtype: torch.dtype | None = None
+                 ) -> torch.nn.Module:
+    """A freshly initialised HookedTransformer of an architecture dict (eval mode, CPU, `dtype` or float32)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TransformerLens 3.x warns that HookedTransformer is deprecated
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         try:
-            cfg = HookedTransformerConfig(**dict(config), seed=seed, device="cpu")
+            extra = {} if dtype is None else {"dtype": dtype}
+            cfg = HookedTransformerConfig(**dict(config), seed=seed, device="cpu", **extra)
         except (TypeError, ValueError, AssertionError) as exc:
             raise SourceError(f"not a valid HookedTransformer config: {exc}") from None
         model = HookedTransformer(cfg)

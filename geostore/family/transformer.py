@@ -42,9 +42,11 @@ class HookedModel:
     def needs_probe(self) -> bool:
         return self.loss == "next_token"
 
-    def build(self, params: Mapping[str, np.ndarray] | None = None, *, seed: int | None = None) -> torch.nn.Module:
-        """The HookedTransformer holding `params` (stored names), or freshly initialised (seeded when `seed`)."""
-        module = hooked.build_module(self.config, seed=seed)
+    def build(self, params: Mapping[str, np.ndarray] | None = None, *, seed: int | None = None,
+              dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The HookedTransformer holding `params` (stored names), or freshly initialised (seeded when `seed`),
+        computing in `dtype` (default float32)."""
+        module = hooked.build_module(self.config, seed=seed, dtype=dtype)
         if params is not None:
             hooked.load_stored(module, self.table, params)
         frozen = {key for p in self.table.parameters if not p.trainable for key in p.keys}
@@ -65,17 +67,24 @@ class HookedModel:
         return (torch.as_tensor(check_probe(stored, self.config, "probe")),)
 
     def losses(self, forward: Forward, probe: Probe) -> torch.Tensor:
-        """Per-example float32 losses `(N,)` whose mean is the family's loss."""
+        """Per-example losses `(N,)` (float32; float64 for a float64 model) whose mean is the family's loss."""
         import torch.nn.functional as F
 
         if self.loss == "final_position":
             tokens, labels = probe
             p = int(self.config["d_vocab"]) - 1
-            return F.cross_entropy(forward(tokens)[:, -1, :p].float(), labels, reduction="none")
+            return F.cross_entropy(_at_least_float32(forward(tokens)[:, -1, :p]), labels, reduction="none")
         (tokens,) = probe
-        logits = forward(tokens)[:, :-1].float()
+        logits = _at_least_float32(forward(tokens)[:, :-1])
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
         return per_token.reshape(tokens.shape[0], -1).mean(dim=1)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32, or float64 when the model computes in float64 (half precision never reaches the loss)."""
+    import torch
+
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def check_probe(tokens: object, config: Mapping[str, Any], origin: str) -> np.ndarray:
