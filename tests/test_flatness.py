@@ -23,20 +23,33 @@ from geostore.analysis.flatness import (
 )
 from geostore.analysis.flatness_stats import flatness_summary
 from geostore.errors import GeostoreError
+from geostore.family import hooked, registry
 from geostore.family import modular_addition as fam
 from geostore.family import modular_addition_fast as fast
-from geostore.model import build_model, load_parameters, named_parameters
-from geostore.store import schema
 
 P = 13
 CONFIG = fam.model_config(P, d_model=32, n_heads=4)
+MODEL = fam.MODULAR_ADDITION.model(CONFIG)
 PROBE = fam.probe(P)
+# The trainable parameters' state-dict keys in table order (the order of the trainable vector), for the reference.
+KEYS = [key for name in MODEL.table.trainable for key in MODEL.table[name].keys]
+
+
+def trainable_keys(model) -> list[str]:
+    return [key for name in model.table.trainable for key in model.table[name].keys]
+
+
+def named_parameters(module: torch.nn.Module, model=MODEL) -> dict[str, np.ndarray]:
+    """A module's parameters as the store holds them (the family table's names and layout)."""
+    return model.table.stored({k: v.detach().numpy() for k, v in module.state_dict().items()}, "module",
+                              ignore=hooked.is_buffer)
 
 
 def trained(steps: int, config: dict = CONFIG, seed: int = 0) -> torch.nn.Module:
     """A model after `steps` full-grid AdamW steps on the 9 weight matrices (0: random init)."""
-    model = build_model(config, seed=seed)
-    weights = [model.get_parameter(schema.PARAMETERS[name][0]) for name in fam.TRAINABLE]
+    model = fam.MODULAR_ADDITION.model(config).build(seed=seed)
+    weights = [model.get_parameter(key) for key in KEYS]
+    assert len(weights) == len(fam.TRAINABLE)
     optimizer = torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.0)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -62,22 +75,25 @@ def assert_same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) -
 
 
 def trainable_size(config: dict) -> int:
-    return sum(math.prod(schema.param_shape(name, config)) for name in fam.TRAINABLE)
+    return fam.MODULAR_ADDITION.model(config).table.n_trainable()
 
 
 def plain_losses64(params: dict[str, np.ndarray], config: dict, n_directions: int, epsilon: float, seed: int
                    ) -> np.ndarray:
     """The plain float64 HookedTransformer loss at the weights and at each float32-perturbed weight set."""
     p = fam.prime_of(config)
+    family_model = fam.MODULAR_ADDITION.model(config)
+    assert family_model.table.trainable == fam.TRAINABLE
     weights = {name: torch.as_tensor(params[name]) for name in fam.TRAINABLE}
     moved = perturbed(weights, draw_directions(trainable_size(config), n_directions, seed), epsilon)
-    model = build_model(config).double()
+    model = family_model.build().double()
     tokens, labels = fam.probe(p)
     out = []
     with torch.no_grad():
         for i in range(-1, n_directions):
             point = dict(params) if i < 0 else {**params, **{name: moved[name][i].numpy() for name in moved}}
-            load_parameters(model, {name: np.asarray(value, dtype=np.float64) for name, value in point.items()})
+            hooked.load_stored(model, family_model.table,
+                               {name: np.asarray(value, dtype=np.float64) for name, value in point.items()})
             out.append(F.cross_entropy(model(tokens)[:, -1, :p], labels).item())
     return np.array(out)
 
@@ -137,19 +153,20 @@ def test_directions_are_unit_vectors_over_all_weight_matrices_at_once(models):
     assert directions.shape == (4, n_params)
     np.testing.assert_allclose(directions.norm(dim=1).numpy(), 1.0, rtol=1e-6)
     # Not per matrix: each matrix holds about its share of a unit vector, and those shares add up to 1.
-    sizes = [math.prod(schema.param_shape(name, CONFIG)) for name in fam.TRAINABLE]
+    sizes = [MODEL.table[name].size for name in fam.TRAINABLE]
     shares = torch.stack([chunk.pow(2).sum(dim=1) for chunk in directions.split(sizes, dim=1)], dim=1)
     np.testing.assert_allclose(shares.sum(dim=1).numpy(), 1.0, rtol=1e-6)
     np.testing.assert_allclose(shares.mean(dim=0).numpy(), np.array(sizes) / n_params, rtol=0.5, atol=2e-4)
     # The perturbation the reference applies is epsilon times that vector, across the 9 matrices.
-    original = torch.cat([model.get_parameter(schema.PARAMETERS[n][0]).detach().flatten() for n in fam.TRAINABLE])
+    original = torch.cat([model.get_parameter(key).detach().flatten() for key in KEYS])
     seen = []
 
     def recording_loss(m, probe):
-        seen.append(torch.cat([m.get_parameter(schema.PARAMETERS[n][0]).detach().flatten() for n in fam.TRAINABLE]))
+        seen.append(torch.cat([m.get_parameter(key).detach().flatten() for key in KEYS]))
         return fam.loss_fn(m, probe)
 
-    compute_landscape_flatness(model, PROBE, recording_loss, n_directions=4, epsilon=0.25, seed=2)
+    # in table order (the reference's default is `named_parameters()` order: W_Q, W_O, ... W_K)
+    compute_landscape_flatness(model, PROBE, recording_loss, n_directions=4, epsilon=0.25, seed=2, trainable=KEYS)
     steps = torch.stack(seen[1:]).double() - original.double()
     np.testing.assert_allclose(steps.numpy(), 0.25 * directions.numpy(), atol=1e-6)
     # Direction i depends on the seed and i only; callers get copies of the cached draw.
@@ -164,7 +181,7 @@ def test_deltas_are_small_at_a_minimum(models):
     at_random = compute_landscape_flatness(random_model, PROBE, fam.loss_fn, n_directions=10, seed=0)
     assert at_minimum["baseline_loss"] < 1e-4 < at_random["baseline_loss"]
     assert np.abs(at_minimum["delta_losses"]).max() < 0.01 * np.abs(at_random["delta_losses"]).max()
-    _, fast_deltas = flatness_for_params(named_parameters(minimum), CONFIG, n_directions=10, epsilon=0.1, seed=0)
+    _, fast_deltas = flatness_for_params(named_parameters(minimum), MODEL, n_directions=10, epsilon=0.1, seed=0)
     assert np.abs(fast_deltas).max() < 0.01 * np.abs(at_random["delta_losses"]).max()
 
 
@@ -172,6 +189,7 @@ def test_deltas_are_small_at_a_minimum(models):
 @pytest.mark.parametrize("which", ["random", "partial"])
 def test_fast_losses_equal_the_plain_forward_in_float64(models, which, act_fn):
     config = {**CONFIG, "act_fn": act_fn}
+    model = fam.MODULAR_ADDITION.model(config)
     params = named_parameters(models[which])
     rng = np.random.default_rng(0)  # nonzero biases, so every bias term of the algebra is exercised
     params.update({name: rng.normal(0, 0.3, value.shape).astype(np.float32)
@@ -181,9 +199,12 @@ def test_fast_losses_equal_the_plain_forward_in_float64(models, which, act_fn):
     moved = perturbed(weights, draw_directions(trainable_size(config), 5, 4), 0.1)  # float32, as plain_losses64
     stacked = {name: torch.cat([weights[name][None], moved[name]]).double() for name in fam.TRAINABLE}
     biases = {name: torch.as_tensor(value).double() for name, value in params.items() if name not in fam.TRAINABLE}
-    got = fast.losses(stacked, biases, config).numpy()
+    assert fast.supports(model)
+    got = registry.fast_loss(model, biases)(stacked).numpy()  # the table-layout seam around `fast.losses`
     np.testing.assert_allclose(got, expected, rtol=1e-12)
-    np.testing.assert_allclose(got[1:] - got[0], expected[1:] - expected[0], rtol=1e-10)
+    # a delta of two float64 losses is no more exact than their rounding: a few ulp of the loss as a floor
+    np.testing.assert_allclose(got[1:] - got[0], expected[1:] - expected[0], rtol=1e-10,
+                               atol=4 * np.spacing(expected[0]))
 
 
 @pytest.mark.parametrize("which", ["random", "partial"])
@@ -197,8 +218,9 @@ def test_fast_float32_deltas_match_the_plain_forward(models, which):
     params = named_parameters(model)
     truth = plain_losses64(params, CONFIG, n_directions=8, epsilon=0.1, seed=0)
     truth_deltas = truth[1:] - truth[0]
-    baseline, deltas = flatness_for_params(params, CONFIG, n_directions=8, epsilon=0.1, seed=0)
-    reference = compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=8, epsilon=0.1, seed=0)
+    baseline, deltas = flatness_for_params(params, MODEL, n_directions=8, epsilon=0.1, seed=0)
+    reference = compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=8, epsilon=0.1, seed=0,
+                                           trainable=KEYS)
     ulp = float(np.spacing(np.float32(truth[0])))
     assert deltas.dtype == np.float64 and baseline == pytest.approx(truth[0], rel=1e-6)
     np.testing.assert_allclose(deltas, truth_deltas, rtol=1e-4, atol=1e-8 * truth[0])
@@ -214,8 +236,9 @@ def test_fast_float32_deltas_near_zero_loss_beat_the_float32_reference(models):
     params = named_parameters(model)
     truth = plain_losses64(params, CONFIG, n_directions=8, epsilon=0.1, seed=0)
     truth_deltas = truth[1:] - truth[0]
-    _, deltas = flatness_for_params(params, CONFIG, n_directions=8, epsilon=0.1, seed=0)
-    reference = compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=8, epsilon=0.1, seed=0)
+    _, deltas = flatness_for_params(params, MODEL, n_directions=8, epsilon=0.1, seed=0)
+    reference = compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=8, epsilon=0.1, seed=0,
+                                           trainable=KEYS)
     fast_error = np.abs(deltas - truth_deltas).max() / np.abs(truth_deltas).max()
     reference_error = np.abs(reference["delta_losses"] - truth_deltas).max() / np.abs(truth_deltas).max()
     assert fast_error < 1e-3 and fast_error < reference_error / 10
@@ -224,10 +247,10 @@ def test_fast_float32_deltas_near_zero_loss_beat_the_float32_reference(models):
 def test_fast_flatness_of_an_epoch_does_not_depend_on_the_caller(models):
     epochs = [named_parameters(models[name]) for name in ("random", "partial", "minimum")]
     kwargs = {"n_directions": 10, "epsilon": 0.1, "seed": 7}
-    one_by_one = [flatness_for_params(params, CONFIG, **kwargs) for params in epochs]
-    flatness_for_params(epochs[0], CONFIG, n_directions=3, epsilon=0.1, seed=8)  # other directions in between
-    backwards = [flatness_for_params(params, CONFIG, **kwargs) for params in reversed(epochs)][::-1]
-    as_float64 = [flatness_for_params({k: v.astype(np.float64) for k, v in params.items()}, CONFIG, **kwargs)
+    one_by_one = [flatness_for_params(params, MODEL, **kwargs) for params in epochs]
+    flatness_for_params(epochs[0], MODEL, n_directions=3, epsilon=0.1, seed=8)  # other directions in between
+    backwards = [flatness_for_params(params, MODEL, **kwargs) for params in reversed(epochs)][::-1]
+    as_float64 = [flatness_for_params({k: v.astype(np.float64) for k, v in params.items()}, MODEL, **kwargs)
                   for params in epochs]
     for got in (backwards, as_float64):
         for (base, deltas), (want_base, want_deltas) in zip(got, one_by_one, strict=True):
@@ -236,11 +259,27 @@ def test_fast_flatness_of_an_epoch_does_not_depend_on_the_caller(models):
     assert len({deltas.tobytes() for _, deltas in one_by_one}) == 3
 
 
-def test_fast_path_refuses_models_it_does_not_implement():
-    params = named_parameters(build_model(CONFIG, seed=0))
-    for change in ({"act_fn": "silu"}, {"normalization_type": "LN"}, {"n_layers": 2}):
-        with pytest.raises(GeostoreError, match="fast modular-addition loss"):
-            flatness_for_params(params, {**CONFIG, **change}, n_directions=2, epsilon=0.1, seed=0)
+@pytest.mark.parametrize("change", [{"act_fn": "silu"}, {"normalization_type": "LN"}, {"n_layers": 2}])
+def test_models_the_fast_path_does_not_implement_go_through_the_generic_evaluator(change):
+    """The fast loss refuses what it does not implement rather than compute another model's loss; since model
+    families (format 2), flatness of such a model comes from the generic evaluator instead, per direction equal
+    to the plain perturb-forward-restore reference on the same directions."""
+    config = {**CONFIG, **change}
+    model = fam.MODULAR_ADDITION.model(config)
+    params = named_parameters(MODEL.build(seed=0), MODEL)
+    flat = {n: torch.as_tensor(v[0] if MODEL.table[n].layered else v) for n, v in params.items()}  # 1-layer names
+    with pytest.raises(GeostoreError, match="fast modular-addition loss"):
+        fast.losses({n: flat[n][None] for n in fam.TRAINABLE},
+                    {n: v for n, v in flat.items() if n not in fam.TRAINABLE}, config)
+    module = model.build(seed=0)
+    own = named_parameters(module, model)
+    assert not fast.supports(model) and registry.fast_loss(model, {}) is None
+    baseline, deltas = flatness_for_params(own, model, n_directions=4, epsilon=0.1, seed=0)
+    reference = compute_landscape_flatness(module, model.probe(), fam.loss_fn, n_directions=4, epsilon=0.1, seed=0,
+                                           trainable=trainable_keys(model))
+    ulp = float(np.spacing(np.float32(baseline)))
+    assert baseline == pytest.approx(reference["baseline_loss"], rel=1e-6)
+    np.testing.assert_allclose(deltas, reference["delta_losses"], rtol=1e-4, atol=4 * ulp)
 
 
 def test_flatness_summary_on_a_hand_computed_case():
