@@ -24,9 +24,9 @@ from geostore.analysis.curvature import (
 )
 from geostore.analysis.flatness import directional_losses, draw_directions, flatness_for_params
 from geostore.analysis.flatness_stats import curvature_summary
+from geostore.family import hooked
 from geostore.family import modular_addition as fam
 from geostore.family import modular_addition_fast as fast
-from geostore.model import build_model, load_parameters
 from geostore.store import schema
 
 
@@ -125,21 +125,23 @@ def test_curvature_summary_on_a_hand_computed_case():
 
 
 # ------------------------------------------------------------------------------- the family loss itself
-def checkpoint(run, index: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """The model config and stored parameters of one checkpoint of a geostore training run."""
+def checkpoint(run, index: int):
+    """The family's model and the stored parameters (table layout) of one checkpoint of a geostore training run."""
     meta = json.loads((run / "run.json").read_text())
-    tensors = load_file(run / meta["checkpoints"][index]["file"])
-    return meta["model_config"], {name: tensors[key] for name, (key, _) in schema.PARAMETERS.items()}
+    file = run / meta["checkpoints"][index]["file"]
+    model = fam.MODULAR_ADDITION.model(meta["model_config"])
+    return model, model.table.stored(load_file(file), str(file), ignore=hooked.is_buffer)
 
 
-def plain_hvp64(params: dict[str, np.ndarray], config: dict, vector: torch.Tensor) -> torch.Tensor:
+def plain_hvp64(params: dict[str, np.ndarray], model, vector: torch.Tensor) -> torch.Tensor:
     """`Hv` of the plain float64 HookedTransformer loss by double backward (the definition)."""
-    p = fam.prime_of(config)
-    model = build_model(config).double()
-    load_parameters(model, {name: value.astype(np.float64) for name, value in params.items()})
-    weights = [model.get_parameter(schema.PARAMETERS[name][0]) for name in fam.TRAINABLE]
+    p = fam.prime_of(model.config)
+    table = model.table
+    module = model.build().double()
+    hooked.load_stored(module, table, {name: value.astype(np.float64) for name, value in params.items()})
+    weights = [module.get_parameter(key) for name in table.trainable for key in table[name].keys]
     tokens, labels = fam.probe(p)
-    loss = F.cross_entropy(model(tokens)[:, -1, :p], labels)
+    loss = F.cross_entropy(module(tokens)[:, -1, :p], labels)
     grads = torch.autograd.grad(loss, weights, create_graph=True)
     dot = sum((g.reshape(-1) * part).sum() for g, part in zip(grads, vector.split([w.numel() for w in weights]),
                                                               strict=True))
@@ -147,15 +149,15 @@ def plain_hvp64(params: dict[str, np.ndarray], config: dict, vector: torch.Tenso
 
 
 def test_hessian_vector_products_are_those_of_the_plain_model(trained_run):
-    config, params = checkpoint(trained_run, -1)
-    hvp64, n_params = loss_hvp(params, config, dtype=torch.float64)
-    hvp32, _ = loss_hvp(params, config)
-    assert n_params == sum(math.prod(schema.param_shape(n, config)) for n in fam.TRAINABLE)
+    model, params = checkpoint(trained_run, -1)
+    hvp64, n_params = loss_hvp(params, model, dtype=torch.float64)
+    hvp32, _ = loss_hvp(params, model)
+    assert n_params == model.table.n_trainable() == sum(model.table[n].size for n in fam.TRAINABLE)
     block = rademacher(n_params, 3, seed=5)
     got64, got32 = hvp64(block), hvp32(block)
     assert got64.dtype == torch.float64 and got32.dtype == torch.float32 and got32.shape == block.shape
     for v, product64, product32 in zip(block, got64, got32, strict=True):
-        want = plain_hvp64(params, config, v.double())
+        want = plain_hvp64(params, model, v.double())
         np.testing.assert_allclose(product64.numpy(), want.numpy(), rtol=0, atol=1e-12 * want.abs().max().item())
         np.testing.assert_allclose(product32.numpy(), want.numpy(), rtol=0, atol=1e-5 * want.abs().max().item())
 
@@ -189,11 +191,11 @@ def test_the_derivative_form_of_the_cross_entropy_is_the_same_function_with_fini
 
 
 def test_hessian_of_an_epoch_is_deterministic_and_its_estimates_are_consistent(trained_run):
-    config, params = checkpoint(trained_run, -1)
-    first = hessian_for_params(params, config, n_probes=6, iterations=8, seed=2)
-    again = hessian_for_params({k: v.copy() for k, v in params.items()}, config, n_probes=6, iterations=8, seed=2)
+    model, params = checkpoint(trained_run, -1)
+    first = hessian_for_params(params, model, n_probes=6, iterations=8, seed=2)
+    again = hessian_for_params({k: v.copy() for k, v in params.items()}, model, n_probes=6, iterations=8, seed=2)
     assert first == again and set(first) == set(schema.ANALYSES["hessian"])
-    other = hessian_for_params(params, config, n_probes=6, iterations=8, seed=3)
+    other = hessian_for_params(params, model, n_probes=6, iterations=8, seed=3)
     assert other["hessian_trace"] != first["hessian_trace"]
     assert first["top_eigenvalue"] == pytest.approx(other["top_eigenvalue"], rel=1e-4)  # converged: seed-free
     assert first["top_eigenvalue_residual"] < 1e-3 * first["top_eigenvalue"]
@@ -211,11 +213,11 @@ def test_antithetic_curvature_agrees_with_hutchinson_on_a_real_checkpoint(traine
     agrees at eps = 0.1 as well. The one-sided estimate of the same quantity has a far larger error, the
     gradient term that the antithetic pair cancels.
     """
-    config, params = checkpoint(trained_run, -1)
+    model, params = checkpoint(trained_run, -1)
     n_dir, n_probes, eps = 96, 48, 1e-4
-    hvp, n_params = loss_hvp(params, config, dtype=torch.float64)
+    hvp, n_params = loss_hvp(params, model, dtype=torch.float64)
     trace, trace_err, _ = hutchinson_trace(hvp, rademacher(n_params, n_probes, seed=0))
-    _, deltas = directional_losses(params, config, n_directions=n_dir, scales=[eps, -eps], seed=0,
+    _, deltas = directional_losses(params, model, n_directions=n_dir, scales=[eps, -eps], seed=0,
                                    dtype=torch.float64)
     curvature, _ = antithetic_parts(deltas[0], deltas[1], eps)
     directions = draw_directions(n_params, n_dir, seed=0)
@@ -225,7 +227,7 @@ def test_antithetic_curvature_agrees_with_hutchinson_on_a_real_checkpoint(traine
     assert abs(estimate - trace / n_params) < 3 * math.hypot(estimate_err, trace_err / n_params)
     assert trace_err < 0.1 * trace and estimate_err < 0.1 * estimate  # errors small enough to mean something
 
-    smooth = {**config, "act_fn": "gelu"}  # the stored (float32) pipeline at a practical epsilon
+    smooth = fam.MODULAR_ADDITION.model({**model.config, "act_fn": "gelu"})  # the stored (float32) pipeline
     eps = 0.1
     trace, trace_err, _ = hutchinson_trace(loss_hvp(params, smooth)[0], rademacher(n_params, n_probes, seed=0))
     _, deltas = directional_losses(params, smooth, n_directions=n_dir, scales=[eps, -eps], seed=0)
@@ -237,9 +239,9 @@ def test_antithetic_curvature_agrees_with_hutchinson_on_a_real_checkpoint(traine
 
 
 def test_one_sided_rows_are_the_same_bits_whatever_else_is_evaluated(trained_run):
-    config, params = checkpoint(trained_run, 4)
-    baseline, deltas = flatness_for_params(params, config, n_directions=10, epsilon=0.1, seed=1)
-    again, rows = directional_losses(params, config, n_directions=10, scales=[0.3, -0.1, 0.1, -0.3], seed=1)
+    model, params = checkpoint(trained_run, 4)
+    baseline, deltas = flatness_for_params(params, model, n_directions=10, epsilon=0.1, seed=1)
+    again, rows = directional_losses(params, model, n_directions=10, scales=[0.3, -0.1, 0.1, -0.3], seed=1)
     assert again == baseline and rows[2].tobytes() == deltas.tobytes()
     norm = math.sqrt(sum(float(np.sum(params[n].astype(np.float64) ** 2)) for n in fam.TRAINABLE))
-    assert weight_norm(params) == norm
+    assert weight_norm(params, model.table.trainable) == norm
