@@ -12,6 +12,14 @@ directions and the same torch thread count (2 by default), interleaving repeats 
 
 It then compares the deltas of both paths with each other and, for the first few directions, with the
 float64 HookedTransformer forward, and checks that one torch thread gives bit-identical fast deltas.
+
+With `--family mlp` it times instead, on the reference project's 2-layer MLP (`modulo_addition_2layer_mlp`, p=113,
+d_hidden=512 by default, 50 full-batch AdamW steps from its seeded initialisation), the generic evaluator
+(`evaluator.directional_losses`, what every family without a fast path runs) against the plain loop
+(`evaluator.plain_directional_losses`: perturb the module in place, forward the whole grid, restore), beside the
+one matmul no exact evaluation avoids (`relu(hidden) @ W_out^T` over every pair), and compares both paths'
+deltas in float32 and float64.
+
 Run with `.venv/bin/python benchmarks/flatness.py` on an otherwise idle machine: with other processes on the
 cores, OpenMP's spinning threads make every short multithreaded op wait (2 threads then ran 15x slower than
 1 here); `OMP_WAIT_POLICY=PASSIVE` in the environment avoids that.
@@ -25,7 +33,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timing import best_time
+from timing import best_time, timed
 
 from geostore.analysis.flatness import compute_landscape_flatness, flatness_for_params
 from geostore.family import modular_addition as fam
@@ -60,8 +68,67 @@ def max_relative(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
         return float((diff / np.abs(want)).max()), float(diff.max() / np.abs(want).max())
 
 
+def mlp_benchmark(args: argparse.Namespace) -> None:
+    """The generic evaluator against the plain loop on the 2-layer MLP family, and their agreement."""
+    from geostore.analysis import evaluator
+    from geostore.family.mlp import TWO_LAYER_MLP
+
+    model = TWO_LAYER_MLP.model({"p": args.p, "d_hidden": args.d_hidden})
+    torch.manual_seed(args.seed)
+    module, probe = model.build(None), model.probe()
+    optimiser = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    for _ in range(args.train_steps):  # away from the initialisation, where every delta is ~1e-6
+        F.cross_entropy(module(*probe[:2]), probe[2]).backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    params = model.table.stored({k: v.detach().numpy() for k, v in module.state_dict().items()}, "benchmark")
+    n = args.directions
+    kwargs = {"n_directions": n, "scales": [args.epsilon], "seed": args.seed}
+    hidden = torch.rand(args.p * args.p, args.d_hidden)
+    w_out = torch.as_tensor(params["W_out.weight"])
+
+    def generic(dtype: torch.dtype = torch.float32) -> tuple[float, np.ndarray]:
+        return evaluator.directional_losses(model, params, probe, dtype=dtype, **kwargs)
+
+    def plain(dtype: torch.dtype = torch.float32) -> tuple[float, np.ndarray]:
+        return evaluator.plain_directional_losses(model, params, probe, dtype=dtype, **kwargs)
+
+    generic(), plain()  # warm-up
+    plain_s, generic_s, dense_s = float("inf"), float("inf"), float("inf")
+    for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike
+        dense_s = min(dense_s, best_time(lambda: F.linear(hidden, w_out), 3))
+        plain_s = min(plain_s, timed(plain))
+        generic_s = min(generic_s, timed(generic))
+    (g32_base, g32), (p32_base, p32) = generic(), plain()
+    (g64_base, g64), (p64_base, p64) = generic(torch.float64), plain(torch.float64)
+    scale = np.abs(g64).max()
+    rows = [
+        ("plain loop (perturb in place, forward the grid, restore)", f"{1e3 * plain_s / n:8.1f} ms/direction"),
+        ("generic evaluator (vmap(functional_call), blocks)", f"{1e3 * generic_s / n:8.1f} ms/direction"),
+        ("speedup", f"{plain_s / generic_s:8.2f} x"),
+        ("irreducible matmul relu(hidden) @ W_out^T, all pairs", f"{1e3 * dense_s:8.1f} ms/weight set"),
+        ("baseline loss float32 / float64; largest |delta|", f"{g32_base:.9f} / {g64_base:.9f}; {scale:.3e}"),
+        ("float64 generic vs plain: max |diff| / max |delta|", f"{np.abs(g64 - p64).max() / scale:.2e} "
+         f"(baselines differ by {abs(g64_base - p64_base):.1e})"),
+        ("float32 generic vs plain: max |diff| / max |delta|", f"{np.abs(g32 - p32).max() / scale:.2e} "
+         f"(baselines differ by {abs(g32_base - p32_base):.1e})"),
+        ("float32 generic vs float64: max |diff| / max |delta|", f"{np.abs(g32 - g64).max() / scale:.2e}"),
+    ]
+    print(f"flatness, family modulo_addition_2layer_mlp: p={args.p} d_hidden={args.d_hidden} after {args.train_steps} "
+          f"AdamW steps, {n} directions, epsilon={args.epsilon}, {args.threads} torch threads, best of {args.repeats}")
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["modular_addition", "mlp"], default="modular_addition",
+                        help="modular_addition: the fast path against the seed loop; mlp: the generic evaluator "
+                             "against the plain loop on the 2-layer MLP")
+    parser.add_argument("--d-hidden", type=int, default=512, help="hidden width of --family mlp (the reference's)")
+    parser.add_argument("--train-steps", type=int, default=50,
+                        help="--family mlp: full-batch AdamW steps on the whole grid from the seeded initialisation")
     parser.add_argument("--p", type=int, default=113)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--directions", type=int, default=20)
@@ -72,6 +139,8 @@ def main() -> None:
     parser.add_argument("--truth", type=int, default=4, help="directions also computed in float64 (slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.family == "mlp":
+        return mlp_benchmark(args)
 
     config = fam.model_config(args.p, d_model=args.d_model)
     model = build_model(config, seed=0)
