@@ -12,6 +12,14 @@ directions and the same torch thread count (2 by default), interleaving repeats 
 
 It then compares the deltas of both paths with each other and, for the first few directions, with the
 float64 HookedTransformer forward, and checks that one torch thread gives bit-identical fast deltas.
+
+With `--family mlp` (the reference project's 2-layer MLP, `modulo_addition_2layer_mlp`, p=113, d_hidden=512 by
+default) or `--family transformer` (a 2-layer LayerNorm HookedTransformer language model, d_model 128, probe 64 x 32
+tokens), each after 50 AdamW steps from its seeded initialisation, it times instead the generic evaluator
+(`flatness.directional_losses`, what every family without a fast path runs) against the plain loop
+(`evaluator.plain_directional_losses`: perturb the module in place, forward the whole probe, restore), and
+compares both paths' deltas in float32 and float64.
+
 Run with `.venv/bin/python benchmarks/flatness.py` on an otherwise idle machine: with other processes on the
 cores, OpenMP's spinning threads make every short multithreaded op wait (2 threads then ran 15x slower than
 1 here); `OMP_WAIT_POLICY=PASSIVE` in the environment avoids that.
@@ -20,17 +28,16 @@ cores, OpenMP's spinning threads make every short multithreaded op wait (2 threa
 from __future__ import annotations
 
 import argparse
-import copy
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timing import best_time
+from timing import best_time, timed
 
 from geostore.analysis.flatness import compute_landscape_flatness, flatness_for_params
 from geostore.family import modular_addition as fam
+from geostore.family.hooked import is_buffer
 from geostore.family.modular_addition_fast import BLOCK_PAIRS, flops_per_weight_set
-from geostore.model import build_model, named_parameters
 
 
 def matmul_peak(shapes: list[tuple[int, int, int]], repeats: int) -> float:
@@ -60,8 +67,105 @@ def max_relative(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
         return float((diff / np.abs(want)).max()), float(diff.max() / np.abs(want).max())
 
 
+def trained_mlp(args: argparse.Namespace):
+    """The reference project's 2-layer MLP after `--train-steps` full-batch AdamW steps, with its stored params."""
+    from geostore.family.mlp import TWO_LAYER_MLP
+
+    model = TWO_LAYER_MLP.model({"p": args.p, "d_hidden": args.d_hidden})
+    torch.manual_seed(args.seed)
+    module, probe = model.build(None), model.probe()
+    optimiser = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    for _ in range(args.train_steps):  # away from the initialisation, where every delta is ~1e-6
+        F.cross_entropy(module(*probe[:2]), probe[2]).backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    params = model.table.stored({k: v.detach().numpy() for k, v in module.state_dict().items()}, "benchmark")
+    hidden, w_out = torch.rand(args.p * args.p, args.d_hidden), torch.as_tensor(params["W_out.weight"])
+    dense = ("irreducible matmul relu(hidden) @ W_out^T, all pairs", lambda: F.linear(hidden, w_out))
+    title = f"family modulo_addition_2layer_mlp: p={args.p} d_hidden={args.d_hidden}"
+    return title, model, params, probe, dense
+
+
+def trained_transformer(args: argparse.Namespace):
+    """A 2-layer LayerNorm HookedTransformer language model (d_model 128) after `--train-steps` AdamW steps on
+    random tokens, with a probe of `--batch` x `--seq` tokens."""
+    from geostore.family.hooked import is_buffer
+    from geostore.family.transformer import HOOKED_TRANSFORMER
+
+    config = {"n_layers": 2, "d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512, "d_vocab": args.vocab,
+              "n_ctx": args.seq, "act_fn": "gelu", "normalization_type": "LN"}
+    model = HOOKED_TRANSFORMER.model(config)
+    module = model.build(seed=args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
+    optimiser = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    for _ in range(args.train_steps):
+        module(tokens, return_type="loss").backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    params = model.table.stored({k: v.detach().numpy() for k, v in module.state_dict().items()}, "benchmark",
+                                ignore=is_buffer)
+    probe = model.probe(torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).numpy())
+    title = (f"family hooked_transformer: 2 layers, LN, d_model 128, d_vocab {args.vocab}, probe {args.batch} x "
+             f"{args.seq} tokens")
+    return title, model, params, probe, None
+
+
+def generic_benchmark(args: argparse.Namespace) -> None:
+    """The generic evaluator against the plain loop on a family without a fast path, and their agreement."""
+    from geostore.analysis.evaluator import plain_directional_losses
+    from geostore.analysis.flatness import directional_losses
+
+    title, model, params, probe, dense = (trained_mlp if args.family == "mlp" else trained_transformer)(args)
+    n = args.directions
+    kwargs = {"n_directions": n, "scales": [args.epsilon], "seed": args.seed}
+
+    def generic(dtype: torch.dtype = torch.float32) -> tuple[float, np.ndarray]:
+        return directional_losses(params, model, probe, dtype=dtype, **kwargs)
+
+    def plain(dtype: torch.dtype = torch.float32) -> tuple[float, np.ndarray]:
+        return plain_directional_losses(params, model, probe, dtype=dtype, **kwargs)
+
+    generic(), plain()  # warm-up
+    plain_s, generic_s, dense_s = float("inf"), float("inf"), float("inf")
+    for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike
+        if dense is not None:
+            dense_s = min(dense_s, best_time(dense[1], 3))
+        plain_s = min(plain_s, timed(plain))
+        generic_s = min(generic_s, timed(generic))
+    (g32_base, g32), (p32_base, p32) = generic(), plain()
+    (g64_base, g64), (p64_base, p64) = generic(torch.float64), plain(torch.float64)
+    scale = np.abs(g64).max()
+    rows = [
+        ("plain loop (perturb in place, forward the probe, restore)", f"{1e3 * plain_s / n:8.1f} ms/direction"),
+        ("generic evaluator (vmap(functional_call), blocks)", f"{1e3 * generic_s / n:8.1f} ms/direction"),
+        ("speedup", f"{plain_s / generic_s:8.2f} x"),
+        *([(dense[0], f"{1e3 * dense_s:8.1f} ms/weight set")] if dense is not None else []),
+        ("baseline loss float32 / float64; largest |delta|", f"{g32_base:.9f} / {g64_base:.9f}; {scale:.3e}"),
+        ("float64 generic vs plain: max |diff| / max |delta|", f"{np.abs(g64 - p64).max() / scale:.2e} "
+         f"(baselines differ by {abs(g64_base - p64_base):.1e})"),
+        ("float32 generic vs plain: max |diff| / max |delta|", f"{np.abs(g32 - p32).max() / scale:.2e} "
+         f"(baselines differ by {abs(g32_base - p32_base):.1e})"),
+        ("float32 generic vs float64: max |diff| / max |delta|", f"{np.abs(g32 - g64).max() / scale:.2e}"),
+    ]
+    print(f"flatness, {title}, after {args.train_steps} AdamW steps, {n} directions, epsilon={args.epsilon}, "
+          f"{args.threads} torch threads, best of {args.repeats}")
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["modular_addition", "mlp", "transformer"], default="modular_addition",
+                        help="modular_addition: the fast path against the seed loop; mlp, transformer: the generic "
+                             "evaluator against the plain loop on the 2-layer MLP / a 2-layer LN language model")
+    parser.add_argument("--vocab", type=int, default=512, help="--family transformer: vocabulary size")
+    parser.add_argument("--batch", type=int, default=64, help="--family transformer: probe sequences")
+    parser.add_argument("--seq", type=int, default=32, help="--family transformer: probe sequence length")
+    parser.add_argument("--d-hidden", type=int, default=512, help="hidden width of --family mlp (the reference's)")
+    parser.add_argument("--train-steps", type=int, default=50,
+                        help="--family mlp/transformer: AdamW steps from the seeded initialisation")
     parser.add_argument("--p", type=int, default=113)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--directions", type=int, default=20)
@@ -72,13 +176,19 @@ def main() -> None:
     parser.add_argument("--truth", type=int, default=4, help="directions also computed in float64 (slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.family != "modular_addition":
+        return generic_benchmark(args)
 
     config = fam.model_config(args.p, d_model=args.d_model)
-    model = build_model(config, seed=0)
-    params = named_parameters(model)
+    family_model = fam.MODULAR_ADDITION.model(config)
+    model = family_model.build(seed=0)
+    params = family_model.table.stored({k: v.numpy() for k, v in model.state_dict().items()}, "benchmark",
+                                       ignore=is_buffer)
+    trainable = [key for name in family_model.table.trainable for key in family_model.table[name].keys]
     probe = fam.probe(args.p)
     n = args.directions
     kwargs = {"n_directions": n, "epsilon": args.epsilon, "seed": args.seed}
+    seed_kwargs = {**kwargs, "trainable": trainable}
     d, m = int(config["d_model"]), int(config["d_mlp"])
 
     peak, seed_s, fast_s, dense_s = 0.0, float("inf"), float("inf"), float("inf")
@@ -86,17 +196,19 @@ def main() -> None:
         peak = max(peak, matmul_peak([(2048, 2048, 2048), (4096, 1024, 1024)], 3))
         dense_s = min(dense_s, irreducible_matmul(config, 3)[0])
         with torch.no_grad():
-            seed_s = min(seed_s, best_time(lambda: compute_landscape_flatness(model, probe, fam.loss_fn, **kwargs), 1))
-        fast_s = min(fast_s, best_time(lambda: flatness_for_params(params, config, **kwargs), 1))
+            seed_s = min(seed_s, best_time(lambda: compute_landscape_flatness(model, probe, fam.loss_fn, **seed_kwargs),
+                                           1))
+        fast_s = min(fast_s, best_time(lambda: flatness_for_params(params, family_model, **kwargs), 1))
 
     with torch.no_grad():
-        seed = compute_landscape_flatness(model, probe, fam.loss_fn, **kwargs)["delta_losses"]
+        seed = compute_landscape_flatness(model, probe, fam.loss_fn, **seed_kwargs)["delta_losses"]
         truth = compute_landscape_flatness(  # the definition in float64: theta + eps d and the loss, no rounding
-            copy.deepcopy(model).double(), probe, lambda mdl, pr: F.cross_entropy(mdl(pr[0])[:, -1, :args.p], pr[1]),
-            n_directions=args.truth, epsilon=args.epsilon, seed=args.seed)["delta_losses"]
-    baseline, fast = flatness_for_params(params, config, **kwargs)
+            family_model.build(params, dtype=torch.float64), probe,
+            lambda mdl, pr: F.cross_entropy(mdl(pr[0])[:, -1, :args.p], pr[1]),
+            n_directions=args.truth, epsilon=args.epsilon, seed=args.seed, trainable=trainable)["delta_losses"]
+    baseline, fast = flatness_for_params(params, family_model, **kwargs)
     torch.set_num_threads(1)
-    one_thread = flatness_for_params(params, config, **kwargs)
+    one_thread = flatness_for_params(params, family_model, **kwargs)
     torch.set_num_threads(args.threads)
 
     k = args.truth

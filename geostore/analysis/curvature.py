@@ -143,14 +143,17 @@ def loss_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None
     vector of length `D` (table order), by forward-over-reverse differentiation in `dtype`, vectorised over a
     block of vectors (`torch.func.vmap`).
 
-    The loss is the one flatness evaluates (`evaluator.batched_loss` of one weight set, in its form made for
-    derivatives: for modular addition's fast loss, the HookedTransformer forward reassociated, whose float64
-    HVP matches the plain model's double backward to ~1e-15).
+    The loss is the one flatness evaluates: a family's fast loss in its form made for derivatives (for modular
+    addition, the HookedTransformer forward reassociated, whose float64 HVP matches the plain model's double
+    backward to ~1e-15), else the generic evaluator's (`evaluator.generic_hvp`, block by block over the probe).
     """
     from torch.func import grad, jvp, vmap
 
-    from geostore.analysis.evaluator import batched_loss
+    from geostore.analysis.evaluator import batched_loss, generic_hvp
+    from geostore.family.registry import fast_loss
 
+    if fast_loss(model, {}) is None:
+        return generic_hvp(params, model, probe, device, dtype)
     weights, batched = batched_loss(model, params, probe, device=device, dtype=dtype, for_derivatives=True)
     sizes = [w.numel() for w in weights.values()]
 

@@ -3,19 +3,22 @@
 `batched_loss(model, params, probe)` splits one epoch's parameters into the trainable weights (the vector the
 analyses perturb, in table order) and the frozen rest, and returns `loss(weights) -> (B,)` for a block of `B`
 weight sets. Where the family has a hand-written exact loss (`registry.fast_loss`: modular addition's 1-layer
-transformer) it is used; otherwise the generic evaluator runs the family's own torch model through
-`torch.func.functional_call`, vectorised over the block with `torch.func.vmap`, on slices of the probe, and
-sums the per-example losses in float64.
+transformer) it is used; otherwise the generic evaluator swaps each weight set into the family's own torch
+model with `torch.func.functional_call`, vectorised over the block with `torch.func.vmap`, on fixed blocks of
+`EXAMPLE_BLOCK` probe examples (bounded memory; results never depend on how callers batch), and sums the
+per-example losses in float64. `generic_hvp` gives forward-over-reverse Hessian-vector products of the same
+loss block by block; `plain_directional_losses` is the reference loop the generic evaluator must equal.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.func import functional_call, grad, jvp, vmap
 
 from geostore.errors import GeostoreError
 
@@ -25,9 +28,9 @@ if TYPE_CHECKING:
 BatchedLoss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 """`loss(weights)`: weights `(B, *shape)` by trainable name -> float64 `(B,)` losses."""
 
-# Probe examples per vmapped forward: bounds the activations of a block of directions. A constant, so a loss
-# never depends on callers.
-EXAMPLE_BLOCK = 1024
+# Probe examples per evaluation block: a constant, so the float64 sums never depend on callers. 512 pairs of
+# the p=113, d_hidden=512 MLP keep a block of 8 weight sets' hidden activations (8 MB) near the cache.
+EXAMPLE_BLOCK = 512
 
 
 def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | None = None, *,
@@ -36,57 +39,132 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
     """`(weights, loss)`: the trainable parameters of one epoch as tensors (table order) and the batched loss of
     the model around them (frozen parameters fixed at this epoch's values).
 
-    `probe` is the model's probe (`model.probe(...)`); GeostoreError when the family needs one and it is None.
-    `for_derivatives` asks for a loss that `torch.func` can differentiate twice (the fast loss has a form for it).
+    `probe` defaults to the model's own (`model.probe()`); GeostoreError when the family needs one and there is
+    none. `for_derivatives` asks for a loss that `torch.func` can differentiate twice (the fast loss has a form
+    for it; the generic one always is).
     """
     from geostore.family.registry import fast_loss
 
     table = model.table
     tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype) for name in table.names}
     weights = {name: tensors[name] for name in table.trainable}
-    frozen = {name: value for name, value in tensors.items() if name not in weights}
-    fast = fast_loss(model, frozen, for_derivatives=for_derivatives)
+    fast = fast_loss(model, {n: v for n, v in tensors.items() if n not in weights}, for_derivatives=for_derivatives)
     if fast is not None:
         return weights, fast
+    module, probe = _setup(model, params, _probe(model, probe), device, dtype)
+    n_examples = len(probe[0])
+
+    def loss(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        keyed = table.state_dict(batch, batched=True)
+        total = 0
+        for block in _blocks(probe):
+            def losses(w: dict[str, torch.Tensor], block: Probe = block) -> torch.Tensor:
+                return model.losses(lambda *inputs: functional_call(module, w, inputs), block)
+            total = total + vmap(losses)(keyed).sum(dim=1, dtype=torch.float64)
+        return total / n_examples
+
+    return weights, loss
+
+
+def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None = None, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """`(hvp, D)`: exact Hessian-vector products of the generic mean probe loss at `params`, over the flat
+    trainable vector (table order), by forward-over-reverse differentiation in `dtype`, vectorised over a
+    `(B, D)` block of vectors. The Hessian of a mean is the sum of the probe blocks' Hessians, so products are
+    taken block by block (bounded memory) and summed in float64; `hvp` returns float64 `(B, D)` on the CPU."""
+    module, probe = _setup(model, params, _probe(model, probe), device, dtype)
+    names = model.table.trainable
+    weights = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype) for name in names}
+    sizes = [w.numel() for w in weights.values()]
+    n = len(probe[0])
+
+    def product(tangent: dict[str, torch.Tensor], block: Probe) -> torch.Tensor:
+        def loss(w: dict[str, torch.Tensor]) -> torch.Tensor:
+            forward = lambda *inputs: functional_call(module, model.table.state_dict(w), inputs)  # noqa: E731
+            return model.losses(forward, block).sum(dtype=torch.float64) / n
+        out = jvp(grad(loss), (weights,), (tangent,))[1]
+        return torch.cat([out[name].reshape(-1) for name in names]).double()
+
+    def hvp(vectors: torch.Tensor) -> torch.Tensor:
+        vectors = vectors.to(device=device, dtype=dtype)
+        tangents = {name: part.reshape(len(vectors), *weights[name].shape)
+                    for name, part in zip(names, vectors.split(sizes, dim=1), strict=True)}
+        total = torch.zeros(vectors.shape, dtype=torch.float64, device=device)
+        for block in _blocks(probe):
+            total += vmap(product, in_dims=(0, None))(tangents, block)  # the primal computed once per block
+        return total.cpu()
+
+    return hvp, sum(sizes)
+
+
+def plain_directional_losses(
+    params: Mapping[str, np.ndarray],
+    model: Model,
+    probe: Probe | None = None,
+    *,
+    n_directions: int,
+    scales: Sequence[float],
+    seed: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, np.ndarray]:
+    """`flatness.directional_losses` the plain way (the seed's loop): build the module once; for each scale and
+    direction copy the perturbed weights into its parameters, forward the whole probe, take the mean loss
+    (float64), and restore the original weights, bit for bit (also when a forward raises)."""
+    from geostore.analysis.flatness import draw_directions, perturbed
+
+    module, probe = _setup(model, params, _probe(model, probe), device, dtype)
+    weights = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype)
+               for name in model.table.trainable}
+    directions = draw_directions(model.table.n_trainable(), n_directions, seed)
+    targets = {key: module.get_parameter(key) for key in model.table.state_dict(weights)}
+    original = {key: value.detach().clone() for key, value in targets.items()}
+
+    def mean_loss() -> torch.Tensor:
+        return model.losses(module, probe).sum(dtype=torch.float64) / len(probe[0])
+
+    deltas = np.empty((len(scales), n_directions), dtype=np.float64)
+    try:
+        with torch.no_grad():
+            baseline = mean_loss()
+            for row, scale in enumerate(scales):
+                for i in range(n_directions):
+                    moved = perturbed(weights, directions[i:i + 1].to(device), scale)
+                    for key, value in model.table.state_dict(moved, batched=True).items():
+                        targets[key].copy_(value[0])
+                    deltas[row, i] = float(mean_loss() - baseline)
+                    for key, value in targets.items():
+                        value.copy_(original[key])
+    finally:
+        with torch.no_grad():
+            for key, value in targets.items():
+                value.copy_(original[key])
+    return float(baseline), deltas
+
+
+def _probe(model: Model, probe: Probe | None) -> Probe:
+    """The probe given, else the model's own; GeostoreError naming `--probe` when the family needs one."""
     if probe is None:
         probe = model.probe()
     if probe is None:
         raise GeostoreError(f"the {model.family} model's loss needs a probe (token ids): give one with --probe FILE")
-    return weights, generic_loss(model, tensors, probe, device=device, dtype=dtype)
+    return probe
 
 
-def generic_loss(model: Model, tensors: Mapping[str, torch.Tensor], probe: Probe, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> BatchedLoss:
-    """The family's mean per-example loss as a batched function of the trainable weights: the model built once
-    with this epoch's parameters, the trainable ones swapped in by `functional_call` under `vmap`."""
-    from torch.func import functional_call, vmap
+def _setup(model: Model, params: Mapping[str, np.ndarray], probe: Probe, device: str, dtype: torch.dtype
+           ) -> tuple[torch.nn.Module, Probe]:
+    """The module of `params` in eval mode on `device` computing in `dtype`, every parameter a constant of the loss
+    (weights are swapped in by `functional_call`), and the probe on `device`.
 
-    table = model.table
-    params = {name: value.detach().cpu().numpy() for name, value in tensors.items()}
-    # A family whose model computes in a configured dtype (TransformerLens casts attention patterns to
-    # `cfg.dtype`) builds it in that dtype; the plain `Module.to` then moves any other model.
+    A family whose model computes in a configured dtype (TransformerLens casts attention patterns to `cfg.dtype`)
+    builds it in that dtype (`build(params, dtype=...)`); the plain `Module.to` then moves any other model."""
     typed = "dtype" in inspect.signature(model.build).parameters
     module = model.build(params, dtype=dtype) if typed else model.build(params)
-    torch.nn.Module.to(module, device=device, dtype=dtype)
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    inputs = tuple(t.to(device) for t in probe)
-    n_examples = int(inputs[0].shape[0])
+    module = torch.nn.Module.to(module.eval().requires_grad_(False), device=device, dtype=dtype)
+    return module, tuple(t.to(device) for t in probe)
 
-    def one(weights: Mapping[str, torch.Tensor], block: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        entries = table.state_dict(weights)
 
-        def forward(*args: torch.Tensor) -> torch.Tensor:
-            return functional_call(module, entries, args)
-
-        return model.losses(forward, block).to(torch.float64).sum()
-
-    def loss(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        total = None
-        for start in range(0, n_examples, EXAMPLE_BLOCK):
-            block = tuple(t[start:start + EXAMPLE_BLOCK] for t in inputs)
-            part = vmap(one, in_dims=(0, None))(dict(weights), block)
-            total = part if total is None else total + part
-        return total / n_examples
-
-    return loss
+def _blocks(probe: Probe) -> Iterator[Probe]:
+    """The probe in consecutive blocks of `EXAMPLE_BLOCK` examples."""
+    for start in range(0, len(probe[0]), EXAMPLE_BLOCK):
+        yield tuple(t[start:start + EXAMPLE_BLOCK] for t in probe)

@@ -12,6 +12,7 @@ family stays torch-free.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,8 +28,8 @@ class TwoLayerMLP(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Logits `(N, p)` of integer pairs `a`, `b` `(N,)`: `W_in` applied to `[onehot(a) | onehot(b)]`."""
-        columns = self.W_in.weight.T
-        return self.W_out(self.relu(columns[a] + columns[self.p + b]))
+        columns = self.W_in.weight.T.contiguous()  # 2p rows, gathered by pair
+        return self.W_out(self.relu(F.embedding(a, columns) + F.embedding(self.p + b, columns)))
 
 
 class LearnedEmbMLP(nn.Module):
