@@ -55,7 +55,7 @@ def test_ingest_stores_every_curvature_analysis_and_leaves_one_sided_flatness_al
     curvature, slope = store.curvature.compute(), store.slope.compute()
     assert curvature.shape == slope.shape == (n, 6) and np.isfinite(curvature).all()
     epoch = int(store.epochs[-1])
-    _, deltas = directional_losses(store.params_at(epoch), store.config, n_directions=6, scales=[0.1, -0.1], seed=3)
+    _, deltas = directional_losses(store.params_at(epoch), store.model, n_directions=6, scales=[0.1, -0.1], seed=3)
     want = antithetic_parts(deltas[0], deltas[1], 0.1)
     assert curvature[-1].tobytes() == want[0].tobytes() and slope[-1].tobytes() == want[1].tobytes()
     # the pair holds what the one-sided value held: delta = curvature + eps * slope
@@ -70,7 +70,7 @@ def test_ingest_stores_every_curvature_analysis_and_leaves_one_sided_flatness_al
     summary = store.curvature_summary()
     np.testing.assert_array_equal(summary["mean_curvature"], curvature.mean(axis=1))
     np.testing.assert_allclose(summary["trace_estimate"], 2 * store.n_trainable / 0.01 * curvature.mean(axis=1))
-    hessian = hessian_for_params(store.params_at(epoch), store.config, n_probes=4, iterations=4, seed=3)
+    hessian = hessian_for_params(store.params_at(epoch), store.model, n_probes=4, iterations=4, seed=3)
     for name, value in hessian.items():
         assert getattr(store, name).compute()[-1] == value, name
     assert (store.hessian_trace_stderr.compute() > 0).all() and (store.top_eigenvalue.compute() > 0).all()
@@ -111,7 +111,7 @@ def test_curvature_is_bit_identical_however_epochs_arrive(tmp_path):
     assert arrays_of(in_parts) == arrays_of(one_go)
 
     store = geostore.open_store(one_go)  # relative profile: epsilon times each epoch's weight norm
-    norms = np.array([weight_norm(store.params_at(int(e))) for e in store.epochs])
+    norms = np.array([weight_norm(store.params_at(int(e)), store.table.trainable) for e in store.epochs])
     np.testing.assert_allclose(store.curvature_profile()["epsilon"], norms[:, None] * [0.05, 0.2], rtol=1e-15)
     assert store.analysis_settings("profile")["relative"] is True
 
@@ -157,12 +157,12 @@ def test_bad_curvature_options_are_one_line_errors_and_leave_the_store_alone(arg
 
 
 def test_a_curvature_row_shows_only_once_its_marker_is_written_and_rollback_removes_new_analyses(tmp_path,
-                                                                                                tiny_config):
+                                                                                                tiny_model):
     path, task = tmp_path / "s.zarr", {"family": "modular_addition", "p": 7}
-    StoreWriter.open(path, config=tiny_config, task=task, chunk_epochs=2).append([0, 10, 20],
-                                                                               random_params(tiny_config, range(3)))
+    StoreWriter.open(path, model=tiny_model, task=task, chunk_epochs=2).append([0, 10, 20],
+                                                                               random_params(tiny_model, range(3)))
     before = snapshot(path)
-    writer = StoreWriter.open(path, config=tiny_config, task=task)
+    writer = StoreWriter.open(path, model=tiny_model, task=task)
     writer.enable_analyses(CURVATURE.analyses())
     # A writer killed after the Hessian's other arrays but before hessian_trace, which marks completion.
     writer._array("top_eigenvalue")[1] = 3.0
