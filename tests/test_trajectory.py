@@ -22,13 +22,15 @@ from geostore.analysis.trajectory import pca_from_gram
 from geostore.cli import main
 from geostore.errors import StoreError
 from geostore.ingest import ingest
-from geostore.store import derived, layout, schema
+from geostore.store import derived, layout
 from geostore.store.location import PARTIAL_SUFFIX
 from geostore.store.writer import StoreWriter
-from tests.conftest import random_params
+from tests.conftest import ma_model, random_params
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = [*schema.GROUPS, ["W_in", "b_in", "W_U"]]
+# The modular-addition family's groups (a 1-layer HookedTransformer without normalisation), and a list of names.
+FAMILY_GROUPS = ["all", "embedding", "attention", "mlp"]
+GROUPS = [*FAMILY_GROUPS, ["W_in", "b_in", "W_U"]]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,7 @@ def numpy_velocity(x: np.ndarray, epochs: np.ndarray, per_epoch: bool = True) ->
 def test_pca_and_velocity_equal_sklearn_and_numpy_for_every_group(run_store, tmp_path):
     store = geostore.open_store(fresh_copy(run_store, tmp_path / "s.zarr"))
     n = store.epochs.size
+    assert list(store.groups) == FAMILY_GROUPS
     for group in GROUPS:
         x = matrix(store, group)
         result = store.pca(group, 3, loadings=True)
@@ -91,7 +94,7 @@ def test_pca_and_velocity_equal_sklearn_and_numpy_for_every_group(run_store, tmp
             np.testing.assert_allclose(store.velocity(group, per_epoch=per_epoch),
                                        numpy_velocity(x, store.epochs, per_epoch), rtol=1e-12)
     all_velocities = store.velocities(per_epoch=False)
-    assert set(all_velocities) == set(schema.GROUPS)
+    assert set(all_velocities) == {"all", *store.table.partition()} == set(FAMILY_GROUPS)
     for group, speed in all_velocities.items():
         assert speed.shape == (n - 1,)
         np.testing.assert_allclose(speed, numpy_velocity(matrix(store, group), store.epochs, False), rtol=1e-12)
@@ -117,16 +120,16 @@ def test_fit_window_projects_every_epoch_on_the_fitted_basis(run_store, tmp_path
         store.velocity(["W_in", "nope"])
 
 
-def write_random_store(path: Path, config: dict, epochs, *, chunk_epochs: int = 4, seed: int = 0) -> dict:
-    params = random_params(config, epochs, seed)
-    StoreWriter.open(path, config=config, task={"family": "modular_addition", "p": 7},
+def write_random_store(path: Path, model, epochs, *, chunk_epochs: int = 4, seed: int = 0) -> dict:
+    params = random_params(model, epochs, seed)
+    StoreWriter.open(path, model=model, task={"family": "modular_addition", "p": 7},
                      chunk_epochs=chunk_epochs).append(epochs, params)
     return params
 
 
-def test_any_memory_budget_gives_the_same_exact_result(tmp_path, tiny_config):
+def test_any_memory_budget_gives_the_same_exact_result(tmp_path, tiny_model):
     path = tmp_path / "s.zarr"
-    write_random_store(path, tiny_config, [0, 1, 3, 7, 8, 9, 20, 21, 22, 40, 41, 50, 60])
+    write_random_store(path, tiny_model, [0, 1, 3, 7, 8, 9, 20, 21, 22, 40, 41, 50, 60])
     store = geostore.open_store(path)
     x = matrix(store, "all")
     for budget in (1, 20_000, 10**9):  # one row per panel, a few chunks per panel, everything in one
@@ -146,9 +149,9 @@ class TaskCounter(Callback):
         self.count += 1
 
 
-def test_cache_is_instant_incremental_and_equal_to_recomputation(tmp_path, tiny_config):
+def test_cache_is_instant_incremental_and_equal_to_recomputation(tmp_path, tiny_model):
     path = tmp_path / "s.zarr"
-    params = write_random_store(path, tiny_config, [0, 10, 20, 30, 40, 50])
+    params = write_random_store(path, tiny_model, [0, 10, 20, 30, 40, 50])
     root_meta = (path / layout.ROOT_META).read_bytes()
     first = geostore.open_store(path).pca("all", 3)
     assert (path / layout.ROOT_META).read_bytes() == root_meta  # the commit record is never touched
@@ -165,9 +168,9 @@ def test_cache_is_instant_incremental_and_equal_to_recomputation(tmp_path, tiny_
     np.testing.assert_array_equal(geostore.open_store(path).params["W_E"].compute(), params["W_E"])
 
     # Ingest adds epochs after and between the cached ones: the update equals a full recomputation.
-    writer = StoreWriter.open(path, config=tiny_config, task={"family": "modular_addition", "p": 7})
-    writer.append([60, 70], random_params(tiny_config, range(2), 1))
-    writer.insert([5, 35], random_params(tiny_config, range(2), 2))
+    writer = StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7})
+    writer.append([60, 70], random_params(tiny_model, range(2), 1))
+    writer.insert([5, 35], random_params(tiny_model, range(2), 2))
     store = geostore.open_store(path)
     np.testing.assert_array_equal(store.epochs, [0, 5, 10, 20, 30, 35, 40, 50, 60, 70])
     updated = {str(group): store.pca(group, 3) for group in GROUPS}
@@ -183,16 +186,16 @@ def test_cache_is_instant_incremental_and_equal_to_recomputation(tmp_path, tiny_
     assert xr.open_zarr(path, consolidated=True).sizes["epoch"] == 10
 
 
-def test_update_reads_only_the_new_rows_against_the_old(tmp_path, tiny_config):
+def test_update_reads_only_the_new_rows_against_the_old(tmp_path, tiny_model):
     path = tmp_path / "s.zarr"
-    write_random_store(path, tiny_config, range(16), chunk_epochs=4)
+    write_random_store(path, tiny_model, range(16), chunk_epochs=4)
     store = geostore.open_store(path)
-    cached = derived.unit_passes(store, schema.GROUPS["mlp"])["mlp"]
-    StoreWriter.open(path, config=tiny_config, task={"family": "modular_addition", "p": 7}).append(
-        [16, 17], random_params(tiny_config, range(2), 3))
+    cached = derived.unit_passes(store, store.groups["mlp"])["mlp"]
+    StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7}).append(
+        [16, 17], random_params(tiny_model, range(2), 3))
     store = geostore.open_store(path)
     with TaskCounter() as counter:
-        updated = derived.unit_passes(store, schema.GROUPS["mlp"])["mlp"]
+        updated = derived.unit_passes(store, store.groups["mlp"])["mlp"]
     # Per array: one panel (the new edge chunk), its self product, one product per stored chunk.
     assert counter.count < 2 * (5 + 1 + 1 + 5) + 10
     np.testing.assert_array_equal(updated.gram[:16, :16], cached.gram)
@@ -200,9 +203,9 @@ def test_update_reads_only_the_new_rows_against_the_old(tmp_path, tiny_config):
     np.testing.assert_allclose(updated.gram, x @ x.T, rtol=1e-12)
 
 
-def test_a_damaged_cache_is_recomputed(tmp_path, tiny_config):
+def test_a_damaged_cache_is_recomputed(tmp_path, tiny_model):
     path = tmp_path / "s.zarr"
-    write_random_store(path, tiny_config, range(7))
+    write_random_store(path, tiny_model, range(7))
     store = geostore.open_store(path)
     expected = store.pca("embedding", 2)
     cache = path / derived.DERIVED / derived.TRAJECTORY / "embedding.npz"
@@ -210,8 +213,8 @@ def test_a_damaged_cache_is_recomputed(tmp_path, tiny_config):
     (cache.parent / f"mlp.npz.123{PARTIAL_SUFFIX}").write_bytes(b"half")  # a killed writer's leftover
     again = geostore.open_store(path).pca("embedding", 2)
     np.testing.assert_allclose(again["projections"], expected["projections"], rtol=1e-12)
-    assert derived._load(store, "embedding", schema.GROUPS["embedding"]) is not None
-    StoreWriter.open(path, config=tiny_config, task={"family": "modular_addition", "p": 7})  # recovery
+    assert derived._load(store, "embedding", store.groups["embedding"]) is not None
+    StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7})  # recovery
     assert not list(cache.parent.glob(f"*{PARTIAL_SUFFIX}"))
 
 
@@ -266,7 +269,8 @@ def test_cli_prints_tables_and_writes_csv(run_store, tmp_path, capsys):
 
     assert main(["pca", str(path), "--group", "bogus"]) == StoreError.exit_code
     err = capsys.readouterr().err
-    assert err.startswith("geostore: error: unknown group") and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"geostore: error: {path}: unknown group 'bogus': use one of all, embedding, attention, mlp")
+    assert len(err.strip().splitlines()) == 1
 
 
 # Peak RSS from VmHWM: ru_maxrss would carry over the (large) RSS of the test process that forked the child.
@@ -295,15 +299,15 @@ def test_store_larger_than_the_memory_budget_completes_exactly(tmp_path):
     """
     from geostore.family.modular_addition import model_config
 
-    config = model_config(113, d_model=256)  # ~3.2 MB per epoch; W_in alone 1 MB
+    model = ma_model(model_config(113, d_model=256))  # ~3.2 MB per epoch; W_in alone 1 MB
     path = tmp_path / "big.zarr"
-    writer = StoreWriter.open(path, config=config, task={"family": "modular_addition", "p": 113})
+    writer = StoreWriter.open(path, model=model, task={"family": "modular_addition", "p": 113})
     rng = np.random.default_rng(0)
     n = 208
     for start in range(0, n, writer.chunk_epochs):
         epochs = list(range(start, start + writer.chunk_epochs))
-        writer.append(epochs, {name: rng.standard_normal((len(epochs), *schema.param_shape(name, config)),
-                                                         dtype=np.float32) for name in schema.PARAMETERS})
+        writer.append(epochs, {p.name: rng.standard_normal((len(epochs), *p.shape), dtype=np.float32)
+                               for p in model.table.parameters})
     size = geostore.open_store(path).nbytes_on_disk()
     assert size > 600e6
     budget = 96 * 2**20
@@ -316,7 +320,7 @@ def test_store_larger_than_the_memory_budget_completes_exactly(tmp_path):
     # The exact answer, from a plain numpy Gram matrix over one parameter at a time.
     store = geostore.open_store(path)
     gram, steps2 = np.zeros((n, n)), np.zeros(n - 1)
-    for name in schema.GROUPS["all"]:
+    for name in store.groups["all"]:
         x = store.params[name].compute().reshape(n, -1).astype(np.float64)
         gram += x @ x.T
         steps2 += np.square(np.diff(x, axis=0)).sum(axis=1)
