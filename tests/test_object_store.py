@@ -21,10 +21,9 @@ from geostore.errors import GeostoreError
 from geostore.family.modular_addition import model_config
 from geostore.ingest import ingest
 from geostore.landscape import FlatnessSettings
-from geostore.store import schema
 from geostore.store.writer import StoreWriter
 from tests.checkpoint_factories import truncate
-from tests.conftest import random_params
+from tests.conftest import ma_model, random_params
 from tests.test_ingest import state_dict_dir
 
 SETTINGS = FlatnessSettings(n_directions=4, seed=3)
@@ -76,7 +75,8 @@ def remote_files(fs, url: str) -> dict[str, bytes]:
 
 def assert_same_store(a: geostore.Store, b: geostore.Store) -> None:
     np.testing.assert_array_equal(a.epochs, b.epochs)
-    for name in schema.PARAMETERS:
+    assert a.table == b.table
+    for name in a.table.names:
         np.testing.assert_array_equal(a.params[name].compute(), b.params[name].compute())
     np.testing.assert_array_equal(a.delta_losses.compute(), b.delta_losses.compute())
     np.testing.assert_array_equal(a.baseline_loss.compute(), b.baseline_loss.compute())
@@ -144,9 +144,9 @@ def test_cli_and_viewer_read_an_s3_store(s3, sources, tmp_path, capsys, qapp):
 
 def test_memory_store_round_trip():
     url = "memory://geostore-test/mem.zarr"
-    config = model_config(7, d_model=16, n_heads=2)
-    params = random_params(config, range(6))
-    writer = StoreWriter.open(url, config=config, task={"family": "modular_addition", "p": 7})
+    model = ma_model(model_config(7, d_model=16, n_heads=2))
+    params = random_params(model, range(6))
+    writer = StoreWriter.open(url, model=model, task={"family": "modular_addition", "p": 7})
     writer.append([0, 2, 4], {k: v[[0, 2, 4]] for k, v in params.items()})
     writer.insert([1, 3], {k: v[[1, 3]] for k, v in params.items()})
     store = geostore.open_store(url)
