@@ -15,7 +15,8 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from geostore.errors import GeostoreError  # noqa: E402
-from geostore.store import schema  # noqa: E402
+from geostore.family import hooked  # noqa: E402
+from geostore.family.modular_addition import MODULAR_ADDITION, model_config  # noqa: E402
 from geostore.family.train_modular_addition import TrainSpec, checkpoint_epochs, grokking_summary, train  # noqa: E402
 
 TINY = TrainSpec(p=7, d_model=16, n_heads=2, train_fraction=0.5, lr=1e-2, epochs=30, model_seed=1, data_seed=2,
@@ -90,7 +91,7 @@ def test_run_json_matches_files(tiny_run):
     on_disk = json.loads((out / "run.json").read_text())
     assert on_disk == run
     assert run["format"] == "geostore-run" and run["version"] == 1 and run["family"] == "modular_addition"
-    assert set(run["model_config"]) == set(schema.CONFIG_FIELDS)
+    assert set(run["model_config"]) == set(model_config(7, d_model=16, n_heads=2))  # the family's config fields
     assert run["model_config"]["d_vocab"] == 8 and run["model_config"]["d_mlp"] == 64
     assert run["task"]["p"] == 7 and run["task"]["data_seed"] == 2 and run["task"]["model_seed"] == 1
     indices = run["task"]["train_indices"]
@@ -107,20 +108,20 @@ def test_run_json_matches_files(tiny_run):
 
 def test_checkpoints_hold_parameters_only(tiny_run):
     out, run = tiny_run
-    config = run["model_config"]
-    expected = {key: schema.param_shape(name, config) for name, (key, _) in schema.PARAMETERS.items()}
+    table = MODULAR_ADDITION.model(run["model_config"]).table
+    expected = {key: p.key_shape for p in table.parameters for key in p.keys}
+    assert table.trainable == ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_U")
     for entry in run["checkpoints"]:
         tensors = load_file(out / entry["file"])
         assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
         assert all(v.dtype == torch.float32 for v in tensors.values())
-        for name, (key, _) in schema.PARAMETERS.items():
-            if name not in schema.WEIGHT_MATRICES:
-                assert not tensors[key].any(), f"bias {key} is not zero at epoch {entry['epoch']}"
+        for parameter in table.parameters:
+            if not parameter.trainable:
+                for key in parameter.keys:
+                    assert not tensors[key].any(), f"bias {key} is not zero at epoch {entry['epoch']}"
 
 
 def test_checkpoints_reload_bit_equal(tiny_run):
-    from geostore.model import build_model, load_parameters, named_parameters
-
     out, run = tiny_run
     last = run["checkpoints"][-1]
     path = out / last["file"]
@@ -128,11 +129,13 @@ def test_checkpoints_reload_bit_equal(tiny_run):
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             assert torch.equal(f.get_tensor(key), tensors[key])
-    model = build_model(run["model_config"])
-    load_parameters(model, {name: tensors[key].numpy() for name, (key, _) in schema.PARAMETERS.items()})
-    params = named_parameters(model)
-    for name, (key, _) in schema.PARAMETERS.items():
-        assert params[name].tobytes() == tensors[key].numpy().tobytes()
+    family_model = MODULAR_ADDITION.model(run["model_config"])
+    stored = family_model.table.stored({k: v.numpy() for k, v in tensors.items()}, str(path), ignore=hooked.is_buffer)
+    model = family_model.build(stored)
+    state = model.state_dict()
+    for key, value in tensors.items():
+        assert state[key].numpy().tobytes() == value.numpy().tobytes(), key
+    assert family_model.table.state_dict(stored).keys() == tensors.keys()
     # the recorded metrics are those of the stored weights
     from geostore.family import modular_addition as ma
 
