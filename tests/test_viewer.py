@@ -42,13 +42,13 @@ def open_window(qtbot, private_settings):
 
 
 @pytest.fixture
-def flat_store(tmp_path, tiny_config):
-    return make_store(tmp_path / "flat.zarr", tiny_config)
+def flat_store(tmp_path, tiny_model):
+    return make_store(tmp_path / "flat.zarr", tiny_model)
 
 
 @pytest.fixture
-def bare_store(tmp_path, tiny_config):
-    return make_store(tmp_path / "bare.zarr", tiny_config, flatness=False)
+def bare_store(tmp_path, tiny_model):
+    return make_store(tmp_path / "bare.zarr", tiny_model, flatness=False)
 
 
 def click(qtbot, dock, plot, x: float, y: float) -> None:
@@ -226,8 +226,8 @@ def test_screenshot_renders_the_whole_window(flat_store, tmp_path, capsys, priva
     (["{one}"], 3, "needs at least two"),
     (["{flat}", "--epoch", "7"], 3, "epoch 7 is not stored (nearest: 10)"),
 ])
-def test_bad_input_is_one_line_and_an_exit_code(args, code, message, tmp_path, tiny_config, flat_store, capsys):
-    one = make_store(tmp_path / "one.zarr", tiny_config, [5], flatness=False)
+def test_bad_input_is_one_line_and_an_exit_code(args, code, message, tmp_path, tiny_model, flat_store, capsys):
+    one = make_store(tmp_path / "one.zarr", tiny_model, [5], flatness=False)
     argv = [a.format(tmp=tmp_path / "empty", one=one, flat=flat_store) for a in args]
     (tmp_path / "empty").mkdir()
     assert main([*argv, "--screenshot", str(tmp_path / "out.png")]) == code
@@ -256,16 +256,16 @@ def test_distribution_bins_fixed_for_the_run_or_fitted_to_the_epoch(qtbot, open_
 
 # ------------------------------------------------------------------------------------------ curvature
 @pytest.fixture
-def curved_store(tmp_path, tiny_config):
+def curved_store(tmp_path, tiny_model):
     """`flat_store` plus synthetic antithetic, profile and Hessian rows for every epoch but the first."""
     from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings
     from geostore.store.writer import StoreWriter
 
-    path = make_store(tmp_path / "curved.zarr", tiny_config)
+    path = make_store(tmp_path / "curved.zarr", tiny_model)
     settings = FlatnessSettings(n_directions=16, epsilon=0.1, seed=0, antithetic=True,
                                 profile=ProfileSettings((0.01, 0.03, 0.1, 0.3)),
                                 hessian=HessianSettings(n_probes=4, iterations=4, seed=0)).analyses()
-    writer = StoreWriter.open(path, config=tiny_config, task={"family": "modular_addition", "p": 7})
+    writer = StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7})
     writer.enable_analyses({name: value for name, value in settings.items() if name != "flatness"})
     rng, epochs = np.random.default_rng(1), EPOCHS[1:]
     n = len(epochs)

@@ -13,16 +13,16 @@ from viewer.state import ViewerState
 EPOCHS = [0, 10, 20, 40, 80, 160, 320, 640]
 
 
-def make_store(path, config, epochs=EPOCHS, *, flatness: bool = True, metrics: bool = True, seed: int = 0):
+def make_store(path, model, epochs=EPOCHS, *, flatness: bool = True, metrics: bool = True, seed: int = 0):
     """A real store of random-walk weights; flatness of every epoch but the first when asked."""
     from geostore.store.writer import StoreWriter
 
     n = len(epochs)
-    params = {name: np.cumsum(value, axis=0) for name, value in random_params(config, range(n), seed).items()}
+    params = {name: np.cumsum(value, axis=0) for name, value in random_params(model, range(n), seed).items()}
     steps = np.linspace(0, 1, n)
     recorded = {"train_loss": 2.0 * np.exp(-6 * steps), "test_loss": 2.5 - steps,
                 "train_accuracy": np.minimum(1, 0.1 + 2 * steps), "test_accuracy": steps} if metrics else None
-    writer = StoreWriter.open(path, config=config, task={"family": "modular_addition", "p": 7})
+    writer = StoreWriter.open(path, model=model, task={"family": "modular_addition", "p": 7})
     writer.append(epochs, params, recorded)
     if flatness:
         rng = np.random.default_rng(seed)
@@ -33,8 +33,8 @@ def make_store(path, config, epochs=EPOCHS, *, flatness: bool = True, metrics: b
 
 
 @pytest.fixture
-def store(tmp_path, tiny_config):
-    return geostore.open_store(make_store(tmp_path / "run.zarr", tiny_config))
+def store(tmp_path, tiny_model):
+    return geostore.open_store(make_store(tmp_path / "run.zarr", tiny_model))
 
 
 def test_fixed_histograms_share_bins_and_count_every_finite_value():
@@ -78,8 +78,8 @@ def test_everything_comes_through_the_store_api(store):
     assert flatness.complete.tolist() == [False] + [True] * (len(EPOCHS) - 1)
 
 
-def test_reasons_for_missing_data(tmp_path, tiny_config):
-    bare = ViewerData(geostore.open_store(make_store(tmp_path / "bare.zarr", tiny_config, flatness=False,
+def test_reasons_for_missing_data(tmp_path, tiny_model):
+    bare = ViewerData(geostore.open_store(make_store(tmp_path / "bare.zarr", tiny_model, flatness=False,
                                                      metrics=False)))
     assert "geostore flatness" in bare.missing("flatness") and "metrics" in bare.missing("metrics")
     assert not bare.has_flatness
@@ -87,14 +87,14 @@ def test_reasons_for_missing_data(tmp_path, tiny_config):
         bare.load_flatness()
 
 
-def test_a_store_of_one_epoch_is_refused(tmp_path, tiny_config):
-    one = geostore.open_store(make_store(tmp_path / "one.zarr", tiny_config, [5], flatness=False))
+def test_a_store_of_one_epoch_is_refused(tmp_path, tiny_model):
+    one = geostore.open_store(make_store(tmp_path / "one.zarr", tiny_model, [5], flatness=False))
     with pytest.raises(geostore.StoreError, match="needs at least two"):
         ViewerData(one)
 
 
-def test_state_emits_only_real_changes():
-    state = ViewerState(5)
+def test_state_emits_only_real_changes(store):
+    state = ViewerState(5, tuple(store.groups))  # the store's groups: all, embedding, attention, mlp
     seen = []
     state.epoch_changed.connect(seen.append)
     state.group_changed.connect(seen.append)
