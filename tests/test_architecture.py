@@ -27,18 +27,33 @@ def modules(package: str) -> list[Path]:
 
 
 def test_readme_documents_the_schema():
+    """The README's store-layout table lists the format-2 parameters of the modular-addition family's 1-layer
+    transformer (as its parameter table gives them), every analysis array, the metrics, the split and the
+    probe; its groups are the family's."""
+    import numpy as np
+
+    from geostore.family.modular_addition import MODULAR_ADDITION, model_config
+
     readme = (ROOT / "README.md").read_text()
+    flat = " ".join(readme.split())  # list items wrap across lines
     rows = dict(re.findall(r"^\| `(\w+)` \| `\(([^)]*)\)`", readme, re.M))
-    for name, (_, dims) in schema.PARAMETERS.items():
-        assert rows.get(name) == ", ".join(("epoch", *dims)), name
+    model = MODULAR_ADDITION.model(model_config(7))
+    table = model.table
+    assert f"(format version {schema.FORMAT_VERSION})" in readme
+    for parameter in table.parameters:
+        assert rows.get(parameter.name) == ", ".join((schema.EPOCH_DIM, *parameter.dims)), parameter.name
     for name, dims in schema.ANALYSIS_ARRAYS.items():
         assert rows.get(name) == ", ".join(dims), name
     for name in schema.METRICS:
         assert f"`{name}`" in readme
-    assert f"`{schema.SPLIT}` | `({', '.join(schema.SPLIT_DIMS)})`" in readme
-    for group, names in schema.GROUPS.items():
+    _, split_dims = MODULAR_ADDITION.split(model, np.arange(3))
+    assert f"`{schema.SPLIT}` | `({', '.join(split_dims)})`" in readme
+    assert f"`{schema.PROBE}` | `({', '.join(schema.PROBE_DIMS)})`" in readme
+    for group, names in table.groups.items():
         if group != "all":
-            assert f"`{group}` ({', '.join(f'`{n}`' for n in names)})" in readme, group
+            assert f"`{group}` ({', '.join(f'`{n}`' for n in names)})" in flat, group
+    for attribute in ("geostore", "family", "model_config", "parameters", "task", "sources"):
+        assert f"`{attribute}` (" in flat, attribute
 
 
 def test_library_never_imports_qt_and_viewer_reads_only_the_public_api():
