@@ -23,10 +23,10 @@ import torch
 from timing import timed
 
 from geostore.analysis.curvature import PROBE_BLOCK, hessian_for_params, loss_hvp, rademacher
+from geostore.analysis.evaluator import batched_loss
 from geostore.family import modular_addition as fam
-from geostore.family import modular_addition_fast as fast
+from geostore.family.hooked import is_buffer
 from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings, epoch_landscape
-from geostore.model import build_model, named_parameters
 
 
 def main() -> None:
@@ -41,23 +41,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = fam.model_config(args.p, d_model=args.d_model)
-    params = named_parameters(build_model(config, seed=0))
+    model = fam.MODULAR_ADDITION.model(fam.model_config(args.p, d_model=args.d_model))
+    state = {key: value.numpy() for key, value in model.build(seed=0).state_dict().items()}
+    params = model.table.stored(state, "initial weights", ignore=is_buffer)
     defaults = HessianSettings()
     profile = ProfileSettings(tuple(float(e) for e in args.profile_epsilons.split(",")))
     settings = FlatnessSettings(n_directions=args.directions, epsilon=args.epsilon, seed=0, antithetic=True,
                                 profile=profile, hessian=defaults)
-    hvp, n_params = loss_hvp(params, config)
+    hvp, n_params = loss_hvp(params, model)
     probes = rademacher(n_params, PROBE_BLOCK, seed=0)
-    weights = {name: torch.as_tensor(params[name])[None] for name in fam.TRAINABLE}
-    biases = {name: torch.as_tensor(value) for name, value in params.items() if name not in fam.TRAINABLE}
+    weights, loss = batched_loss(model, params)  # the fast path for this model
+    weights = {name: value[None] for name, value in weights.items()}
 
     runs = {
-        "flatness": lambda: epoch_landscape(params, config, settings, ["flatness"]),
-        "flatness + antithetic": lambda: epoch_landscape(params, config, settings, ["flatness", "antithetic"]),
-        "antithetic alone": lambda: epoch_landscape(params, config, settings, ["antithetic"]),
-        "profile": lambda: epoch_landscape(params, config, settings, ["profile"]),
-        "loss": lambda: fast.losses(weights, biases, config),
+        "flatness": lambda: epoch_landscape(params, model, None, settings, ["flatness"]),
+        "flatness + antithetic": lambda: epoch_landscape(params, model, None, settings, ["flatness", "antithetic"]),
+        "antithetic alone": lambda: epoch_landscape(params, model, None, settings, ["antithetic"]),
+        "profile": lambda: epoch_landscape(params, model, None, settings, ["profile"]),
+        "loss": lambda: loss(weights),
         "hvp": lambda: hvp(probes[:1]),
         "probe block": lambda: hvp(probes),
     }
@@ -67,7 +68,7 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike
         for name, fn in runs.items():
             best[name] = min(best[name], timed(fn))
-    hessian_s = timed(lambda: hessian_for_params(params, config, n_probes=defaults.n_probes,
+    hessian_s = timed(lambda: hessian_for_params(params, model, n_probes=defaults.n_probes,
                                                  iterations=defaults.iterations, seed=0))
 
     unit = best["flatness"]

@@ -25,15 +25,15 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from timing import timed
 
-from geostore.family.modular_addition import model_config
+from geostore.family.hooked import is_buffer
+from geostore.family.modular_addition import MODULAR_ADDITION, model_config
 from geostore.ingest import ingest
-from geostore.model import build_model
 
 
 def make_run(directory: Path, n: int, p: int, d_model: int) -> list[dict[str, np.ndarray]]:
     """Write n checkpoints `checkpoint_{epoch}.safetensors` and return their parameters."""
-    model = build_model(model_config(p, d_model=d_model), seed=0)
-    state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("mask", "IGNORE"))}
+    model = MODULAR_ADDITION.model(model_config(p, d_model=d_model)).build(seed=0)
+    state = {k: v.clone() for k, v in model.state_dict().items() if not is_buffer(k)}
     generator = torch.Generator().manual_seed(1)
     out = []
     for i in range(n):

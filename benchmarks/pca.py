@@ -35,15 +35,13 @@ COMPONENTS = 3
 
 def build_store(path: Path, n_epochs: int, *, p: int = 113, d_model: int = 128, seed: int = 0) -> None:
     """A store of `n_epochs` random-walk checkpoints of the modular-addition model, written chunk by chunk."""
-    from geostore.family.modular_addition import model_config
-    from geostore.store import schema
+    from geostore.family.modular_addition import MODULAR_ADDITION, model_config
     from geostore.store.writer import StoreWriter
 
-    config = model_config(p, d_model=d_model)
-    writer = StoreWriter.open(path, config=config, task={"family": "modular_addition", "p": p})
+    model = MODULAR_ADDITION.model(model_config(p, d_model=d_model))
+    writer = StoreWriter.open(path, model=model, task={"family": "modular_addition", "p": p})
     rng = np.random.default_rng(seed)
-    state = {n: rng.standard_normal(schema.param_shape(n, config)).astype(np.float32) * 0.1
-             for n in schema.PARAMETERS}
+    state = {q.name: rng.standard_normal(q.shape).astype(np.float32) * 0.1 for q in model.table.parameters}
     for start in range(0, n_epochs, writer.chunk_epochs):
         epochs = np.arange(start, min(n_epochs, start + writer.chunk_epochs))
         batch = {n: np.empty((epochs.size, *v.shape), np.float32) for n, v in state.items()}

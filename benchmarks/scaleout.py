@@ -21,19 +21,20 @@ import torch
 
 import geostore
 from geostore.cluster import open_client
-from geostore.family.modular_addition import model_config
+from geostore.family.hooked import is_buffer
+from geostore.family.modular_addition import MODULAR_ADDITION, model_config
 from geostore.landscape import FlatnessSettings, compute_store_flatness
-from geostore.model import build_model, named_parameters
 from geostore.store.writer import StoreWriter
 
 
 def make_store(path: Path, n: int, p: int, d_model: int) -> None:
-    config = model_config(p, d_model=d_model)
-    params = named_parameters(build_model(config, seed=0))
+    model = MODULAR_ADDITION.model(model_config(p, d_model=d_model))
+    state = {key: value.numpy() for key, value in model.build(seed=0).state_dict().items()}
+    params = model.table.stored(state, "initial weights", ignore=is_buffer)
     rng = np.random.default_rng(1)
     stacked = {name: np.stack([value + 1e-3 * i * rng.standard_normal(value.shape).astype(np.float32)
                                for i in range(n)]) for name, value in params.items()}
-    StoreWriter.open(path, config=config, task={"family": "modular_addition", "p": p}).append(
+    StoreWriter.open(path, model=model, task={"family": "modular_addition", "p": p}).append(
         np.arange(n) * 100, stacked)
 
 

@@ -33,16 +33,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 def make_store(path: Path, n_epochs: int, n_directions: int) -> None:
     """A store of `n_epochs` random-walk checkpoints with flatness at every epoch."""
-    from geostore.family.modular_addition import model_config
-    from geostore.store import schema
+    from geostore.family.modular_addition import MODULAR_ADDITION, model_config
     from geostore.store.writer import StoreWriter
 
-    config = model_config(23, d_model=32, n_heads=4)
+    model = MODULAR_ADDITION.model(model_config(23, d_model=32, n_heads=4))
     rng = np.random.default_rng(0)
     epochs = np.arange(n_epochs) * 10
-    writer = StoreWriter.open(path, config=config, task={"family": "modular_addition", "p": 23})
-    state = {name: rng.standard_normal(schema.param_shape(name, config)).astype(np.float32)
-             for name in schema.PARAMETERS}
+    writer = StoreWriter.open(path, model=model, task={"family": "modular_addition", "p": 23})
+    state = {q.name: rng.standard_normal(q.shape).astype(np.float32) for q in model.table.parameters}
     batch = 250
     for start in range(0, n_epochs, batch):
         rows = range(start, min(start + batch, n_epochs))
