@@ -3,7 +3,8 @@
 Only epochs the store lacks are read. Epochs after the stored ones are appended in batches aligned
 to the store's chunks (each chunk written once) and committed batch by batch, so a killed ingest
 keeps its finished batches; epochs that sort before stored ones are read first and inserted last.
-Bad input anywhere rolls the store back to what it held before this ingest began. Flatness (on by
+Any failure (bad input, an interrupt, running out of memory) rolls the store back to what it held before
+this ingest began. Flatness (on by
 default) and any curvature analyses asked for are then computed from the store for every epoch that
 lacks them, the same code path as `geostore flatness`, so values never depend on how the epochs arrived.
 A sweep (`ingest_sweep`) is the same ingest once per run, into `runs/<name>` of one store.
@@ -77,19 +78,13 @@ def ingest(
         store = run_location(store, run)
     writer = StoreWriter.open(store, config=checkpoints.config, task=checkpoints.task,
                               train_indices=checkpoints.train_indices)
-    try:
+    with writer:  # any exception (bad input, MemoryError, Ctrl-C, a bug) rolls back, then the lock goes back
         if flatness is not None:
             writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
         report = _write_new_epochs(checkpoints, writer, progress)
         if flatness is not None:
             computed = fill_missing(writer, flatness, progress=progress, client=client).computed
             report = dataclasses.replace(report, flatness_computed=computed)
-    except BaseException as exc:
-        if isinstance(exc, GeostoreError):
-            writer.rollback()
-            if writer.created:
-                store.remove("")
-        raise
     return report
 
 

@@ -375,8 +375,9 @@ def compute_store_flatness(
     attrs = open_store(store).attrs  # refuses a missing path or a non-store before anything is opened for writing
     check_supported(attrs["model_config"])
     writer = StoreWriter.open(store, config=attrs["model_config"], task=attrs.get("task", {}))
-    writer.enable_analyses(settings.analyses(), recompute=recompute)
-    return fill_missing(writer, settings, progress=progress, client=client)
+    with writer:  # any exception rolls back what this run enabled (its settings too), then unlocks
+        writer.enable_analyses(settings.analyses(), recompute=recompute)
+        return fill_missing(writer, settings, progress=progress, client=client)
 
 
 def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
