@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from geostore.errors import GeostoreError
-from geostore.landscape import DEFAULT_FLATNESS, FlatnessSettings, check_supported, fill_missing, progress_bar
+from geostore.errors import GeostoreError, GeostoreWarning
+from geostore.landscape import (
+    DEFAULT_FLATNESS,
+    FlatnessSettings,
+    check_memory,
+    check_supported,
+    fill_missing,
+    progress_bar,
+)
 from geostore.sources import Checkpoint, RunSource, open_source
 from geostore.store import schema
 from geostore.store.location import Location
@@ -73,6 +81,7 @@ def ingest(
     checkpoints = open_source(source)
     if flatness is not None:
         check_supported(checkpoints.config, " (ingest with --no-flatness to store the weights alone)")
+        check_memory(flatness, checkpoints.config)
     if run is not None:
         create_sweep(store)
         store = run_location(store, run)
@@ -144,34 +153,64 @@ def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> In
     writer.record_source({"kind": run.kind, "path": str(Path(run.path).resolve())})
 
     with progress_bar(len(new), "ingest", progress) as bar:
-        early_batch = _load(early, run, bar)  # read (and validated) before anything is written
+        notes: dict[str, list[int]] = {}
+        early_batch = _load(early, run, bar, notes)  # read (and validated) before anything is written
         n = stored.size
         chunk = writer.chunk_epochs
         start = 0
         while start < len(late):
             size = chunk - (n + start) % chunk  # fill up to the next chunk boundary
             batch = late[start:start + size]
-            writer.append(*_load(batch, run, bar))
+            writer.append(*_load(batch, run, bar, notes))
             start += size
         if early:
             writer.insert(*early_batch)
+    _report(run, notes)
     if not new:
         writer.commit_attrs()
     return IngestReport(kind=run.kind, added=len(new), skipped=len(run.checkpoints) - len(new),
                         total=int(writer.epochs.size))
 
 
+def _epochs_text(epochs: list[int]) -> str:
+    shown = ", ".join(str(e) for e in epochs[:5])
+    more = ", ..." if len(epochs) > 5 else ""
+    return f"epoch {shown}" if len(epochs) == 1 else f"{len(epochs)} epochs ({shown}{more})"
+
+
+def _report(run: RunSource, notes: Mapping[str, list[int]]) -> None:
+    """One warning line per kind of note `_load` collected over a whole ingest."""
+    if notes.get("rounded"):
+        warnings.warn(GeostoreWarning(f"{run.path}: {_epochs_text(sorted(set(notes['rounded'])))} hold float64 "
+                                      "weights, stored as float32 (relative rounding up to 6e-8 per value)"),
+                      stacklevel=3)
+    if notes.get("nonfinite"):
+        warnings.warn(GeostoreWarning(f"{run.path}: {_epochs_text(sorted(notes['nonfinite']))} hold NaN or infinite "
+                                      "weights: stored as they are; flatness and curvature skip them"), stacklevel=3)
+
+
 def _load(
-    checkpoints: list[Checkpoint], run: RunSource, bar: tqdm
+    checkpoints: list[Checkpoint], run: RunSource, bar: tqdm, notes: dict[str, list[int]]
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Load checkpoints into stacked `(k, *shape)` arrays plus the source's metrics for them."""
     epochs = np.array([c.epoch for c in checkpoints], dtype=np.int64)
     params = {name: [] for name in schema.PARAMETERS}
+    rounded, nonfinite = notes.setdefault("rounded", []), notes.setdefault("nonfinite", [])
     for checkpoint in checkpoints:
-        loaded = checkpoint.load()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GeostoreWarning)
+            loaded = checkpoint.load()
+        for warning in caught:
+            if issubclass(warning.category, GeostoreWarning):
+                rounded.append(checkpoint.epoch)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         for name in schema.PARAMETERS:
             params[name].append(loaded[name])
+        if not all(np.isfinite(loaded[name]).all() for name in schema.PARAMETERS):
+            nonfinite.append(checkpoint.epoch)
         bar.update(1)
+
     stacked = {name: np.stack(values) if values else np.empty((0,)) for name, values in params.items()}
     metrics = {
         name: np.array([values.get(int(e), np.nan) for e in epochs], dtype=np.float64)

@@ -141,6 +141,7 @@ class FlatnessReport:
     already: int
     seconds: float
     analyses: tuple[str, ...] = ("flatness",)
+    nonfinite: tuple[int, ...] = ()  # epochs skipped: their weights are NaN or infinite
 
 
 def check_supported(config: Mapping[str, object], hint: str = "") -> None:
@@ -291,10 +292,15 @@ def fill_missing(
     results = (_serial_results(store, wanted, settings) if client is None
                else _distributed_results(client, store, wanted, settings))
     done: list[tuple[int, dict]] = []
+    nonfinite: list[int] = []
     last_flush = time.perf_counter()
     with progress_bar(epochs.size, "+".join(n for n in names if any(n in w for w in wanted.values())),
                       progress) as bar:
         for epoch, rows in results:
+            if rows is None:  # NaN/inf weights: nothing to measure; the epoch stays "not computed"
+                nonfinite.append(epoch)
+                bar.update(1)
+                continue
             done.append((epoch, rows))
             bar.update(1)
             bar.set_postfix_str(f"{settings.n_directions * bar.n / (time.perf_counter() - began):.0f} dir/s",
@@ -303,7 +309,17 @@ def fill_missing(
                 _flush(writer, done)
                 last_flush = time.perf_counter()
         _flush(writer, done)
-    return FlatnessReport(int(epochs.size), already, time.perf_counter() - began, names)
+    if nonfinite:
+        import warnings
+
+        from geostore.errors import GeostoreWarning
+
+        shown = ", ".join(str(e) for e in sorted(nonfinite)[:5]) + (", ..." if len(nonfinite) > 5 else "")
+        warnings.warn(GeostoreWarning(f"{writer.path}: {len(nonfinite)} epoch{'s' if len(nonfinite) > 1 else ''} "
+                                      f"({shown}) hold NaN or infinite weights: not computed, and listed as "
+                                      "incomplete"), stacklevel=2)
+    return FlatnessReport(int(epochs.size) - len(nonfinite), already, time.perf_counter() - began, names,
+                          tuple(sorted(nonfinite)))
 
 
 def _flush(writer: StoreWriter, done: list[tuple[int, dict]]) -> None:
@@ -329,7 +345,8 @@ def _serial_results(store: Store, wanted: Mapping[int, tuple[str, ...]], setting
         for row in rows:
             epoch = int(store.epochs[row])
             params = {name: value[row - lo] for name, value in stored.items()}
-            yield epoch, epoch_landscape(params, store.config, settings, wanted[epoch])
+            yield epoch, (epoch_landscape(params, store.config, settings, wanted[epoch]) if _finite(params)
+                          else None)
 
 
 def _distributed_results(client: Client, store: Store, wanted: Mapping[int, tuple[str, ...]],
@@ -360,7 +377,37 @@ def remote_epoch_landscape(path: str | Location, epoch: int, settings: FlatnessS
 
     torch.set_num_threads(1)
     store = open_store(path)
-    return epoch, epoch_landscape(store.params_at(epoch), store.config, settings, analyses)
+    params = store.params_at(epoch)
+    return epoch, epoch_landscape(params, store.config, settings, analyses) if _finite(params) else None
+
+
+def _finite(params: Mapping[str, np.ndarray]) -> bool:
+    return all(np.isfinite(value).all() for value in params.values())
+
+
+def check_memory(settings: FlatnessSettings, config: Mapping[str, object], chunk_epochs: int | None = None) -> None:
+    """Refuse, before anything is written, settings whose direction matrix or stored rows cannot fit in memory:
+    the `(n_directions, D)` float32 directions, and one chunk of each per-direction float64 array."""
+    from geostore.store import layout
+
+    n_params = sum(int(np.prod(schema.param_shape(name, config))) for name in schema.WEIGHT_MATRICES)
+    if chunk_epochs is None:
+        largest = max(int(np.prod(schema.param_shape(name, config))) * 4 for name in schema.PARAMETERS)
+        chunk_epochs = layout.chunk_epochs_for(largest)
+    per_direction = 2 + settings.antithetic * 2 + (2 * len(settings.profile.epsilons) if settings.profile else 0)
+    need = settings.n_directions * (n_params * 4 + chunk_epochs * 8 * per_direction)
+    have = _memory_bytes()
+    if have and need > have // 2:
+        raise StoreError(f"--directions {settings.n_directions}: needs about {need / 2**30:.1f} GiB of memory "
+                         f"(directions of {n_params} weights, and stored rows), more than half of this machine's "
+                         f"{have / 2**30:.1f} GiB: use fewer directions")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def compute_store_flatness(
@@ -374,6 +421,7 @@ def compute_store_flatness(
     store = Location.of(store)
     attrs = open_store(store).attrs  # refuses a missing path or a non-store before anything is opened for writing
     check_supported(attrs["model_config"])
+    check_memory(settings, attrs["model_config"], int(attrs["geostore"]["chunk_epochs"]))
     writer = StoreWriter.open(store, config=attrs["model_config"], task=attrs.get("task", {}))
     with writer:  # any exception rolls back what this run enabled (its settings too), then unlocks
         writer.enable_analyses(settings.analyses(), recompute=recompute)

@@ -71,14 +71,29 @@ def check_keys(keys: Iterable[object], origin: str) -> None:
 
 
 def to_float32(value: object, origin: str, key: str) -> np.ndarray:
-    """A torch tensor or numpy array as a float32 numpy array (exact for float32 input)."""
+    """A torch tensor or numpy array as a float32 numpy array (exact for float32 input).
+
+    Wider floats (float64) are rounded, with a `GeostoreWarning` (ingest reports them once per source).
+    """
     if isinstance(value, np.ndarray):
+        _warn_if_rounded(str(value.dtype), origin, key)
         return np.array(value, dtype=np.float32, copy=True)
     if _is_array(value):
         import torch
 
+        _warn_if_rounded(str(value.dtype).removeprefix("torch."), origin, key)  # type: ignore[union-attr]
         return value.detach().cpu().to(torch.float32).numpy().copy()  # type: ignore[union-attr]
     raise SourceError(f"{origin}: {key} is a {type(value).__name__}, not a tensor")
+
+
+def _warn_if_rounded(dtype: str, origin: str, key: str) -> None:
+    if dtype in ("float64", "double", "longdouble", "float128"):
+        import warnings
+
+        from geostore.errors import GeostoreWarning
+
+        warnings.warn(GeostoreWarning(f"{origin}: {key} is {dtype}; stored as float32 (relative rounding up to "
+                                      "6e-8 per value)"), stacklevel=3)
 
 
 def shapes_of(state_dict: Mapping[str, object]) -> dict[str, tuple[int, ...]]:

@@ -164,6 +164,7 @@ class Location:
         """The bytes of file `key`; FileNotFoundError when it is missing."""
         if self.local is not None:
             return self._path(key).read_bytes()
+        self._fs.invalidate_cache(self._full(key))  # a cached listing without the file would say it is missing
         return self._fs.cat_file(self._full(key))
 
     def read_text(self, key: str) -> str:

@@ -220,9 +220,7 @@ class _RemoteLock(_Lock):
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
-        try:
+        with contextlib.suppress(Exception):  # unreachable storage: the lock ages out (see STALE_SECONDS)
             record = json.loads(self.location.read_bytes(LOCK_KEY))
             if record.get("token") == self.token:
                 self.location.remove(LOCK_KEY)
-        except (OSError, ValueError):
-            pass
