@@ -287,7 +287,8 @@ def test_a_writer_killed_mid_insert_leaves_readers_and_the_next_writer_a_consist
         _poll(store, lambda t=kill_at: time.monotonic() > t, stats)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=TIMEOUT)
-        _poll(store, lambda t=time.monotonic() + 0.3: time.monotonic() > t, stats)
+        after = time.monotonic() + 0.3
+        _poll(store, lambda t=after: time.monotonic() > t, stats)
         with StoreWriter.open(store, config=CONFIG, task={}):  # recovery: redo a complete stage, drop the rest
             pass
         assert_labelled(geostore.open_store(store))
