@@ -19,19 +19,23 @@ def _train(args: argparse.Namespace) -> int:
     from geostore.family.train_modular_addition import TrainSpec, grokking_summary, train
 
     defaults = TrainSpec()
+
+    def given(value, default):  # 0 (or an empty schedule) is a value, refused or used; None means "not given"
+        return default if value is None else value
+
     spec = TrainSpec(
-        p=args.p or defaults.p,
-        d_model=args.d_model or defaults.d_model,
-        n_heads=args.n_heads or defaults.n_heads,
-        d_mlp=args.d_mlp if args.d_mlp is not None else defaults.d_mlp,
-        train_fraction=args.train_fraction or defaults.train_fraction,
-        lr=args.lr or defaults.lr,
-        weight_decay=args.weight_decay if args.weight_decay is not None else defaults.weight_decay,
+        p=given(args.p, defaults.p),
+        d_model=given(args.d_model, defaults.d_model),
+        n_heads=given(args.n_heads, defaults.n_heads),
+        d_mlp=given(args.d_mlp, defaults.d_mlp),
+        train_fraction=given(args.train_fraction, defaults.train_fraction),
+        lr=given(args.lr, defaults.lr),
+        weight_decay=given(args.weight_decay, defaults.weight_decay),
         betas=defaults.betas,
-        epochs=args.epochs or defaults.epochs,
-        model_seed=args.seed if args.seed is not None else defaults.model_seed,
-        data_seed=args.data_seed if args.data_seed is not None else defaults.data_seed,
-        schedule=args.schedule or defaults.schedule,
+        epochs=given(args.epochs, defaults.epochs),
+        model_seed=given(args.seed, defaults.model_seed),
+        data_seed=given(args.data_seed, defaults.data_seed),
+        schedule=given(args.schedule, defaults.schedule),
     )
     run = train(spec, Path(args.out_dir), progress=not args.quiet, threads=args.threads)
     summary = grokking_summary(run)
@@ -203,8 +207,38 @@ def _info(args: argparse.Namespace) -> int:
     if args.run is None and is_sweep(Location.of(args.store)):
         print(Sweep(args.store).describe())
         return 0
+    from geostore.store.integrity import verify
+
     with open_store_or_run(args.store, args.run) as store:
+        verify(store.location)  # a missing or truncated chunk is an error here, not zeros on screen
         print(store.describe())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from geostore.store.integrity import check
+    from geostore.store.location import Location
+    from geostore.store.sweep import Sweep, is_sweep, run_location
+
+    location = Location.of(args.store)
+    if args.run is None and is_sweep(location):
+        targets = [run_location(location, name) for name in Sweep(location).runs]
+    elif args.run is not None:
+        targets = [run_location(location, args.run)]
+    else:
+        targets = [location]
+    damaged = 0
+    for target in targets:
+        report = check(target, deep=not args.quick)
+        for problem in report.problems:
+            print(problem, file=sys.stderr)
+        if report.ok:
+            how = "metadata, chunk presence and sizes" if args.quick else "metadata, every chunk and checksum"
+            print(f"{target}: ok ({report.epochs} epochs, {report.arrays} arrays, {report.chunks} chunks; {how})")
+        damaged += not report.ok
+    if damaged:
+        print(f"geostore: error: {args.store}: {damaged} damaged store{'s' if damaged > 1 else ''}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -236,9 +270,24 @@ def _write_table(header: list[str], rows: list[list], csv_path: str | None) -> N
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
+def _fresh(read, attempts: int = 3):
+    """`read()` again on a fresh handle when a writer inserted epochs while it read (it raises, never mixes)."""
+    from geostore.store.integrity import StoreChangedError
+
+    for attempt in range(attempts):
+        try:
+            return read()
+        except StoreChangedError:
+            if attempt == attempts - 1:
+                raise
+
+
 def _pca(args: argparse.Namespace) -> int:
-    with open_store_or_run(args.store, args.run) as store:
-        result = store.pca(_group(args.group), args.components, fit_epochs=args.fit_epochs)
+    def read():
+        with open_store_or_run(args.store, args.run) as store:
+            return store.pca(_group(args.group), args.components, fit_epochs=args.fit_epochs)
+
+    result = _fresh(read)
     k = args.components
     ratios = ", ".join(f"PC{i + 1} {r:.4f}" for i, r in enumerate(result["explained_variance_ratio"]))
     print(f"{args.store}: group {args.group}, explained variance ratio {ratios}", file=sys.stderr)
@@ -248,9 +297,11 @@ def _pca(args: argparse.Namespace) -> int:
 
 
 def _velocity(args: argparse.Namespace) -> int:
-    with open_store_or_run(args.store, args.run) as store:
-        speed = store.velocity(_group(args.group), per_epoch=not args.per_checkpoint)
-        epochs = store.epochs
+    def read():
+        with open_store_or_run(args.store, args.run) as store:
+            return store.velocity(_group(args.group), per_epoch=not args.per_checkpoint), store.epochs
+
+    speed, epochs = _fresh(read)
     rows = [[int(a), int(b), float(v)] for a, b, v in zip(epochs[:-1], epochs[1:], speed, strict=True)]
     _write_table(["from_epoch", "to_epoch", "velocity"], rows, args.csv)
     return 0
@@ -333,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_option(info, "describe this run (default: one line per run)")
     info.set_defaults(handler=_info)
 
+    check = sub.add_parser("check", help="verify a store: metadata, every chunk's presence, size and checksum",
+                           description="Read every committed chunk of a store (or of every run of a sweep) and "
+                                       "verify it: exits 3 and lists each problem when anything is damaged.")
+    check.add_argument("store", metavar="STORE")
+    _add_run_option(check, "check this run only (default: every run)")
+    check.add_argument("--quick", action="store_true",
+                       help="metadata, chunk presence and sizes only (what writers check before writing)")
+    check.set_defaults(handler=_check)
+
     pca = sub.add_parser("pca", help="exact PCA of the weight trajectory (cached in the store)",
                          description="Project every epoch on the principal components of a component group's "
                                      "flattened weights, centred over the fit epochs; prints epoch, PC1.. "
@@ -355,18 +415,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `geostore` command; returns the exit code (0 on success)."""
+    import warnings
+
+    from geostore.errors import GeostoreWarning
+
     args = build_parser().parse_args(argv)
+    where = getattr(args, "store", None) or getattr(args, "out_dir", None)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GeostoreWarning):  # one line, no source location
+            print(f"geostore: warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            warnings.simplefilter("always", GeostoreWarning)
+            return args.handler(args)
     except GeostoreError as exc:
-        print(f"geostore: error: {exc}", file=sys.stderr)
+        print(f"geostore: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        print(f"geostore: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("geostore: interrupted", file=sys.stderr)
+        print("geostore: interrupted (the store is as it was before this command)", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"geostore: error: {where}: out of memory (the store is as it was before this command)",
+              file=sys.stderr)
+        return 1
+    except Exception as exc:
+        import os
+
+        if os.environ.get("GEOSTORE_DEBUG"):
+            raise
+        from geostore.errors import describe_foreign
+
+        print(f"geostore: error: {where}: {describe_foreign(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

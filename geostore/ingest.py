@@ -3,7 +3,8 @@
 Only epochs the store lacks are read. Epochs after the stored ones are appended in batches aligned
 to the store's chunks (each chunk written once) and committed batch by batch, so a killed ingest
 keeps its finished batches; epochs that sort before stored ones are read first and inserted last.
-Bad input anywhere rolls the store back to what it held before this ingest began. Flatness (on by
+Any failure (bad input, an interrupt, running out of memory) rolls the store back to what it held before
+this ingest began. Flatness (on by
 default) and any curvature analyses asked for are then computed from the store for every epoch that
 lacks them, the same code path as `geostore flatness`, so values never depend on how the epochs arrived.
 A sweep (`ingest_sweep`) is the same ingest once per run, into `runs/<name>` of one store.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from geostore.errors import GeostoreError
+from geostore.errors import GeostoreError, GeostoreWarning
 from geostore.landscape import (
     DEFAULT_FLATNESS,
     FlatnessSettings,
+    check_memory,
     fill_missing,
     needs_probe,
     probe_missing_message,
@@ -87,27 +90,23 @@ def ingest(
     if probe is not None:
         probe = load_probe(probe) if isinstance(probe, str | os.PathLike) else np.asarray(probe)
         checkpoints.model.probe(probe)  # checks the token ids against the model before anything is written
+    if flatness is not None:
+        check_memory(flatness, checkpoints.model)
     if run is not None:
         create_sweep(store)
         store = run_location(store, run)
     writer = StoreWriter.open(store, model=checkpoints.model, task=checkpoints.task, split=checkpoints.split(),
                               probe=probe)
-    note = None
-    if flatness is not None and needs_probe(checkpoints.model, probe if probe is not None else writer.probe()):
-        flatness, note = None, probe_missing_message(source) + "; the weights are stored"
-    try:
+    with writer:  # any exception (bad input, MemoryError, Ctrl-C, a bug) rolls back, then the lock goes back
+        note = None
+        if flatness is not None and needs_probe(checkpoints.model, probe if probe is not None else writer.probe()):
+            flatness, note = None, probe_missing_message(source) + "; the weights are stored"
         if flatness is not None:
             writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
         report = dataclasses.replace(_write_new_epochs(checkpoints, writer, progress), note=note)
         if flatness is not None:
             computed = fill_missing(writer, flatness, progress=progress, client=client).computed
             report = dataclasses.replace(report, flatness_computed=computed)
-    except BaseException as exc:
-        if isinstance(exc, GeostoreError):
-            writer.rollback()
-            if writer.created:
-                store.remove("")
-        raise
     return report
 
 
@@ -166,35 +165,63 @@ def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> In
     writer.record_source({"kind": run.kind, "path": str(Path(run.path).resolve())})
 
     with progress_bar(len(new), "ingest", progress) as bar:
-        early_batch = _load(early, run, writer, bar)  # read (and validated) before anything is written
+        notes: dict[str, list[int]] = {}
+        buffers = buffer_keys(run.model) if new else frozenset()
+        early_batch = _load(early, run, writer, bar, notes, buffers)  # read and checked before anything is written
         n = stored.size
         chunk = writer.chunk_epochs
         start = 0
         while start < len(late):
             size = chunk - (n + start) % chunk  # fill up to the next chunk boundary
             batch = late[start:start + size]
-            writer.append(*_load(batch, run, writer, bar))
+            writer.append(*_load(batch, run, writer, bar, notes, buffers))
             start += size
         if early:
             writer.insert(*early_batch)
+    _report(run, notes)
     if not new:
         writer.commit_attrs()
     return IngestReport(kind=run.kind, added=len(new), skipped=len(run.checkpoints) - len(new),
                         total=int(writer.epochs.size))
 
 
+def _epochs_text(epochs: list[int]) -> str:
+    shown = ", ".join(str(e) for e in epochs[:5])
+    more = ", ..." if len(epochs) > 5 else ""
+    return f"epoch {shown}" if len(epochs) == 1 else f"{len(epochs)} epochs ({shown}{more})"
+
+
+def _report(run: RunSource, notes: Mapping[str, list[int]]) -> None:
+    """One warning line per kind of note `_load` collected over a whole ingest."""
+    if notes.get("rounded"):
+        warnings.warn(GeostoreWarning(f"{run.path}: {_epochs_text(sorted(set(notes['rounded'])))} hold float64 "
+                                      "weights, stored as float32 (relative rounding up to 6e-8 per value)"),
+                      stacklevel=3)
+    if notes.get("nonfinite"):
+        warnings.warn(GeostoreWarning(f"{run.path}: {_epochs_text(sorted(notes['nonfinite']))} hold NaN or infinite "
+                                      "weights: stored as they are; flatness and curvature skip them"), stacklevel=3)
+
+
 def _load(
-    checkpoints: list[Checkpoint], run: RunSource, writer: StoreWriter, bar: tqdm
+    checkpoints: list[Checkpoint], run: RunSource, writer: StoreWriter, bar: tqdm, notes: dict[str, list[int]],
+    buffers: frozenset[str],
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Load checkpoints into stacked `(k, *shape)` arrays (the store's layout) plus the source's metrics."""
     epochs = np.array([c.epoch for c in checkpoints], dtype=np.int64)
     params = {name: [] for name in writer.table.names}
-    buffers = buffer_keys(run.model) if checkpoints else frozenset()
+    rounded, nonfinite = notes.setdefault("rounded", []), notes.setdefault("nonfinite", [])
     for checkpoint in checkpoints:
-        loaded = writer.table.stored(checkpoint.load(), checkpoint.origin, ignore=buffers.__contains__)
+        state = checkpoint.load()
+        if any(np.asarray(value).dtype.itemsize > 4 and np.issubdtype(np.asarray(value).dtype, np.floating)
+               for key, value in state.items() if key not in buffers):
+            rounded.append(checkpoint.epoch)
+        loaded = writer.table.stored(state, checkpoint.origin, ignore=buffers.__contains__)
         for name in writer.table.names:
             params[name].append(loaded[name])
+        if not all(np.isfinite(loaded[name]).all() for name in writer.table.names):
+            nonfinite.append(checkpoint.epoch)
         bar.update(1)
+
     stacked = {name: np.stack(values) if values else np.empty((0,)) for name, values in params.items()}
     metrics = {
         name: np.array([values.get(int(e), np.nan) for e in epochs], dtype=np.float64)

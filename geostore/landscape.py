@@ -142,6 +142,7 @@ class FlatnessReport:
     already: int
     seconds: float
     analyses: tuple[str, ...] = ("flatness",)
+    nonfinite: tuple[int, ...] = ()  # epochs skipped: their weights are NaN or infinite
 
 
 def needs_probe(model: Model, probe: np.ndarray | None) -> bool:
@@ -295,10 +296,15 @@ def fill_missing(
     results = (_serial_results(store, wanted, settings) if client is None
                else _distributed_results(client, store, wanted, settings))
     done: list[tuple[int, dict]] = []
+    nonfinite: list[int] = []
     last_flush = time.perf_counter()
     with progress_bar(epochs.size, "+".join(n for n in names if any(n in w for w in wanted.values())),
                       progress) as bar:
         for epoch, rows in results:
+            if rows is None:  # NaN/inf weights: nothing to measure; the epoch stays "not computed"
+                nonfinite.append(epoch)
+                bar.update(1)
+                continue
             done.append((epoch, rows))
             bar.update(1)
             bar.set_postfix_str(f"{settings.n_directions * bar.n / (time.perf_counter() - began):.0f} dir/s",
@@ -307,7 +313,17 @@ def fill_missing(
                 _flush(writer, done)
                 last_flush = time.perf_counter()
         _flush(writer, done)
-    return FlatnessReport(int(epochs.size), already, time.perf_counter() - began, names)
+    if nonfinite:
+        import warnings
+
+        from geostore.errors import GeostoreWarning
+
+        shown = ", ".join(str(e) for e in sorted(nonfinite)[:5]) + (", ..." if len(nonfinite) > 5 else "")
+        warnings.warn(GeostoreWarning(f"{writer.path}: {len(nonfinite)} epoch{'s' if len(nonfinite) > 1 else ''} "
+                                      f"({shown}) hold NaN or infinite weights: not computed, and listed as "
+                                      "incomplete"), stacklevel=2)
+    return FlatnessReport(int(epochs.size) - len(nonfinite), already, time.perf_counter() - began, names,
+                          tuple(sorted(nonfinite)))
 
 
 def _flush(writer: StoreWriter, done: list[tuple[int, dict]]) -> None:
@@ -334,7 +350,8 @@ def _serial_results(store: Store, wanted: Mapping[int, tuple[str, ...]], setting
         for row in rows:
             epoch = int(store.epochs[row])
             params = model_params(store, model, {name: value[row - lo] for name, value in stored.items()})
-            yield epoch, epoch_landscape(params, model, probe, settings, wanted[epoch])
+            yield epoch, (epoch_landscape(params, model, probe, settings, wanted[epoch]) if _finite(params)
+                          else None)
 
 
 def model_params(store: Store, model: Model, params: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
@@ -375,7 +392,35 @@ def remote_epoch_landscape(path: str | Location, epoch: int, settings: FlatnessS
     store = open_store(path)
     model = store.model
     params = model_params(store, model, store.params_at(epoch))
-    return epoch, epoch_landscape(params, model, store.probe(), settings, analyses)
+    return epoch, epoch_landscape(params, model, store.probe(), settings, analyses) if _finite(params) else None
+
+
+def _finite(params: Mapping[str, np.ndarray]) -> bool:
+    return all(np.isfinite(value).all() for value in params.values())
+
+
+def check_memory(settings: FlatnessSettings, model: Model, chunk_epochs: int | None = None) -> None:
+    """Refuse, before anything is written, settings whose direction matrix or stored rows cannot fit in memory:
+    the `(n_directions, D)` float32 directions, and one chunk of each per-direction float64 array."""
+    from geostore.store import layout
+
+    n_params = model.table.n_trainable()
+    if chunk_epochs is None:
+        chunk_epochs = layout.chunk_epochs_for(max(p.size for p in model.table.parameters) * 4)
+    per_direction = 2 + settings.antithetic * 2 + (2 * len(settings.profile.epsilons) if settings.profile else 0)
+    need = settings.n_directions * (n_params * 4 + chunk_epochs * 8 * per_direction)
+    have = _memory_bytes()
+    if have and need > have // 2:
+        raise StoreError(f"--directions {settings.n_directions}: needs about {need / 2**30:.1f} GiB of memory "
+                         f"(directions of {n_params} weights, and stored rows), more than half of this machine's "
+                         f"{have / 2**30:.1f} GiB: use fewer directions")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def compute_store_flatness(
@@ -393,9 +438,11 @@ def compute_store_flatness(
         model.probe(probe)  # checks the token ids against the model before anything is written
     if needs_probe(model, opened.probe() if probe is None else probe):
         raise GeostoreError(probe_missing_message(opened.path))
+    check_memory(settings, model, opened.chunk_epochs)
     writer = StoreWriter.open(store, model=model, task=opened.task, probe=probe)
-    writer.enable_analyses(settings.analyses(), recompute=recompute)
-    return fill_missing(writer, settings, progress=progress, client=client)
+    with writer:  # any exception rolls back what this run enabled (its settings too), then unlocks
+        writer.enable_analyses(settings.analyses(), recompute=recompute)
+        return fill_missing(writer, settings, progress=progress, client=client)
 
 
 

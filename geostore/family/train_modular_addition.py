@@ -188,6 +188,14 @@ def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int
     if spec.lr <= 0 or spec.weight_decay < 0 or len(spec.betas) != 2 or not all(0 <= b < 1 for b in spec.betas):
         raise TrainSpecError(f"need lr > 0, weight_decay >= 0 and two betas in [0, 1): got lr={spec.lr}, "
                              f"weight_decay={spec.weight_decay}, betas={spec.betas}")
+    sizes = {"p": spec.p, "d_model": spec.d_model, "n_heads": spec.n_heads}
+    if spec.d_mlp is not None:
+        sizes["d_mlp"] = spec.d_mlp
+    bad = [f"{k}={v}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise TrainSpecError(f"sizes must be positive integers: got {', '.join(bad)}")
+    if not 0 < spec.train_fraction <= 1:
+        raise TrainSpecError(f"train_fraction must be in (0, 1] (some pairs to train on), got {spec.train_fraction}")
     epochs_to_save = checkpoint_epochs(spec.epochs, spec.schedule)
     try:
         config = spec.model_config()

@@ -10,6 +10,7 @@ and fsspec configuration (`AWS_*` variables, `FSSPEC_S3_ENDPOINT_URL`, ...) or `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,9 @@ from geostore.errors import StoreError
 # Suffix of files being written before their atomic rename (zarr's LocalStore uses it too): a killed
 # writer can leave them behind; the next writer removes them.
 PARTIAL_SUFFIX = ".partial"
+
+# The writer lock (see lock.py): not part of the store's data; a folder holding only it is empty.
+LOCK_KEY = ".geostore-lock"
 
 
 class Location:
@@ -104,8 +108,8 @@ class Location:
     def is_empty(self) -> bool:
         """True when nothing exists here yet (a missing folder or an empty one)."""
         if self.local is not None:
-            return not self.local.exists() or not any(self.local.iterdir())
-        return not self.files()
+            return not self.local.exists() or not any(p.name != LOCK_KEY for p in self.local.iterdir())
+        return not [key for key in self.files() if key != LOCK_KEY]
 
     def files(self, key: str = "") -> list[str]:
         """Keys of every file below `key`, relative to this location."""
@@ -115,6 +119,23 @@ class Location:
         self._fs.invalidate_cache()
         prefix = self._root + "/"
         return [f.removeprefix(prefix) for f in self._fs.find(self._full(key))]
+
+    def file_sizes(self, key: str = "") -> dict[str, int]:
+        """Every file below `key` with its size in bytes (one listing)."""
+        if self.local is not None:
+            base = self._path(key)
+            if not base.is_dir():
+                return {}
+            out = {}
+            for f in base.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):
+                    if f.is_file():
+                        out[str(f.relative_to(self.local))] = f.stat().st_size
+            return out
+        self._fs.invalidate_cache()
+        prefix = self._root + "/"
+        found = self._fs.find(self._full(key), detail=True)
+        return {name.removeprefix(prefix): int(info.get("size") or 0) for name, info in found.items()}
 
     def children(self, key: str = "") -> list[str]:
         """Names of the folders (prefixes) directly below `key`, sorted."""
@@ -143,6 +164,7 @@ class Location:
         """The bytes of file `key`; FileNotFoundError when it is missing."""
         if self.local is not None:
             return self._path(key).read_bytes()
+        self._fs.invalidate_cache(self._full(key))  # a cached listing without the file would say it is missing
         return self._fs.cat_file(self._full(key))
 
     def read_text(self, key: str) -> str:
@@ -168,6 +190,26 @@ class Location:
         tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
         self.write_bytes(str(tmp.relative_to(self.local)), data)
         os.replace(tmp, path)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create file `key` holding `data` unless it exists (atomically); False when it already existed."""
+        if self.local is not None:
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "xb") as f:
+                    f.write(data)
+            except FileExistsError:
+                return False
+            return True
+        try:
+            self._fs.pipe_file(self._full(key), data, mode="create")
+        except FileExistsError:
+            return False
+        except TypeError:
+            raise StoreError(f"{self}: this storage cannot create objects exclusively, so two writers could not "
+                             "be kept apart: write the store on S3 or a local folder") from None
+        return True
 
     def remove(self, key: str) -> None:
         """Remove file or folder `key` and everything below it; nothing happens when it is missing."""

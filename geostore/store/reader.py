@@ -52,6 +52,7 @@ class Store:
         self.interrupted = pending is not None
         self._epochs = epochs[: self._n]
         self._epochs.setflags(write=False)
+        self._group.store.epochs = self._epochs  # damage messages name epochs
         self._params: Mapping[str, da.Array] | None = None
 
     # ----------------------------------------------------------------------------- basic facts
@@ -191,8 +192,8 @@ class Store:
         """The store as an xarray Dataset (lazy), as `xarray.open_zarr(path)` gives it."""
         import xarray as xr
 
-        with layout.quiet_zarr():
-            ds = xr.open_zarr(self.location.zarr_store(read_only=True), consolidated=True)
+        with layout.quiet_zarr():  # through this handle's commit: chunks a later insertion moved raise
+            ds = xr.open_zarr(self._group.store, consolidated=True)
         return ds.isel({schema.EPOCH_DIM: slice(0, self._n)})
 
     # ----------------------------------------------------------------------------------- flatness

@@ -8,6 +8,13 @@ for the committed epochs. An epoch inserted before stored ones shifts the stored
 rewritten tail is first staged under `_pending/` with a `state.json` written last; a writer that
 finds a complete stage replays it (redo), an incomplete one is discarded. A killed ingest therefore
 leaves a store that opens with whole epochs only, and re-running it completes the same store.
+
+One writer at a time: a writer holds the store's lock (lock.py) from `open` until `close`, so recovery
+only ever meets a dead writer's leftovers, a store is created by exactly one process, and every commit
+starts from the committed state it read under the lock (checked again before each commit). A commit that
+moves or removes committed values (an insertion, a recompute) raises the root's `geostore.generation`,
+and the stage of an insertion is written before any committed chunk is rewritten, which is what lets
+readers detect that their snapshot went away (integrity.py). Writers refuse a damaged store.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import copy
 import io
 import json
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,8 +33,8 @@ import zarr
 
 from geostore.errors import ModelMismatchError, StoreError
 from geostore.family.base import Model, ParameterTable
-from geostore.store import layout, schema
-from geostore.store.location import PARTIAL_SUFFIX, Location
+from geostore.store import integrity, layout, lock, schema
+from geostore.store.location import LOCK_KEY, PARTIAL_SUFFIX, Location
 
 # Arrays written at once: zarr's per-call overhead (metadata, event-loop round trips) overlaps.
 WRITE_THREADS = 8
@@ -45,21 +53,49 @@ class StoreWriter:
     are written in the store's own layout (`table`: format-1 stores keep theirs).
     """
 
-    def __init__(self, location: Location, attrs: dict, *, created: bool) -> None:
+    def __init__(self, location: Location, attrs: dict, *, created: bool, lock_key: str | None = None) -> None:
         self.location = location
         self.path = str(location)  # for messages: the folder or URL as given
         self.attrs = attrs
         self.created = created
         self.table: ParameterTable = schema.table_of(attrs)
         self._arrays: dict[str, zarr.Array] = {}
+        self._discard = False
+        # the lock goes back when the writer is closed, collected or the interpreter exits
+        self._release = weakref.finalize(self, lock.release, lock_key) if lock_key else None
         with layout.quiet_zarr():
             self._group = zarr.open_group(location.zarr_store(read_only=False), mode="r+", use_consolidated=False)
-        committed = layout.open_committed(location)["epoch"]
-        self._n = int(committed.shape[0])
-        self._epochs = np.asarray(committed[:], dtype=np.int64)
+        committed = layout.open_committed(location)
+        self._root_bytes = committed.store.root_bytes
+        self._n = int(committed["epoch"].shape[0])
+        self._epochs = np.asarray(committed["epoch"][:], dtype=np.int64)
         self._shifted = False
         self._added_probe = False
         self._mark_rollback_point()
+
+    def close(self) -> None:
+        """Release the store's lock (a writer of a store this writer created and rolled back removes it)."""
+        if self._release is None or not self._release.alive:
+            return
+        if self._discard:  # unlinked while still held, so no waiting writer can lock the dead file
+            self.location.remove(LOCK_KEY)
+            if self.location.is_local:
+                with contextlib.suppress(OSError):
+                    self.location.local.rmdir()
+        self._release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                try:
+                    self.rollback()
+                except Exception as err:  # the original error matters more; the store keeps whole commits
+                    exc.add_note(f"rolling back failed too: {err}")
+        finally:
+            self.close()
 
     # ----------------------------------------------------------------------------------- opening
     @classmethod
@@ -73,26 +109,41 @@ class StoreWriter:
         probe: np.ndarray | None = None,
         chunk_epochs: int | None = None,
         storage_options: dict | None = None,
+        lock_timeout: float | None = None,
     ) -> StoreWriter:
         """Open `path` for writing, creating the store when the path is missing or an empty folder.
 
         `model` gives the family, config and parameter table of a new store (an existing one must hold the
         same model); `split` the task's train split (a boolean array and its dimension names), `probe` the
         landscape probe a user gave (recorded once; an existing store must hold the same one).
+
+        Waits for the store's lock while another process writes it (saying so on stderr), at most
+        `lock_timeout` seconds (default: `GEOSTORE_LOCK_TIMEOUT`, else as long as it takes). Refuses a
+        damaged store. Close the writer (or use it as a context manager) to let the next writer in.
         """
         location = Location.of(path, storage_options)
         if location.is_file():
             raise StoreError(f"{location}: exists and is not a geostore store (a file)")
-        if not location.is_empty():
-            attrs = layout.read_root_attrs(location)
+        if not location.is_empty():  # refuse a non-store before the lock file is made in it
+            _check_same_run(location, layout.read_root_attrs(location), model, task, split)
+        else:
+            location.make_folder()
+        key = lock.acquire(location, timeout=lock_timeout)
+        try:
+            if location.is_empty():  # nobody created it while this process waited
+                _create(location, model, task, split, probe, chunk_epochs)
+                return cls(location, layout.read_root_attrs(location), created=True, lock_key=key)
+            attrs = layout.read_root_attrs(location)  # again, under the lock
             _check_same_run(location, attrs, model, task, split)
-            writer = cls(location, attrs, created=False)
+            integrity.verify(location)
+            writer = cls(location, attrs, created=False, lock_key=key)
             writer._recover()
             if probe is not None:
                 writer.record_probe(probe)
             return writer
-        _create(location, model, task, split, probe, chunk_epochs)
-        return cls(location, layout.read_root_attrs(location), created=True)
+        except BaseException:
+            lock.release(key)
+            raise
 
     @property
     def epochs(self) -> np.ndarray:
@@ -114,7 +165,9 @@ class StoreWriter:
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:  # opening an array reads its metadata: keep the handles
-            self._arrays[name] = self._group[name]
+            # every chunk stored, fill values too (zarr keeps this setting per handle, not in the metadata), so
+            # that a missing chunk of a checksummed array is damage, never "all fill value"
+            self._arrays[name] = self._group[name].with_config({"write_empty_chunks": True})
         return self._arrays[name]
 
     # ------------------------------------------------------------------------------------ writing
@@ -204,7 +257,7 @@ class StoreWriter:
             present = [a for a in self._analysis_arrays() if any(a in schema.ANALYSES[n] for n in stale)]
             for name in stale:
                 self.attrs.pop(name)
-            self._commit(self._epochs)
+            self._commit(self._epochs, moved=True)
             for array in present:
                 self.location.remove(array)
                 self._arrays.pop(array, None)
@@ -327,14 +380,22 @@ class StoreWriter:
         after an insertion shifted stored epochs, the store stays as committed, and a recompute
         that replaced a stored analysis is kept.
         """
+        if self.created and not self._shifted:
+            self._discard_created()
+            return
         if self._shifted:
             return
         self._n = self._start_n
         self._epochs = self._epochs[: self._start_n]
+        root = self._start_files.get(layout.ROOT_META)
+        if root is not None:  # the commit record first: readers of the dropped epochs learn before chunks go
+            self.location.write_atomic(layout.ROOT_META, root)
+            self._root_bytes = root
         self._shrink_to(self._n)
         added = set(self._analysis_arrays()) - self._start_arrays
         for key, content in self._start_files.items():
-            self.location.write_bytes(key, content)
+            if key != layout.ROOT_META:
+                self.location.write_bytes(key, content)
         self.attrs = copy.deepcopy(self._start_attrs)
         for name in added:
             self.location.remove(name)
@@ -342,6 +403,19 @@ class StoreWriter:
             self.location.remove(schema.PROBE)
             self._added_probe = False
         self._arrays.clear()  # the handles' metadata predates the restored files
+
+    def _discard_created(self) -> None:
+        """Remove the store this writer created, all but the lock (removed, still held, by `close`)."""
+        for key in self.location.files():
+            if key != LOCK_KEY:
+                self.location.remove(key)
+        if self.location.is_local:  # empty folders left by the files above
+            for folder in sorted((p for p in self.location.local.rglob("*") if p.is_dir()), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        self._arrays.clear()
+        self._discard = True
+        self._n, self._epochs = 0, self._epochs[:0]
 
     def _mark_rollback_point(self) -> None:
         """Remember the committed state that `rollback` returns to."""
@@ -400,8 +474,24 @@ class StoreWriter:
         with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
             list(pool.map(write, arrays))
 
-    def _commit(self, epochs: np.ndarray) -> None:
-        """Atomically replace the root metadata: the epochs in it become the store's epochs."""
+    def _commit(self, epochs: np.ndarray, *, moved: bool = False) -> None:
+        """Atomically replace the root metadata: the epochs in it become the store's epochs.
+
+        `moved`: committed values moved or went away (an insertion, a recompute): the generation rises,
+        so readers of the previous commits stop instead of reading shifted chunks.
+        """
+        if self._discard:
+            raise StoreError(f"{self.path}: this writer rolled back the store it created")
+        try:
+            current = self.location.read_bytes(layout.ROOT_META)
+        except FileNotFoundError:
+            current = None
+        if current != self._root_bytes:
+            raise StoreError(f"{self.path}: the store was changed by another writer while this one held it "
+                             "(two writers of one store in one process?): nothing committed")
+        if moved:
+            tag = self.attrs["geostore"]
+            tag["generation"] = int(tag.get("generation", 0)) + 1
         n = int(epochs.size)
         consolidated = {}
         for name in self._epoch_arrays():
@@ -415,7 +505,9 @@ class StoreWriter:
         root["consolidated_metadata"] = {
             "kind": "inline", "must_understand": False, "metadata": dict(sorted(consolidated.items())),
         }
-        self.location.write_atomic(layout.ROOT_META, _json_bytes(root))
+        data = _json_bytes(root)
+        self.location.write_atomic(layout.ROOT_META, data)
+        self._root_bytes = data
         self._n = n
         self._epochs = np.asarray(epochs, dtype=np.int64)
 
@@ -435,7 +527,7 @@ class StoreWriter:
         tail = {name: np.load(io.BytesIO(self.location.read_bytes(f"{layout.PENDING}/{name}.npy")))
                 for name in self._epoch_arrays()}
         self._write_region(start, tail)
-        self._commit(np.concatenate([self._epochs[:start], tail[schema.EPOCH_DIM]]))
+        self._commit(np.concatenate([self._epochs[:start], tail[schema.EPOCH_DIM]]), moved=True)
         self.location.remove(layout.PENDING)
 
     def _recover(self) -> None:
@@ -488,7 +580,7 @@ def _create(location: Location, model: Model, task, split, probe, chunk_epochs) 
     }
     with layout.quiet_zarr():
         store = location.zarr_store(read_only=False)
-        group = zarr.open_group(store, mode="w", attributes=attrs)
+        group = zarr.create_group(store, attributes=attrs)  # never over another's store (and under the lock)
         opts = {"compressors": layout.COMPRESSORS, "config": {"write_empty_chunks": True}}
         group.create_array(schema.EPOCH_DIM, shape=(0,), chunks=(chunks,), dtype="int64",
                            fill_value=-1, dimension_names=(schema.EPOCH_DIM,), **opts)
