@@ -20,22 +20,24 @@ import pytest
 
 import geostore
 from geostore.errors import StoreError
-from geostore.store import lock, schema
+from geostore.store import lock
 from geostore.store.integrity import StoreChangedError
 from geostore.store.location import LOCK_KEY, Location
 from geostore.store.writer import StoreWriter
-from tests.checkpoint_factories import config_json, tiny_config, write_state_dict_dir
+from tests.checkpoint_factories import config_json, family_model, tiny_config, write_state_dict_dir
 from tests.conftest import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tiny_config()
+MODEL = family_model(CONFIG)
+NAMES = MODEL.table.names
 TIMEOUT = 120
 
 
 def labelled(epochs) -> dict[int, dict[str, np.ndarray]]:
     """Parameters whose every value is the epoch number."""
-    return {int(e): {name: np.full(schema.param_shape(name, CONFIG), float(e), dtype=np.float32)
-                     for name in schema.PARAMETERS} for e in epochs}
+    return {int(e): {p.name: np.full(p.shape, float(e), dtype=np.float32) for p in MODEL.table.parameters}
+            for e in epochs}
 
 
 def labelled_source(path: Path, epochs) -> Path:
@@ -106,19 +108,19 @@ def test_a_noop_reingest_waits_for_a_live_writer_and_touches_none_of_its_work(tm
     the arrays under it; the live writer's commit then listed epochs labelled -1 with zero weights."""
     store = tmp_path / "s.zarr"
     assert finish([geostore_cli("ingest", str(sources["a"]), str(store), "--no-flatness", "--quiet")])[0][0] == 0
-    writer = StoreWriter.open(store, config=CONFIG, task={})
+    writer = StoreWriter.open(store, model=MODEL, task={})
     new = sorted(labelled(range(200, 400, 10)).items())
     columns = writer._columns(np.array([e for e, _ in new]),
-                              {n: np.stack([p[n] for _, p in new]) for n in schema.PARAMETERS}, None)
+                              {n: np.stack([p[n] for _, p in new]) for n in NAMES}, None)
     writer._write_region(writer._n, columns)  # a live writer, mid-batch: rows written, not yet committed
     noop = geostore_cli("ingest", str(sources["a"]), str(store), "--no-flatness", "--quiet")
-    time.sleep(4)
-    assert noop.poll() is None, "the second writer did not wait"
+    said = noop.stderr.readline()  # blocks until the second writer reaches the lock (start-up takes seconds)
+    assert "waiting" in said and noop.poll() is None, "the second writer did not wait"
     assert geostore.open_store(store).epochs.size == 20
     writer._commit(np.concatenate([writer._epochs, columns["epoch"]]))
     writer.close()
     rc, err = finish([noop])[0]
-    assert rc == 0 and "waiting" in err, err
+    assert rc == 0, said + err
     assert_labelled(geostore.open_store(store), list(range(0, 400, 10)))
 
 
@@ -126,7 +128,7 @@ def test_a_second_writer_with_no_patience_fails_with_one_line_and_changes_nothin
     store = tmp_path / "s.zarr"
     assert finish([geostore_cli("ingest", str(sources["a"]), str(store), "--no-flatness", "--quiet")])[0][0] == 0
     before = snapshot(store)
-    with StoreWriter.open(store, config=CONFIG, task={}):
+    with StoreWriter.open(store, model=MODEL, task={}):
         rc, err = finish([geostore_cli("ingest", str(sources["b"]), str(store), "--no-flatness", "--quiet",
                                        env={lock.TIMEOUT_ENV: "0"})])[0]
     assert rc == 3 and len(err.strip().splitlines()) == 1 and "being written" in err, err
@@ -149,8 +151,8 @@ def test_two_writers_in_one_process_share_the_lock_but_the_stale_one_cannot_comm
     """Writers of one process share the lock (no self-deadlock); the store is created once, and a writer whose
     committed state went stale is refused before it commits anything."""
     store = tmp_path / "s.zarr"
-    first = StoreWriter.open(store, config=CONFIG, task={})
-    second = StoreWriter.open(store, config=CONFIG, task={})
+    first = StoreWriter.open(store, model=MODEL, task={})
+    second = StoreWriter.open(store, model=MODEL, task={})
     assert first.created and not second.created
     first.append([0], {n: v[None] for n, v in labelled([0])[0].items()})
     with pytest.raises(StoreError, match="changed by another writer"):
@@ -164,13 +166,13 @@ def test_two_writers_in_one_process_share_the_lock_but_the_stale_one_cannot_comm
 def test_a_handle_opened_before_an_insert_raises_instead_of_reading_another_epochs_weights(tmp_path):
     """The break: `params["W_E"][1]`, labelled 12, returned checkpoint 6's weights after 6 was inserted."""
     store = tmp_path / "s.zarr"
-    with StoreWriter.open(store, config=CONFIG, task={}, chunk_epochs=8) as writer:
+    with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=8) as writer:
         rows = labelled([0, 12, 24])
-        writer.append([0, 12, 24], {n: np.stack([rows[e][n] for e in (0, 12, 24)]) for n in schema.PARAMETERS})
+        writer.append([0, 12, 24], {n: np.stack([rows[e][n] for e in (0, 12, 24)]) for n in NAMES})
     old = geostore.open_store(store)
     lazy = old.params["W_E"][1]
     xr_old = old.to_xarray()
-    with StoreWriter.open(store, config=CONFIG, task={}) as writer:
+    with StoreWriter.open(store, model=MODEL, task={}) as writer:
         writer.insert([6], {n: v[None] for n, v in labelled([6])[6].items()})
     with pytest.raises(StoreChangedError, match="open the store again"):
         lazy.compute()
@@ -183,11 +185,11 @@ def test_a_handle_opened_before_an_insert_raises_instead_of_reading_another_epoc
 
 def test_a_handle_keeps_reading_while_epochs_are_appended(tmp_path):
     store = tmp_path / "s.zarr"
-    with StoreWriter.open(store, config=CONFIG, task={}, chunk_epochs=8) as writer:
-        writer.append([0, 1, 2], {n: np.stack([labelled([e])[e][n] for e in range(3)]) for n in schema.PARAMETERS})
+    with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=8) as writer:
+        writer.append([0, 1, 2], {n: np.stack([labelled([e])[e][n] for e in range(3)]) for n in NAMES})
     old = geostore.open_store(store)
-    with StoreWriter.open(store, config=CONFIG, task={}) as writer:
-        writer.append([3, 4], {n: np.stack([labelled([e])[e][n] for e in (3, 4)]) for n in schema.PARAMETERS})
+    with StoreWriter.open(store, model=MODEL, task={}) as writer:
+        writer.append([3, 4], {n: np.stack([labelled([e])[e][n] for e in (3, 4)]) for n in NAMES})
     assert_labelled(old, [0, 1, 2])  # the snapshot it opened: appends never move committed values
 
 
@@ -196,14 +198,14 @@ def test_the_pca_cache_cannot_be_poisoned_by_an_insert(tmp_path):
     store = tmp_path / "s.zarr"
     rng = np.random.default_rng(0)
     epochs = list(range(0, 100, 10))
-    params = {n: rng.standard_normal((10, *schema.param_shape(n, CONFIG))).astype(np.float32)
-              for n in schema.PARAMETERS}
-    with StoreWriter.open(store, config=CONFIG, task={}, chunk_epochs=4) as writer:
+    params = {n: rng.standard_normal((10, *MODEL.table[n].shape)).astype(np.float32)
+              for n in NAMES}
+    with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=4) as writer:
         writer.append(epochs, params)
     old = geostore.open_store(store)
-    with StoreWriter.open(store, config=CONFIG, task={}) as writer:
-        writer.insert([5], {n: rng.standard_normal((1, *schema.param_shape(n, CONFIG))).astype(np.float32)
-                            for n in schema.PARAMETERS})
+    with StoreWriter.open(store, model=MODEL, task={}) as writer:
+        writer.insert([5], {n: rng.standard_normal((1, *MODEL.table[n].shape)).astype(np.float32)
+                            for n in NAMES})
     with pytest.raises(StoreChangedError):
         old.pca("attention", 2)
     cached = geostore.open_store(store).pca("attention", 2)
@@ -217,13 +219,12 @@ def test_the_pca_cache_cannot_be_poisoned_by_an_insert(tmp_path):
 INSERTER = textwrap.dedent("""
     import sys
     import numpy as np
-    from geostore.store import schema
     from geostore.store.writer import StoreWriter
-    from tests.test_concurrency import CONFIG, labelled
+    from tests.test_concurrency import MODEL, labelled
 
     store, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     for epoch in range(last, first - 1, -1):  # each one before every stored epoch: an insertion
-        with StoreWriter.open(store, config=CONFIG, task={}) as writer:
+        with StoreWriter.open(store, model=MODEL, task={}) as writer:
             writer.insert([epoch], {n: v[None] for n, v in labelled([epoch])[epoch].items()})
         print(epoch, flush=True)
 """)
@@ -250,9 +251,9 @@ def _poll(store: Path, until, stats: dict) -> None:
 
 def test_readers_polling_during_inserts_never_see_a_mislabelled_epoch(tmp_path):
     store = tmp_path / "s.zarr"
-    with StoreWriter.open(store, config=CONFIG, task={}, chunk_epochs=4) as writer:
+    with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=4) as writer:
         epochs = list(range(1000, 1040, 2))
-        writer.append(epochs, {n: np.stack([labelled([e])[e][n] for e in epochs]) for n in schema.PARAMETERS})
+        writer.append(epochs, {n: np.stack([labelled([e])[e][n] for e in epochs]) for n in NAMES})
     script = tmp_path / "inserter.py"
     script.write_text(INSERTER)
     proc = subprocess.Popen([sys.executable, str(script), str(store), "100", "160"], cwd=ROOT,
@@ -271,9 +272,9 @@ def test_readers_polling_during_inserts_never_see_a_mislabelled_epoch(tmp_path):
 
 def test_a_writer_killed_mid_insert_leaves_readers_and_the_next_writer_a_consistent_store(tmp_path):
     store = tmp_path / "s.zarr"
-    with StoreWriter.open(store, config=CONFIG, task={}, chunk_epochs=4) as writer:
+    with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=4) as writer:
         epochs = list(range(1000, 1040, 2))
-        writer.append(epochs, {n: np.stack([labelled([e])[e][n] for e in epochs]) for n in schema.PARAMETERS})
+        writer.append(epochs, {n: np.stack([labelled([e])[e][n] for e in epochs]) for n in NAMES})
     script = tmp_path / "inserter.py"
     script.write_text(INSERTER)
     rng = np.random.default_rng(1)
@@ -289,7 +290,7 @@ def test_a_writer_killed_mid_insert_leaves_readers_and_the_next_writer_a_consist
         proc.wait(timeout=TIMEOUT)
         after = time.monotonic() + 0.3
         _poll(store, lambda t=after: time.monotonic() > t, stats)
-        with StoreWriter.open(store, config=CONFIG, task={}):  # recovery: redo a complete stage, drop the rest
+        with StoreWriter.open(store, model=MODEL, task={}):  # recovery: redo a complete stage, drop the rest
             pass
         assert_labelled(geostore.open_store(store))
     assert not stats["other"], stats["other"][:3]

@@ -27,7 +27,7 @@ from geostore.store.integrity import StoreDamagedError, check
 from geostore.store.location import Location
 from tests.checkpoint_factories import config_json, write_state_dict_dir
 from tests.conftest import snapshot
-from tests.test_concurrency import CONFIG, labelled, labelled_source
+from tests.test_concurrency import CONFIG, MODEL, labelled, labelled_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = FlatnessSettings(n_directions=2, seed=1)
@@ -43,7 +43,7 @@ def pristine(tmp_path_factory):
     source = write_state_dict_dir(root / "src", traj, config=CONFIG, config_file=config_json(CONFIG))
     from geostore.store.writer import StoreWriter
 
-    StoreWriter.open(root / "s.zarr", config=CONFIG, task={}, chunk_epochs=4).close()  # small chunks
+    StoreWriter.open(root / "s.zarr", model=MODEL, task={}, chunk_epochs=4).close()  # small chunks
     ingest(source, root / "s.zarr", flatness=SETTINGS, progress=False)
     later = labelled_source(root / "later", range(300, 320, 10))
     return root / "s.zarr", later
@@ -54,7 +54,7 @@ def damaged_copy(pristine, tmp_path, damage: str) -> Path:
 
     store = tmp_path / "s.zarr"
     shutil.copytree(pristine, store)
-    chunk = store / "W_in" / "c" / "1" / "0" / "0"
+    chunk = store / "W_in" / "c" / "1" / "0" / "0" / "0"  # (epoch, layer, d_model, d_mlp) chunk keys
     if damage == "missing W_in chunk":
         chunk.unlink()
     elif damage == "truncated W_in chunk":
@@ -119,7 +119,7 @@ def test_every_command_on_a_damaged_store_fails_with_one_line_and_changes_nothin
 def test_reading_a_damaged_chunk_names_the_array_and_epochs(pristine, tmp_path, damage):
     store = damaged_copy(pristine[0], tmp_path, damage)
     opened = geostore.open_store(store)
-    with pytest.raises(StoreDamagedError, match=r"W_in chunk W_in/c/1/0/0 .*\(epochs 40\.\.70\)"):
+    with pytest.raises(StoreDamagedError, match=r"W_in chunk W_in/c/1/0/0/0 .*\(epochs 40\.\.70\)"):
         opened.params["W_in"].compute()
     with pytest.raises(StoreDamagedError):
         opened.model_at(50)
@@ -250,7 +250,7 @@ def test_train_takes_zero_as_a_value_and_refuses_it_in_one_line(tmp_path, capsys
 
 
 def test_train_runs_zero_epochs_when_asked(tmp_path, monkeypatch):
-    import geostore.train as train_module
+    import geostore.family.train_modular_addition as train_module
 
     seen = {}
 
@@ -266,7 +266,7 @@ def test_train_runs_zero_epochs_when_asked(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------- what ingest reports
 def test_nonfinite_weights_are_stored_reported_and_never_counted_as_computed(tmp_path, capsys):
     traj = labelled(range(0, 50, 10))
-    traj[20]["W_in"][0, 0] = np.nan
+    traj[20]["W_in"][0, 0, 0] = np.nan
     traj[30]["W_E"][1, 1] = np.inf
     source = write_state_dict_dir(tmp_path / "src", traj, config=CONFIG, config_file=config_json(CONFIG))
     store = tmp_path / "s.zarr"
@@ -277,7 +277,7 @@ def test_nonfinite_weights_are_stored_reported_and_never_counted_as_computed(tmp
     assert "20, 30" in warnings[0]
     assert "computed for 3 epochs" in captured.out
     opened = geostore.open_store(store)
-    assert np.isnan(opened.params_at(20)["W_in"][0, 0])
+    assert np.isnan(opened.params_at(20)["W_in"][0, 0, 0])
     np.testing.assert_array_equal(opened.flatness_epochs(), [0, 10, 40])
 
 
