@@ -110,7 +110,9 @@ def test_the_probe_spans_several_example_blocks(case):
     assert len(case.probe[0]) > evaluator.EXAMPLE_BLOCK
 
 
-def test_generic_equals_the_plain_loop_per_direction(case):
+@pytest.mark.parametrize("vmap_work", [evaluator.VMAP_WORK, 0], ids=["vectorised", "one weight set at a time"])
+def test_generic_equals_the_plain_loop_per_direction(case, vmap_work, monkeypatch):
+    monkeypatch.setattr(evaluator, "VMAP_WORK", vmap_work)
     kwargs = dict(n_directions=9, scales=[0.3, -0.1], seed=4)  # 9: a partial direction block
     generic = {}
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
