@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from geostore.analysis.flatness import DIRECTION_BLOCK
 from geostore.errors import GeostoreError
 
 if TYPE_CHECKING:
@@ -66,9 +67,11 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
 
     def loss(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         keyed = table.state_dict(batch, batched=True)
-        if n_examples * table.n_trainable() > VMAP_WORK:  # compute-bound: one weight set at a time
+        if n_examples * table.n_trainable() > VMAP_WORK:  # compute-bound: one weight set at a time, in blocks of
+            # as many examples as a vectorised block of weight sets holds (the same activation memory)
             sets = [{key: value[i] for key, value in keyed.items()} for i in range(len(next(iter(keyed.values()))))]
-            return torch.stack([sum(summed(w, block) for block in _blocks(probe)) for w in sets]) / n_examples
+            wide = EXAMPLE_BLOCK * DIRECTION_BLOCK
+            return torch.stack([sum(summed(w, block) for block in _blocks(probe, wide)) for w in sets]) / n_examples
         return sum(vmap(summed, in_dims=(0, None))(keyed, block) for block in _blocks(probe)) / n_examples
 
     return weights, loss
@@ -172,7 +175,7 @@ def _setup(model: Model, params: Mapping[str, np.ndarray], probe: Probe, device:
     return module, tuple(t.to(device) for t in probe)
 
 
-def _blocks(probe: Probe) -> Iterator[Probe]:
-    """The probe in consecutive blocks of `EXAMPLE_BLOCK` examples."""
-    for start in range(0, len(probe[0]), EXAMPLE_BLOCK):
-        yield tuple(t[start:start + EXAMPLE_BLOCK] for t in probe)
+def _blocks(probe: Probe, size: int = EXAMPLE_BLOCK) -> Iterator[Probe]:
+    """The probe in consecutive blocks of `size` examples."""
+    for start in range(0, len(probe[0]), size):
+        yield tuple(t[start:start + size] for t in probe)
