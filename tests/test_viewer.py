@@ -349,3 +349,15 @@ def test_curvature_measures_and_the_profile_the_store_lacks_are_disabled_with_a_
     window.epoch_control.slider.setValue(3)
     assert dock.kind == "one_sided" and dock.marker.getData()[1][0] == window.data.flatness.summary[
         "mean_delta_loss"][3]
+
+
+def test_garbage_is_collected_in_the_gui_thread_only_while_a_window_is_open(open_window, flat_store):
+    """Cycles holding Qt objects, collected in a worker thread, deadlocked the GUI thread; while a window lives,
+    collection runs on its GUI-thread timer only."""
+    import gc
+
+    assert gc.isenabled()
+    window = open_window(flat_store)
+    assert not gc.isenabled()
+    window.close()
+    assert gc.isenabled()

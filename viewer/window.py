@@ -23,6 +23,7 @@ from viewer.docks.training import TrainingDock
 from viewer.docks.trajectory import TrajectoryDock
 from viewer.docks.velocity import VelocityDock
 from viewer.epoch_control import EpochControl
+from viewer.gui_gc import GuiThreadCollector
 from viewer.state import ViewerState
 from viewer.worker import Jobs
 
@@ -60,6 +61,7 @@ class MainWindow(QMainWindow):
                  group: str = "all") -> None:
         super().__init__()
         QPixmapCache.setCacheLimit(max(QPixmapCache.cacheLimit(), PIXMAP_CACHE_KB))
+        self.collector = GuiThreadCollector(self)  # before any worker thread starts
         self.data = data
         self.state = ViewerState(data.n_epochs, data.groups, index=index, group=group)
         self.jobs = Jobs(self)
@@ -202,4 +204,5 @@ class MainWindow(QMainWindow):
         self.epoch_control.timer.stop()
         self.save_settings()
         self.jobs.close()
+        self.collector.release()
         super().closeEvent(event)
