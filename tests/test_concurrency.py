@@ -256,7 +256,7 @@ def test_readers_polling_during_inserts_never_see_a_mislabelled_epoch(tmp_path):
         writer.append(epochs, {n: np.stack([labelled([e])[e][n] for e in epochs]) for n in NAMES})
     script = tmp_path / "inserter.py"
     script.write_text(INSERTER)
-    proc = subprocess.Popen([sys.executable, str(script), str(store), "100", "160"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, str(script), str(store), "100", "130"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     stats = {"ok": 0, "changed": 0, "other": []}
@@ -266,7 +266,7 @@ def test_readers_polling_during_inserts_never_see_a_mislabelled_epoch(tmp_path):
     assert proc.returncode == 0, err
     assert not stats["other"], stats["other"][:3]
     assert stats["ok"] > 0
-    assert_labelled(geostore.open_store(store), list(range(100, 161)) + epochs)
+    assert_labelled(geostore.open_store(store), list(range(100, 131)) + epochs)
     print(f"polls: {stats['ok']} consistent, {stats['changed']} refused with StoreChangedError")
 
 
