@@ -40,6 +40,12 @@ def labelled(epochs) -> dict[int, dict[str, np.ndarray]]:
             for e in epochs}
 
 
+def stacked(epochs) -> dict[str, np.ndarray]:
+    """`labelled` rows stacked `(len(epochs), *shape)`, as `StoreWriter.append` takes them."""
+    rows = labelled(epochs)
+    return {n: np.stack([rows[int(e)][n] for e in epochs]) for n in NAMES}
+
+
 def labelled_source(path: Path, epochs) -> Path:
     return write_state_dict_dir(path, labelled(epochs), config=CONFIG, config_file=config_json(CONFIG))
 
@@ -167,8 +173,7 @@ def test_a_handle_opened_before_an_insert_raises_instead_of_reading_another_epoc
     """The break: `params["W_E"][1]`, labelled 12, returned checkpoint 6's weights after 6 was inserted."""
     store = tmp_path / "s.zarr"
     with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=8) as writer:
-        rows = labelled([0, 12, 24])
-        writer.append([0, 12, 24], {n: np.stack([rows[e][n] for e in (0, 12, 24)]) for n in NAMES})
+        writer.append([0, 12, 24], stacked([0, 12, 24]))
     old = geostore.open_store(store)
     lazy = old.params["W_E"][1]
     xr_old = old.to_xarray()
@@ -186,10 +191,10 @@ def test_a_handle_opened_before_an_insert_raises_instead_of_reading_another_epoc
 def test_a_handle_keeps_reading_while_epochs_are_appended(tmp_path):
     store = tmp_path / "s.zarr"
     with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=8) as writer:
-        writer.append([0, 1, 2], {n: np.stack([labelled([e])[e][n] for e in range(3)]) for n in NAMES})
+        writer.append([0, 1, 2], stacked([0, 1, 2]))
     old = geostore.open_store(store)
     with StoreWriter.open(store, model=MODEL, task={}) as writer:
-        writer.append([3, 4], {n: np.stack([labelled([e])[e][n] for e in (3, 4)]) for n in NAMES})
+        writer.append([3, 4], stacked([3, 4]))
     assert_labelled(old, [0, 1, 2])  # the snapshot it opened: appends never move committed values
 
 
@@ -249,13 +254,18 @@ def _poll(store: Path, until, stats: dict) -> None:
             stats["other"].append(str(exc))
 
 
-def test_readers_polling_during_inserts_never_see_a_mislabelled_epoch(tmp_path):
-    store = tmp_path / "s.zarr"
+def late_epochs_and_inserter(tmp_path: Path) -> tuple[Path, Path, list[int]]:
+    """A store of labelled epochs 1000..1038 (chunks of 4) and the INSERTER script beside it."""
+    store, epochs = tmp_path / "s.zarr", list(range(1000, 1040, 2))
     with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=4) as writer:
-        epochs = list(range(1000, 1040, 2))
-        writer.append(epochs, {n: np.stack([labelled([e])[e][n] for e in epochs]) for n in NAMES})
+        writer.append(epochs, stacked(epochs))
     script = tmp_path / "inserter.py"
     script.write_text(INSERTER)
+    return store, script, epochs
+
+
+def test_readers_polling_during_inserts_never_see_a_mislabelled_epoch(tmp_path):
+    store, script, epochs = late_epochs_and_inserter(tmp_path)
     proc = subprocess.Popen([sys.executable, str(script), str(store), "100", "130"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -271,12 +281,7 @@ def test_readers_polling_during_inserts_never_see_a_mislabelled_epoch(tmp_path):
 
 
 def test_a_writer_killed_mid_insert_leaves_readers_and_the_next_writer_a_consistent_store(tmp_path):
-    store = tmp_path / "s.zarr"
-    with StoreWriter.open(store, model=MODEL, task={}, chunk_epochs=4) as writer:
-        epochs = list(range(1000, 1040, 2))
-        writer.append(epochs, {n: np.stack([labelled([e])[e][n] for e in epochs]) for n in NAMES})
-    script = tmp_path / "inserter.py"
-    script.write_text(INSERTER)
+    store, script, _ = late_epochs_and_inserter(tmp_path)
     rng = np.random.default_rng(1)
     stats = {"ok": 0, "changed": 0, "other": []}
     for _trial in range(3):
