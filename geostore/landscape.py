@@ -142,7 +142,7 @@ class FlatnessReport:
     already: int
     seconds: float
     analyses: tuple[str, ...] = ("flatness",)
-    nonfinite: tuple[int, ...] = ()  # epochs skipped: their weights are NaN or infinite
+    nonfinite: tuple[int, ...] = ()  # epochs whose weights are NaN or infinite: recorded with NaN values
 
 
 def needs_probe(model: Model, probe: np.ndarray | None) -> bool:
@@ -301,10 +301,9 @@ def fill_missing(
     with progress_bar(epochs.size, "+".join(n for n in names if any(n in w for w in wanted.values())),
                       progress) as bar:
         for epoch, rows in results:
-            if rows is None:  # NaN/inf weights: nothing to measure; the epoch stays "not computed"
+            if rows is None:  # NaN/inf weights: nothing to measure, every value is NaN (a result, recorded)
                 nonfinite.append(epoch)
-                bar.update(1)
-                continue
+                rows = {name: writer.nan_row(name) for name in wanted[epoch]}
             done.append((epoch, rows))
             bar.update(1)
             bar.set_postfix_str(f"{settings.n_directions * bar.n / (time.perf_counter() - began):.0f} dir/s",
@@ -320,8 +319,8 @@ def fill_missing(
 
         shown = ", ".join(str(e) for e in sorted(nonfinite)[:5]) + (", ..." if len(nonfinite) > 5 else "")
         warnings.warn(GeostoreWarning(f"{writer.path}: {len(nonfinite)} epoch{'s' if len(nonfinite) > 1 else ''} "
-                                      f"({shown}) hold NaN or infinite weights: not computed, and listed as "
-                                      "incomplete"), stacklevel=2)
+                                      f"({shown}) hold NaN or infinite weights: their landscape values are NaN"),
+                      stacklevel=2)
     return FlatnessReport(int(epochs.size) - len(nonfinite), already, time.perf_counter() - began, names,
                           tuple(sorted(nonfinite)))
 

@@ -153,6 +153,27 @@ def test_flatness_during_an_ingest_serialises_and_completes_every_epoch(tmp_path
     np.testing.assert_array_equal(opened.flatness_epochs(), opened.epochs)
 
 
+def test_a_new_sweep_is_created_under_its_lock_and_concurrent_runs_both_land(tmp_path, sources):
+    """Sweep roots were made without the lock: a second ingest could find a half-made root and refuse it, or a
+    single store created at the same path could have its root overwritten."""
+    sweep = tmp_path / "sweep.zarr"
+    sweep.mkdir()
+    key = lock.acquire(Location.of(sweep))
+    try:
+        first = geostore_cli("ingest", str(sources["a"]), str(sweep), "--run", "a", "--no-flatness", "--quiet")
+        said = first.stderr.readline()
+        assert "waiting" in said and first.poll() is None and not (sweep / "zarr.json").exists()
+    finally:
+        lock.release(key)
+    second = geostore_cli("ingest", str(sources["b"]), str(sweep), "--run", "b", "--no-flatness", "--quiet")
+    results = finish([first, second])
+    assert [rc for rc, _ in results] == [0, 0], results
+    opened = geostore.open_sweep(sweep)
+    assert opened.runs == ["a", "b"]
+    assert_labelled(opened["a"], range(0, 200, 10))
+    assert_labelled(opened["b"], range(5, 205, 10))
+
+
 def test_two_writers_in_one_process_share_the_lock_but_the_stale_one_cannot_commit(tmp_path):
     """Writers of one process share the lock (no self-deadlock); the store is created once, and a writer whose
     committed state went stale is refused before it commits anything."""

@@ -129,6 +129,31 @@ def test_bad_input_leaves_an_s3_store_untouched_and_rerun_completes(s3, sources,
     assert geostore.open_store(url).flatness_epochs().tolist() == list(range(0, 200, 10))
 
 
+def test_concurrent_ingests_into_a_new_s3_store_end_as_one_ingest_of_the_union(s3, tmp_path):
+    """An object store has no file locks: writers take the conditional-PUT lock object (lock.py) in turn."""
+    from tests.test_concurrency import assert_labelled, finish, geostore_cli, labelled_source
+
+    url = f"s3://{BUCKET}/concurrent.zarr"
+    epochs = {"a": range(0, 100, 10), "overlap": range(50, 150, 10), "early": [1, 2, 3]}
+    procs = [geostore_cli("ingest", str(labelled_source(tmp_path / name, span)), url, "--no-flatness", "--quiet")
+             for name, span in epochs.items()]
+    results = finish(procs)
+    assert [rc for rc, _ in results] == [0, 0, 0], results
+    assert_labelled(geostore.open_store(url), sorted(set().union(*epochs.values())))
+    assert not s3.exists(f"{BUCKET}/concurrent.zarr/.geostore-lock")
+
+
+def test_a_failed_recompute_on_s3_puts_the_old_values_back(s3, sources):
+    url = f"s3://{BUCKET}/recompute.zarr"
+    ingest(sources / "first", url, flatness=SETTINGS, progress=False)
+    before, opened = remote_files(s3, url), geostore.open_store(url)
+    with pytest.raises(MemoryError), StoreWriter.open(url, model=opened.model, task=opened.task) as writer:
+        writer.enable_flatness({"epsilon": 0.1, "n_directions": 2, "seed": 0}, recompute=True)
+        assert s3.exists(f"{BUCKET}/recompute.zarr/_replaced/delta_losses")  # set aside, not deleted
+        raise MemoryError
+    assert remote_files(s3, url) == before
+
+
 def test_cli_and_viewer_read_an_s3_store(s3, sources, tmp_path, capsys, qapp):
     from viewer.app import main as geoview
 

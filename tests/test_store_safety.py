@@ -115,6 +115,26 @@ def test_every_command_on_a_damaged_store_fails_with_one_line_and_changes_nothin
     assert snapshot(store) == before
 
 
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_the_viewer_on_a_damaged_store_says_so_in_one_line_and_changes_nothing(pristine, tmp_path, capsys, damage):
+    """Damage the viewer meets on opening is its one-line error; damage a dock meets while loading shows in that
+    dock, and a rendering exits non-zero with it. A garbage array `zarr.json` is not read (see QUICK_BLIND)."""
+    from viewer.app import main as geoview
+
+    store = damaged_copy(pristine[0], tmp_path, damage)
+    before = snapshot(store)
+    capsys.readouterr()
+    code = geoview([str(store), "--screenshot", str(tmp_path / "shot.png")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("geoview")]
+    if damage == "garbage W_E/zarr.json":
+        assert code == 0 and not err
+    else:
+        assert code != 0 and len(err) == 1 and err[0].startswith("geoview: error: ") and str(store) in err[0], err
+    if damage.endswith("W_in chunk"):
+        assert "W_in" in err[0] and "epochs 40..70" in err[0]
+    assert {k: v for k, v in snapshot(store).items() if not k.startswith("derived/")} == before  # PCA cached
+
+
 @pytest.mark.parametrize("damage", ["missing W_in chunk", "truncated W_in chunk", "flipped byte in W_in chunk"])
 def test_reading_a_damaged_chunk_names_the_array_and_epochs(pristine, tmp_path, damage):
     store = damaged_copy(pristine[0], tmp_path, damage)
@@ -175,6 +195,35 @@ def test_any_exception_during_flatness_leaves_the_store_as_it_was(pristine, tmp_
     assert code != 0 and len(err) == 1, err
     assert snapshot(store) == before
     assert "antithetic" not in geostore.open_store(store).analyses()
+
+
+def test_a_failed_recompute_puts_the_old_values_back(pristine, tmp_path, capsys, monkeypatch):
+    """The break: `--recompute` dropped the stored values first, so a failure midway lost them for good."""
+    import shutil
+
+    import geostore.landscape as landscape
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(pristine[0], store)
+    before = snapshot(store)
+    real, calls = landscape.epoch_landscape, []
+
+    def fail_late(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # four epochs of new values are written by then
+            raise MemoryError()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(landscape, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(landscape, "epoch_landscape", fail_late)
+    assert main(["flatness", str(store), "--recompute", "--directions", "3", "--quiet"]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert snapshot(store) == before
+    assert geostore.open_store(store).flatness_settings["n_directions"] == 2
+    monkeypatch.setattr(landscape, "epoch_landscape", real)  # and a recompute that succeeds leaves nothing aside
+    assert main(["flatness", str(store), "--recompute", "--directions", "3", "--quiet"]) == 0
+    assert not (store / "_replaced").exists() and check(Location.of(store), deep=True).ok
+    assert geostore.open_store(store).delta_losses.shape[1] == 3
 
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
@@ -264,7 +313,7 @@ def test_train_runs_zero_epochs_when_asked(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------- what ingest reports
-def test_nonfinite_weights_are_stored_reported_and_never_counted_as_computed(tmp_path, capsys):
+def test_nonfinite_weights_are_stored_reported_and_their_nan_landscape_recorded_as_complete(tmp_path, capsys):
     traj = labelled(range(0, 50, 10))
     traj[20]["W_in"][0, 0, 0] = np.nan
     traj[30]["W_E"][1, 1] = np.inf
@@ -278,7 +327,12 @@ def test_nonfinite_weights_are_stored_reported_and_never_counted_as_computed(tmp
     assert "computed for 3 epochs" in captured.out
     opened = geostore.open_store(store)
     assert np.isnan(opened.params_at(20)["W_in"][0, 0, 0])
-    np.testing.assert_array_equal(opened.flatness_epochs(), [0, 10, 40])
+    # completion is recorded apart from the values: NaN is the landscape at NaN weights, not "not computed"
+    np.testing.assert_array_equal(opened.flatness_epochs(), [0, 10, 20, 30, 40])
+    baseline = opened.baseline_loss.compute()
+    assert np.isnan(baseline[[2, 3]]).all() and np.isfinite(baseline[[0, 1, 4]]).all()
+    assert main(["flatness", str(store), "--quiet"]) == 0
+    assert "computed for 0 epochs" in capsys.readouterr().out  # nothing left to do
 
 
 def test_float64_checkpoints_are_rounded_with_one_warning_line(tmp_path, capsys):

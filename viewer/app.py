@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def screenshot(window, out: Path, size: tuple[int, int]) -> int:
-    """Lay out `window` at `size`, wait for its data, render it into `out`; returns the exit code."""
+    """Lay out `window` at `size`, wait for its data, render it into `out`; returns the exit code: 1 when a dock
+    could not load its data (a damaged store: the image shows which), with the first failure as one line."""
     window.resize(*size)
     window.show()
     if not window.jobs.wait():
@@ -90,6 +91,8 @@ def screenshot(window, out: Path, size: tuple[int, int]) -> int:
     if not image.save(str(out)):
         return fail(f"{out}: could not write the image", 1, dialog=False)
     print(f"wrote {out} ({image.width()}x{image.height()})")
+    if window.jobs.failures:
+        return fail(window.jobs.failures[0], 1, dialog=False)
     return 0
 
 

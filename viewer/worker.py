@@ -45,6 +45,7 @@ class Jobs(QObject):
         self._keys = itertools.count()
         self._pending: dict[int, tuple[Callable, Callable | None]] = {}
         self._closed = False
+        self.failures: list[str] = []  # every job's one-line failure, in order (a damaged store, ...)
 
     @property
     def busy(self) -> bool:
@@ -69,8 +70,10 @@ class Jobs(QObject):
             return
         if ok and on_done is not None:
             on_done(result)
-        elif not ok and on_failed is not None:
-            on_failed(result)
+        elif not ok:
+            self.failures.append(str(result))
+            if on_failed is not None:
+                on_failed(result)
         if not self._pending:
             self.busy_changed.emit(False)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
+import numpy as np
 import zarr
 
 from geostore.errors import StoreError
@@ -112,3 +114,13 @@ def pending_state(location: Location) -> dict | None:
         return json.loads(location.read_text(f"{PENDING}/state.json"))
     except (OSError, ValueError):
         return {"complete": False}
+
+
+def incomplete_rows(analysis: str, read: Callable[[str], np.ndarray], has: Callable[[str], bool]) -> np.ndarray:
+    """Per stored epoch, whether `analysis` is not complete there: its done flag is unset, or (a store written
+    before done flags) its first array's row holds a NaN. `read(array)` gives an array's committed rows."""
+    done = schema.DONE_ARRAYS[analysis]
+    if has(done):
+        return ~np.asarray(read(done), dtype=bool)
+    missing = np.isnan(np.asarray(read(schema.ANALYSES[analysis][0])))
+    return missing.reshape(missing.shape[0], -1).any(axis=1)

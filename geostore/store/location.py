@@ -225,6 +225,18 @@ class Location:
         if self._fs.exists(full):
             self._fs.rm(full, recursive=True)
 
+    def move(self, key: str, to: str) -> None:
+        """Move file or folder `key` to `to` (replacing nothing: `to` must be missing). A rename on local folders;
+        on object stores a copy of each object, then its removal."""
+        if self.local is not None:
+            target = self._path(to)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self._path(key), target)
+            return
+        sources = self.files(key)
+        self._fs.copy([self._full(k) for k in sources], [self._full(to + k[len(key):]) for k in sources])
+        self.remove(key)
+
     def make_folder(self) -> None:
         """Create the location's folder where folders exist (a no-op on object stores)."""
         if self.local is not None:

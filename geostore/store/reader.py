@@ -220,22 +220,23 @@ class Store:
         """
         return self._analysis_array("flatness", "delta_losses")
 
-    def _analysis_array(self, analysis: str, name: str) -> da.Array:
-        """Lazy rows of one array of an analysis, NaN where the analysis's completion marker is not written."""
+    def _missing(self, analysis: str) -> np.ndarray:
+        """Per stored epoch, whether `analysis` is not complete there (see `layout.incomplete_rows`)."""
         self._require(analysis)
+        return layout.incomplete_rows(analysis, lambda name: self._group[name][: self._n],
+                                      lambda name: name in self._group)
+
+    def _analysis_array(self, analysis: str, name: str) -> da.Array:
+        """Lazy rows of one array of an analysis, NaN where the analysis is not complete."""
         import dask.array as da
 
+        missing = self._missing(analysis)
         values = da.from_zarr(self._group[name])[: self._n]
-        marker = schema.ANALYSES[analysis][0]
-        if name == marker:
-            return values
-        missing = _incomplete(da.isnan(da.from_zarr(self._group[marker])[: self._n]))
         return da.where(missing.reshape((self._n,) + (1,) * (values.ndim - 1)), np.nan, values)
 
     def _read(self, analysis: str, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Small arrays of an analysis read without dask, rows whose marker is not written set to NaN."""
-        self._require(analysis)
-        missing = _incomplete(np.isnan(self._group[schema.ANALYSES[analysis][0]][: self._n]))
+        """Small arrays of an analysis read without dask, rows where it is not complete set to NaN."""
+        missing = self._missing(analysis)
         out = {}
         for name in names:
             values = np.array(self._group[name][: self._n], dtype=np.float64)
@@ -245,8 +246,7 @@ class Store:
 
     def analysis_epochs(self, name: str) -> np.ndarray:
         """Epochs whose analysis `name` is complete (read without dask)."""
-        marker = self._read(name, [schema.ANALYSES[name][0]])[schema.ANALYSES[name][0]]
-        return self._epochs[~_incomplete(np.isnan(marker))]
+        return self._epochs[~self._missing(name)]
 
     def flatness_epochs(self) -> np.ndarray:
         """Epochs whose flatness is complete (read without dask)."""
@@ -414,11 +414,6 @@ class Store:
     def __repr__(self) -> str:
         span = f"{self._epochs[0]}..{self._epochs[-1]}" if self._n else "none"
         return f"<geostore.Store {str(self.path)!r}: {self._n} epochs ({span})>"
-
-
-def _incomplete(missing: np.ndarray) -> np.ndarray:
-    """Per epoch (rows), whether any value of a completion marker's NaN mask is set (numpy or dask)."""
-    return missing.any(axis=1) if missing.ndim > 1 else missing
 
 
 def open_store(path: str | os.PathLike | Location, run: str | None = None, *,

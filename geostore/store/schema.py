@@ -96,15 +96,18 @@ ANALYSIS_ARRAYS: dict[str, tuple[str, ...]] = {
     "top_eigenvalue_residual": (EPOCH_DIM,),
 }
 
-# Analyses a store can hold, by the arrays that make them up. The first array of each is written
-# after the others: an epoch's analysis is complete exactly when its row of the first array is finite
-# (for flatness, `baseline_loss` is written after `delta_losses`).
+# Analyses a store can hold, by the arrays that make them up (their completion flags: `DONE_ARRAYS`).
 ANALYSES: dict[str, tuple[str, ...]] = {
     "flatness": ("baseline_loss", "delta_losses"),
     "antithetic": ("curvature", "slope"),
     "profile": ("profile_curvature", "profile_curvature_stderr", "profile_flatness_ratio", "profile_epsilon"),
     "hessian": ("hessian_trace", "hessian_trace_stderr", "top_eigenvalue", "top_eigenvalue_residual"),
 }
+
+# Each analysis's completion, recorded apart from its values (so a NaN value, e.g. the loss at NaN weights, is a
+# result): a bool per epoch, set after the epoch's values are written. Stores written before these flags
+# have none; there an epoch's analysis is complete when its row of the analysis's first array is finite.
+DONE_ARRAYS: dict[str, str] = {name: f"{name}_done" for name in ANALYSES}
 
 # Each analysis's settings live in the root attribute named after it; these keys must agree to extend
 # stored values (other keys, such as definitions or the device, are informational).

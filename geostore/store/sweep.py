@@ -1,8 +1,8 @@
 """Sweeps: many runs in one store, each a complete geostore store under `runs/<name>`.
 
 A sweep's root is a plain Zarr group tagged `geostore_sweep`; each run below it keeps its own
-consolidated metadata (its commit record), so runs are written, extended and read independently, and
-each run's folder is a store of its own (`geostore info sweep.zarr/runs/<name>`,
+consolidated metadata (its commit record) and its own writer lock, so runs are written, extended and read
+independently, and each run's folder is a store of its own (`geostore info sweep.zarr/runs/<name>`,
 `xarray.open_zarr("sweep.zarr/runs/<name>")`). The root never changes once created, so writers of
 different runs never touch a shared file.
 """
@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 
 from geostore.errors import StoreError
-from geostore.store import layout
+from geostore.store import layout, lock
 from geostore.store.location import Location
 from geostore.store.reader import Store
 
@@ -45,17 +45,34 @@ def run_location(location: Location, name: str) -> Location:
 
 
 def create_sweep(location: Location) -> None:
-    """Make `location` a sweep: an empty place becomes one; an existing sweep is kept; anything else is refused."""
-    if is_sweep(location):
+    """Make `location` a sweep: an empty place becomes one; an existing sweep is kept; anything else is refused.
+
+    Created under the lock of `location` (lock.py), so two processes making one sweep at once both end with it,
+    and a store written at the same path at the same moment is never overwritten (one of them is refused).
+    """
+    if _existing_sweep(location):
         return
+    location.make_folder()
+    key = lock.acquire(location)
+    try:
+        if _existing_sweep(location):  # again, under the lock: another process may have made it meanwhile
+            return
+        group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+        location.write_bytes(f"{RUNS}/{layout.ROOT_META}", json.dumps(group).encode())
+        root = {**group, "attributes": {SWEEP_ATTR: {"version": SWEEP_VERSION, "runs": RUNS}}}
+        location.write_atomic(layout.ROOT_META, json.dumps(root, indent=2).encode())  # last: marks it a sweep
+    finally:
+        lock.release(key)
+
+
+def _existing_sweep(location: Location) -> bool:
+    """True for a sweep, False for an empty place; StoreError for anything else."""
+    if is_sweep(location):
+        return True
     if not location.is_empty():
         raise StoreError(f"{location}: exists and is not a sweep (a sweep needs a new path; open a single "
                          "store with `geostore ingest CKPTS STORE`)")
-    location.make_folder()
-    group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-    location.write_bytes(f"{RUNS}/{layout.ROOT_META}", json.dumps(group).encode())
-    root = {**group, "attributes": {SWEEP_ATTR: {"version": SWEEP_VERSION, "runs": RUNS}}}
-    location.write_atomic(layout.ROOT_META, json.dumps(root, indent=2).encode())  # last: marks it a sweep
+    return False
 
 
 class Sweep:

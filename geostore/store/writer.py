@@ -36,6 +36,9 @@ from geostore.family.base import Model, ParameterTable
 from geostore.store import integrity, layout, lock, schema
 from geostore.store.location import LOCK_KEY, PARTIAL_SUFFIX, Location
 
+# Where a recompute keeps the values it replaces until its writer closes (a rollback puts them back).
+REPLACED = "_replaced"
+
 # Arrays written at once: zarr's per-call overhead (metadata, event-loop round trips) overlaps.
 WRITE_THREADS = 8
 
@@ -60,6 +63,8 @@ class StoreWriter:
         self.created = created
         self.table: ParameterTable = schema.table_of(attrs)
         self._arrays: dict[str, zarr.Array] = {}
+        self._done: dict[str, bool] = {}
+        self._replaced: list[str] = []  # arrays a recompute set aside, under REPLACED
         self._discard = False
         # the lock goes back when the writer is closed, collected or the interpreter exits
         self._release = weakref.finalize(self, lock.release, lock_key) if lock_key else None
@@ -77,6 +82,8 @@ class StoreWriter:
         """Release the store's lock (a writer of a store this writer created and rolled back removes it)."""
         if self._release is None or not self._release.alive:
             return
+        self.location.remove(REPLACED)  # what a finished recompute replaced
+        self._replaced.clear()
         if self._discard:  # unlinked while still held, so no waiting writer can lock the dead file
             self.location.remove(LOCK_KEY)
             if self.location.is_local:
@@ -159,9 +166,17 @@ class StoreWriter:
         return [schema.EPOCH_DIM, *self.table.names, *schema.METRICS, *self._analysis_arrays()]
 
     def _analysis_arrays(self) -> list[str]:
-        """Arrays of the analyses the committed attributes enable (an analysis is listed by its settings)."""
+        """Arrays of the analyses the committed attributes enable (an analysis is listed by its settings), with
+        their done flags where the store records them."""
         return [name for analysis, names in schema.ANALYSES.items() if analysis in self.attrs
-                for name in schema.ANALYSIS_ARRAYS if name in names]
+                for name in (*(n for n in schema.ANALYSIS_ARRAYS if n in names),
+                             *((schema.DONE_ARRAYS[analysis],) if self._has_done(analysis) else ()))]
+
+    def _has_done(self, analysis: str) -> bool:
+        """Whether the store records the completion of `analysis` in done flags (not in stores made before them)."""
+        if analysis not in self._done:
+            self._done[analysis] = self.location.exists(f"{schema.DONE_ARRAYS[analysis]}/{layout.ROOT_META}")
+        return self._done[analysis]
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:  # opening an array reads its metadata: keep the handles
@@ -236,7 +251,8 @@ class StoreWriter:
 
         `analyses` maps names of `schema.ANALYSES` to settings naming at least the keys of
         `schema.ANALYSIS_SETTINGS`. An analysis stored with other settings is refused unless `recompute`,
-        which drops its stored values first; every analysis is checked before anything is written.
+        which un-lists its stored values and sets them aside (under `_replaced/`) until the writer closes: a
+        failure before then puts them back. Every analysis is checked before anything is written.
         """
         asked = {name: dict(settings) for name, settings in analyses.items()}
         stale = []
@@ -254,13 +270,7 @@ class StoreWriter:
         if not new:
             return
         if stale:  # un-list the old arrays first, so a crash never shows them with new settings
-            present = [a for a in self._analysis_arrays() if any(a in schema.ANALYSES[n] for n in stale)]
-            for name in stale:
-                self.attrs.pop(name)
-            self._commit(self._epochs, moved=True)
-            for array in present:
-                self.location.remove(array)
-                self._arrays.pop(array, None)
+            self._set_aside(stale)
         with layout.quiet_zarr():
             for name in new:
                 for array in schema.ANALYSES[name]:
@@ -271,10 +281,47 @@ class StoreWriter:
                         fill_value=float("nan"), dimension_names=dims, compressors=layout.COMPRESSORS,
                         config={"write_empty_chunks": True}, overwrite=True,
                     )
+                done = self._group.create_array(
+                    schema.DONE_ARRAYS[name], shape=(self._n,), chunks=(self.chunk_epochs,), dtype="bool",
+                    fill_value=False, dimension_names=(schema.EPOCH_DIM,), compressors=layout.COMPRESSORS,
+                    config={"write_empty_chunks": True}, overwrite=True,
+                )
+                done[...] = False  # every chunk stored: a missing one is damage, not "not computed"
+                self._done[name] = True
                 self.attrs[name] = asked[name]
         self._commit(self._epochs)
-        if stale:
-            self._mark_rollback_point()  # the old values are gone: a rollback returns to the recomputed state
+
+    def _set_aside(self, analyses: Sequence[str]) -> None:
+        """Un-list `analyses` (committed, the generation rises) and move their arrays under `_replaced/`."""
+        arrays = [a for a in self._analysis_arrays()
+                  if any(a in (*schema.ANALYSES[n], schema.DONE_ARRAYS[n]) for n in analyses)]
+        for name in analyses:
+            self.attrs.pop(name)
+        self._commit(self._epochs, moved=True)
+        for array in arrays:
+            if f"{REPLACED}/{array}" not in self._replaced:  # a second recompute keeps the store's own values
+                self.location.move(array, f"{REPLACED}/{array}")
+                self._replaced.append(f"{REPLACED}/{array}")
+            else:
+                self.location.remove(array)
+            self._arrays.pop(array, None)
+        for name in analyses:
+            self._done.pop(name, None)
+
+    def _restore_replaced(self) -> None:
+        """Put the arrays a recompute set aside back in place (before the root that lists them is restored)."""
+        aside = {key.removeprefix(f"{REPLACED}/") for key in self._replaced}
+        current = [name for name in schema.ANALYSES if name in self.attrs and aside & set(schema.ANALYSES[name])]
+        if current:  # first un-list what replaced them, so no reader meets their metadata with the old chunks
+            for name in current:
+                self.attrs.pop(name)
+            self._commit(self._epochs, moved=True)
+        for key in self._replaced:
+            array = key.removeprefix(f"{REPLACED}/")
+            self.location.remove(array)
+            self.location.move(key, array)
+        self._replaced.clear()
+        self.location.remove(REPLACED)
 
     def enable_flatness(self, settings: Mapping[str, object], *, recompute: bool = False) -> None:
         """`enable_analyses({"flatness": settings}, recompute=recompute)`."""
@@ -284,8 +331,8 @@ class StoreWriter:
         """Stored epochs whose analysis `name` is not complete (all of them when it is not enabled)."""
         if self.analysis_settings(name) is None:
             return self.epochs
-        marker = np.isnan(self._array(schema.ANALYSES[name][0])[: self._n])
-        return self._epochs[marker.any(axis=tuple(range(1, marker.ndim)))]
+        return self._epochs[layout.incomplete_rows(name, lambda array: self._array(array)[: self._n],
+                                                   lambda array: array in self._analysis_arrays())]
 
     def flatness_missing(self) -> np.ndarray:
         """Stored epochs whose flatness is not complete (all of them when flatness is not enabled)."""
@@ -294,8 +341,8 @@ class StoreWriter:
     def write_analysis(self, name: str, epochs: Sequence[int], rows: Mapping[str, np.ndarray]) -> None:
         """Write rows of analysis `name` for stored epochs: `rows[array]` is `(k, *row shape)` for every array.
 
-        The analysis's first array (its completion marker) is written last and each chunk write is
-        atomic, so a killed writer leaves whole epochs.
+        The epochs' done flags (in stores made before them: the analysis's first array) are written last and
+        each chunk write is atomic, so a killed writer leaves whole epochs. NaN values are results like others.
         """
         if self.analysis_settings(name) is None:
             raise StoreError(f"{self.path}: {name} is not enabled in this store")
@@ -315,6 +362,12 @@ class StoreWriter:
             return
         for array in (*schema.ANALYSES[name][1:], schema.ANALYSES[name][0]):
             self._array(array).oindex[(index, *(slice(None),) * (values[array].ndim - 1))] = values[array]
+        if self._has_done(name):
+            self._array(schema.DONE_ARRAYS[name]).oindex[index] = True
+
+    def nan_row(self, name: str) -> dict[str, np.ndarray]:
+        """One epoch's row of analysis `name` with every value NaN (the landscape at NaN weights)."""
+        return {array: np.full(self._array(array).shape[1:], np.nan) for array in schema.ANALYSES[name]}
 
     def write_flatness(
         self,
@@ -376,15 +429,16 @@ class StoreWriter:
     def rollback(self) -> None:
         """Undo everything this writer appended or enabled: back to the store as it was opened.
 
-        Only appends and newly enabled analyses can be undone (they never touched stored values);
-        after an insertion shifted stored epochs, the store stays as committed, and a recompute
-        that replaced a stored analysis is kept.
+        Appends, newly enabled analyses and recomputed ones (their old values come back) are undone; after an
+        insertion shifted stored epochs, the store stays as committed. Rows computed for stored epochs stay.
         """
         if self.created and not self._shifted:
             self._discard_created()
             return
         if self._shifted:
             return
+        if self._replaced:
+            self._restore_replaced()
         self._n = self._start_n
         self._epochs = self._epochs[: self._start_n]
         root = self._start_files.get(layout.ROOT_META)
@@ -403,6 +457,7 @@ class StoreWriter:
             self.location.remove(schema.PROBE)
             self._added_probe = False
         self._arrays.clear()  # the handles' metadata predates the restored files
+        self._done.clear()
 
     def _discard_created(self) -> None:
         """Remove the store this writer created, all but the lock (removed, still held, by `close`)."""
@@ -455,7 +510,8 @@ class StoreWriter:
             given = None if metrics is None else metrics.get(name)
             columns[name] = np.full(k, np.nan) if given is None else np.asarray(given, dtype=np.float64)
         for name in self._analysis_arrays():
-            columns[name] = np.full((k, *self._array(name).shape[1:]), np.nan)
+            array = self._array(name)
+            columns[name] = np.full((k, *array.shape[1:]), array.fill_value, dtype=array.dtype)
         return columns
 
     def _write_region(self, start: int, columns: Mapping[str, np.ndarray]) -> None:
@@ -535,6 +591,7 @@ class StoreWriter:
         for key in self.location.files():
             if key.endswith(PARTIAL_SUFFIX):
                 self.location.remove(key)
+        self.location.remove(REPLACED)  # a killed recompute's old values: its new settings are committed
         state = layout.pending_state(self.location)
         if state is not None and state.get("complete"):
             self._replay()
