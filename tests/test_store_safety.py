@@ -49,11 +49,28 @@ def pristine(tmp_path_factory):
     return root / "s.zarr", later
 
 
-def damaged_copy(pristine, tmp_path, damage: str) -> Path:
+def store_copy(pristine: Path, tmp_path: Path) -> Path:
+    """A copy of the pristine store to change."""
     import shutil
 
-    store = tmp_path / "s.zarr"
-    shutil.copytree(pristine, store)
+    return Path(shutil.copytree(pristine, tmp_path / "s.zarr"))
+
+
+def fail_on_call(monkeypatch, module, name: str, call: int, error: type[BaseException]) -> None:
+    """Make `module.name` raise `error` on its `call`-th call (the calls before run the real function)."""
+    real, calls = getattr(module, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+
+
+def damaged_copy(pristine, tmp_path, damage: str) -> Path:
+    store = store_copy(pristine, tmp_path)
     chunk = store / "W_in" / "c" / "1" / "0" / "0" / "0"  # (epoch, layer, d_model, d_mlp) chunk keys
     if damage == "missing W_in chunk":
         chunk.unlink()
@@ -163,10 +180,7 @@ def test_a_pristine_store_checks_clean(pristine, capsys):
 
 # ----------------------------------------------------------------------------- failures roll back
 def test_an_impossible_direction_count_is_refused_before_anything_is_written(pristine, tmp_path, capsys):
-    import shutil
-
-    store = tmp_path / "s.zarr"
-    shutil.copytree(pristine[0], store)
+    store = store_copy(pristine[0], tmp_path)
     before = snapshot(store)
     assert main(["flatness", str(store), "--directions", "100000000", "--recompute", "--quiet"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -178,12 +192,9 @@ def test_an_impossible_direction_count_is_refused_before_anything_is_written(pri
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt, ZeroDivisionError])
 def test_any_exception_during_flatness_leaves_the_store_as_it_was(pristine, tmp_path, capsys, monkeypatch, error):
     """The break: a MemoryError after the settings were committed left them recorded for good."""
-    import shutil
-
     import geostore.landscape as landscape
 
-    store = tmp_path / "s.zarr"
-    shutil.copytree(pristine[0], store)
+    store = store_copy(pristine[0], tmp_path)
     before = snapshot(store)
 
     def boom(*args, **kwargs):
@@ -199,23 +210,13 @@ def test_any_exception_during_flatness_leaves_the_store_as_it_was(pristine, tmp_
 
 def test_a_failed_recompute_puts_the_old_values_back(pristine, tmp_path, capsys, monkeypatch):
     """The break: `--recompute` dropped the stored values first, so a failure midway lost them for good."""
-    import shutil
-
     import geostore.landscape as landscape
 
-    store = tmp_path / "s.zarr"
-    shutil.copytree(pristine[0], store)
+    store = store_copy(pristine[0], tmp_path)
     before = snapshot(store)
-    real, calls = landscape.epoch_landscape, []
-
-    def fail_late(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # four epochs of new values are written by then
-            raise MemoryError()
-        return real(*args, **kwargs)
-
+    real = landscape.epoch_landscape
     monkeypatch.setattr(landscape, "FLUSH_SECONDS", 0.0)
-    monkeypatch.setattr(landscape, "epoch_landscape", fail_late)
+    fail_on_call(monkeypatch, landscape, "epoch_landscape", 5, MemoryError)  # after 4 epochs of new values
     assert main(["flatness", str(store), "--recompute", "--directions", "3", "--quiet"]) != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert snapshot(store) == before
@@ -228,23 +229,12 @@ def test_a_failed_recompute_puts_the_old_values_back(pristine, tmp_path, capsys,
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
 def test_any_exception_during_ingest_rolls_back_appended_batches(pristine, tmp_path, monkeypatch, error):
-    import shutil
-
     import geostore.ingest as ingest_module
 
-    store = tmp_path / "s.zarr"
-    shutil.copytree(pristine[0], store)
+    store = store_copy(pristine[0], tmp_path)
     before = snapshot(store)
     source = labelled_source(tmp_path / "more", range(300, 400, 10))  # 10 epochs: 3 batches of 4 here
-    real, calls = ingest_module._load, []
-
-    def load(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # the first batch is appended and committed before this
-            raise error()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "_load", load)
+    fail_on_call(monkeypatch, ingest_module, "_load", 3, error)  # the first batch is committed before this
     with pytest.raises(error):
         ingest(source, store, flatness=None, progress=False)
     assert snapshot(store) == before
