@@ -6,7 +6,10 @@ HookedTransformer's weights with a per-epoch drift), then measures, on the same 
 - baseline: `np.save` of every checkpoint's parameters (already in memory) into one file per checkpoint;
 - baseline+load: reading each safetensors file and `np.save`-ing it (the same I/O an ingest must do);
 - geostore: `geostore.ingest.ingest(source, store, flatness=None)` into a fresh store (weights only;
-  benchmarks/flatness.py measures flatness).
+  benchmarks/flatness.py measures flatness);
+- the store-safety share of it: taking and releasing the writer lock plus the check every writer runs
+  on a stored store before writing (metadata, presence and size of every committed chunk), and the
+  `crc32c` checksums (one write of every parameter array of the run with and without the codec).
 
 Prints checkpoints/s and MB/s for each and the ratios; run with `.venv/bin/python benchmarks/ingest.py`.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from timing import timed
@@ -96,10 +100,41 @@ def main() -> None:
         print(f"ratio geostore ingest / numpy write (throughput): {base / results['geostore ingest']:.2f}")
         print(f"ratio geostore ingest / numpy load+write (throughput): "
               f"{results['numpy load+write'] / results['geostore ingest']:.2f}")
+        print_safety_cost(scratch, params, results["geostore ingest"], args.repeats)
         store_bytes = sum(f.stat().st_size for f in (scratch / "store.zarr").rglob("*") if f.is_file())
         print(f"store size on disk: {store_bytes / 1e6:.1f} MB ({store_bytes / nbytes:.2f} of raw)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def print_safety_cost(scratch: Path, params: list[dict[str, np.ndarray]], ingest_seconds: float,
+                      repeats: int) -> None:
+    """What one writer's lock and pre-write check, and the chunk checksums, cost beside an ingest."""
+    from geostore.store import integrity, lock
+    from geostore.store.location import Location
+
+    location = Location.of(scratch / "store.zarr")
+
+    def lock_and_check() -> None:
+        key = lock.acquire(location)
+        integrity.verify(location)
+        lock.release(key)
+
+    guard = statistics.median(timed(lock_and_check) for _ in range(repeats))
+    stacked = {name: np.stack([checkpoint[name] for checkpoint in params]) for name in params[0]}
+
+    def write(codecs: tuple) -> None:
+        target = scratch / "codec.zarr"
+        shutil.rmtree(target, ignore_errors=True)
+        group = zarr.open_group(target, mode="w")
+        for name, value in stacked.items():
+            group.create_array(name, data=value, chunks=(16, *value.shape[1:]), compressors=codecs)
+
+    plain = statistics.median(timed(lambda: write(())) for _ in range(repeats))
+    checked = statistics.median(timed(lambda: write((zarr.codecs.Crc32cCodec(),))) for _ in range(repeats))
+    print(f"store safety: lock + pre-write check {guard * 1e3:.1f} ms per writer "
+          f"({guard / ingest_seconds:.1%} of the ingest); crc32c checksums: write {checked / plain:.2f}x "
+          f"the time without ({checked:.3f} s vs {plain:.3f} s)")
 
 
 if __name__ == "__main__":
