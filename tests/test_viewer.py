@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PySide6.QtCore import QPointF, QSettings, Qt
@@ -170,6 +172,38 @@ def test_flatness_statistic_and_band(qtbot, open_window, flat_store):
     np.testing.assert_array_equal(flatness.baseline.getData()[1], np.log10(summary["baseline_loss"]))
 
 
+def ink_agreement(png: QImage, svg: Path, width: int, height: int) -> float:
+    """How much of the dark ink of `png` and of `svg` rendered at `width` x `height` lies within 2 px of the
+    other's (the smaller of the two fractions): 1 when both draw the same things in the same places."""
+    from PySide6.QtGui import QColor, QPainter
+    from PySide6.QtSvg import QSvgRenderer
+
+    rendered = QImage(width, height, QImage.Format.Format_ARGB32)
+    rendered.fill(QColor("white"))
+    painter = QPainter(rendered)
+    QSvgRenderer(str(svg)).render(painter)
+    painter.end()
+    a, b = (ink(image) for image in (png.scaled(width, height), rendered))
+    return min((a & grow(b, 2)).sum() / a.sum(), (b & grow(a, 2)).sum() / b.sum())
+
+
+def ink(image: QImage) -> np.ndarray:
+    """Dark pixels of an image (bool, rows x columns)."""
+    gray = image.convertToFormat(QImage.Format.Format_Grayscale8)
+    rows = np.frombuffer(gray.constBits(), np.uint8).reshape(gray.height(), gray.bytesPerLine())
+    return rows[:, : gray.width()] < 160
+
+
+def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """`mask` dilated by a square of `pixels` on each side."""
+    padded = np.pad(mask, pixels)
+    out = np.zeros_like(mask)
+    for dy in range(2 * pixels + 1):
+        for dx in range(2 * pixels + 1):
+            out |= padded[dy: dy + mask.shape[0], dx: dx + mask.shape[1]]
+    return out
+
+
 def test_every_dock_exports_png_svg_and_csv(qtbot, open_window, flat_store, tmp_path):
     window = open_window(flat_store)
     window.epoch_control.slider.setValue(2)
@@ -180,8 +214,11 @@ def test_every_dock_exports_png_svg_and_csv(qtbot, open_window, flat_store, tmp_
         png = dock.export("png", tmp_path / f"{name}.png")
         image = QImage(str(png))
         assert image.width() >= dock.canvas.width() and not image.isNull()
-        svg = dock.export("svg", tmp_path / f"{name}.svg").read_text()
+        svg_path = dock.export("svg", tmp_path / f"{name}.svg")
+        svg = svg_path.read_text()
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg and svg.count("<path") > 3
+        # the SVG draws everything where the PNG does (it drew axes, grid and curves at 0.75x scale: ~0.6-0.75)
+        assert ink_agreement(image, svg_path, dock.canvas.width(), dock.canvas.height()) > 0.82, name
         # curves and points as vector paths, not pixmaps (the colour bar's gradient is the one image)
         assert svg.count("<image") == (name == "trajectory")
         rows = dock.export("csv", tmp_path / f"{name}.csv").read_text().splitlines()

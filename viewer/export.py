@@ -67,6 +67,9 @@ def export_svg(view: QGraphicsView, path: str | os.PathLike, *, title: str = "")
     generator.setFileName(str(path))
     generator.setSize(view.size())
     generator.setViewBox(QRect(0, 0, view.width(), view.height()))
+    # the screen's dpi, not the generator's default 72: pyqtgraph replays its cached pictures at the device's
+    # resolution, so at 72 dpi axes, grid and curves came out at 0.75x the scale of the labels around them
+    generator.setResolution(view.logicalDpiX())
     generator.setTitle(title)
     generator.setDescription("geoview export")
     painter = QPainter()
