@@ -166,10 +166,33 @@ def test_flatness_statistic_and_band(qtbot, open_window, flat_store):
     flatness.statistic.setCurrentIndex(flatness.statistic.findData("flatness_ratio"))
     np.testing.assert_array_equal(flatness.curve.getData()[1], summary["flatness_ratio"])
     assert not flatness.band.isVisible()
-    flatness.statistic.setCurrentIndex(flatness.statistic.findData("p90_delta_loss"))
+    for spread in ("std_delta_loss", "max_delta_loss"):  # the p10-p90 band belongs to central statistics only
+        flatness.statistic.setCurrentIndex(flatness.statistic.findData(spread))
+        assert not flatness.band.isVisible()
+    flatness.statistic.setCurrentIndex(flatness.statistic.findData("median_delta_loss"))
     assert flatness.band.isVisible()
     np.testing.assert_array_equal(flatness.band_high.getData()[1], summary["p90_delta_loss"])
     np.testing.assert_array_equal(flatness.baseline.getData()[1], np.log10(summary["baseline_loss"]))
+    right = flatness.flatness_plot.getAxis("right")
+    for log in (True, False):  # toggling log y reset every axis, the baseline's log axis too
+        flatness.log_y.setChecked(log)
+        assert right.logMode and flatness.flatness_plot.getAxis("left").logMode == log
+
+
+def test_log_y_says_how_many_epochs_it_cannot_show(qtbot, open_window, tmp_path, tiny_model):
+    from geostore.store.writer import StoreWriter
+
+    path = make_store(tmp_path / "neg.zarr", tiny_model, flatness=False)
+    deltas = np.abs(np.random.default_rng(0).standard_normal((len(EPOCHS), 4)))
+    deltas[[2, 5, 6]] *= -1  # Δloss below zero: the loss fell along every direction
+    with StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7}) as writer:
+        writer.write_flatness(EPOCHS, np.ones(len(EPOCHS)), deltas, epsilon=0.1, seed=0)
+    flatness = open_window(path).docks["flatness"]
+    key = flatness.flatness_plot.titleLabel
+    flatness.log_y.setChecked(True)
+    assert "log y hides 3 epochs ≤ 0" in key.text
+    flatness.log_y.setChecked(False)
+    assert "hides" not in key.text
 
 
 def ink_agreement(png: QImage, svg: Path, width: int, height: int) -> float:

@@ -23,6 +23,8 @@ NEEDS = {"one_sided": "flatness", "antithetic": "antithetic", "hessian_trace": "
          "top_eigenvalue": "hessian"}
 CURVATURE_LABELS = {key: text.replace("Δloss", "curvature") for key, text in METRIC_LABELS.items()}
 MEASURE_AXES = {"hessian_trace": "Tr(H) (nats per unit² of weight)", "top_eigenvalue": "λ_max of H"}
+# The p10-p90 band of the directions belongs beside a central statistic only (not under a std or a max).
+BANDED = ("mean_delta_loss", "median_delta_loss")
 
 
 class FlatnessDock(ViewerDock):
@@ -41,6 +43,7 @@ class FlatnessDock(ViewerDock):
                 self.disable_choice(self.measure, key, reason)
         self.statistic = self.combo("statistic", METRIC_LABELS, self._draw)
         self.log_y = self.checkbox("log y", False, self._on_log_changed)
+        self.key_entries: list[tuple[str, str]] = []  # the key's entries for what is drawn
         self.flatness_plot = self.plot(y_label="Δloss (nats)")
         edge = pg.mkPen(palette.BAND, width=1)  # FillBetweenItem fills between drawn curves only
         self.band_low = pg.PlotDataItem(pen=edge, connect="finite")
@@ -100,7 +103,7 @@ class FlatnessDock(ViewerDock):
                                else (curvature.summary, "curvature"))
             key = self.key.replace("delta_loss", suffix)
             out = {"value": summary[key]}
-            if key != "flatness_ratio":
+            if self.key in BANDED:
                 out.update(low=summary[f"p10_{suffix}"], high=summary[f"p90_{suffix}"])
             return out
         hessian = curvature.hessian
@@ -137,9 +140,9 @@ class FlatnessDock(ViewerDock):
         name = labels[key] if directional else MEASURES[kind]
         band = {"one_sided": "p10–p90 band", "antithetic": "p10–p90 band", "hessian_trace": "±2 s.e.",
                 "top_eigenvalue": "± Lanczos residual"}[kind]
-        self.set_key(self.flatness_plot, [(name, palette.METRIC)] + ([(band, palette.BAND)] if banded else [])
-                     + ([("2D/ε² × mean antithetic curvature", palette.MEDIAN)] if "compare" in series else [])
-                     + [("baseline loss (right axis)", palette.BASELINE)])
+        self.key_entries = ([(name, palette.METRIC)] + ([(band, palette.BAND)] if banded else [])
+                            + ([("2D/ε² × mean antithetic curvature", palette.MEDIAN)] if "compare" in series else [])
+                            + [("baseline loss (right axis)", palette.BASELINE)])
         if ratio:
             threshold = self.data.flatness.threshold
             what = "Δloss" if kind == "one_sided" else "curvature"
@@ -160,8 +163,15 @@ class FlatnessDock(ViewerDock):
             self.marker.setData(*(([self.data.x[index]], [value]) if np.isfinite(value) else ([], [])))
 
     def _on_log_changed(self) -> None:
-        self.flatness_plot.setLogMode(y=self.log_y.isChecked() and self.log_y.isEnabled())
+        log = self.log_y.isChecked() and self.log_y.isEnabled()
+        self.flatness_plot.setLogMode(y=log)
+        self.flatness_plot.getAxis("right").setLogMode(False, True)  # setLogMode resets every axis of the plot
         self.band.updatePath()  # the fill does not follow its curves into log mode by itself
+        series = self.series()
+        hidden = int(np.sum(series["value"] <= 0)) if log and series is not None else 0
+        # a log axis cannot show values <= 0: say how many epochs are left out rather than drop them silently
+        note = [(f"log y hides {hidden} epoch{'s' if hidden > 1 else ''} ≤ 0", palette.THRESHOLD)] if hidden else []
+        self.set_key(self.flatness_plot, self.key_entries + note)
         self.flatness_plot.enableAutoRange(y=True)
         self.refresh(self.state.index)
 
