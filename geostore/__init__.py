@@ -6,11 +6,15 @@ dependencies (dask, zarr, torch) load on first use, so importing geostore is ins
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from geostore.errors import GeostoreError, ModelMismatchError, SourceError, StoreError, UnsafeCheckpointError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from geostore.store.reader import Store
     from geostore.store.sweep import Sweep
 
@@ -22,6 +26,7 @@ __all__ = [
     "StoreError",
     "Sweep",
     "UnsafeCheckpointError",
+    "compute_landscape_flatness",
     "open_store",
     "open_sweep",
 ]
@@ -40,6 +45,25 @@ def open_sweep(path, *, storage_options: dict | None = None) -> Sweep:
     from geostore.store.sweep import Sweep
 
     return Sweep(path, storage_options=storage_options)
+
+
+def compute_landscape_flatness(
+    model: torch.nn.Module,
+    probe: object,
+    loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+    n_directions: int = 50,
+    epsilon: float = 0.1,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
+    """REQ_031's flatness of one model: the loss change `loss_fn(model, probe)` along `n_directions` seeded random
+    unit directions over its trainable parameters, moved by `epsilon`; the weights are restored afterwards.
+
+    Returns `baseline_loss` and `epsilon` (0-d float64 arrays) and `delta_losses` `(n_directions,)` float64.
+    See `geostore.analysis.flatness.compute_landscape_flatness` (which also takes the trainable keys).
+    """
+    from geostore.analysis.flatness import compute_landscape_flatness as _flatness
+
+    return _flatness(model, probe, loss_fn, n_directions, epsilon, seed)
 
 
 def __getattr__(name: str):

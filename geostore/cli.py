@@ -288,22 +288,25 @@ def _pca(args: argparse.Namespace) -> int:
             return store.pca(_group(args.group), args.components, fit_epochs=args.fit_epochs)
 
     result = _fresh(read)
-    k = args.components
-    ratios = ", ".join(f"PC{i + 1} {r:.4f}" for i, r in enumerate(result["explained_variance_ratio"]))
+    ratio = result["explained_variance_ratio"]
+    ratios = ", ".join(f"PC{int(c)} {float(r):.4f}" for c, r in zip(ratio["component"].values, ratio.values,
+                                                                      strict=True))
     print(f"{args.store}: group {args.group}, explained variance ratio {ratios}", file=sys.stderr)
-    rows = [[int(e), *map(float, p)] for e, p in zip(result["epochs"], result["projections"], strict=True)]
-    _write_table(["epoch", *(f"PC{i + 1}" for i in range(k))], rows, args.csv)
+    projections = result["projections"]
+    rows = [[int(e), *map(float, p)] for e, p in zip(projections["epoch"].values, projections.values, strict=True)]
+    _write_table(["epoch", *(f"PC{int(c)}" for c in result["component"].values)], rows, args.csv)
     return 0
 
 
 def _velocity(args: argparse.Namespace) -> int:
     def read():
         with open_store_or_run(args.store, args.run) as store:
-            return store.velocity(_group(args.group), per_epoch=not args.per_checkpoint), store.epochs
+            return store.velocity(_group(args.group), per_epoch=args.per_epoch)
 
-    speed, epochs = _fresh(read)
-    rows = [[int(a), int(b), float(v)] for a, b, v in zip(epochs[:-1], epochs[1:], speed, strict=True)]
-    _write_table(["from_epoch", "to_epoch", "velocity"], rows, args.csv)
+    speed = _fresh(read)
+    rows = [[int(a), int(b), float(v)] for a, b, v in zip(speed["from_epoch"].values, speed["epoch"].values,
+                                                          speed.values, strict=True)]
+    _write_table(["from_epoch", "to_epoch", "velocity_per_epoch" if args.per_epoch else "velocity"], rows, args.csv)
     return 0
 
 
@@ -405,10 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     velocity = sub.add_parser("velocity", help="distance moved in weight space between checkpoints",
                               description="||theta[i+1] - theta[i]|| of a component group between consecutive "
-                                          "stored epochs, per epoch of training (divided by the epoch gap) "
-                                          "unless --per-checkpoint.")
+                                          "stored epochs (REQ_029's velocity); with --per-epoch divided by the "
+                                          "epoch gap.")
     _add_trajectory_options(velocity)
-    velocity.add_argument("--per-checkpoint", action="store_true", help="step lengths, not divided by the gap")
+    per = velocity.add_mutually_exclusive_group()
+    per.add_argument("--per-epoch", action="store_true",
+                     help="the rate per epoch of training: each step divided by its epoch gap")
+    per.add_argument("--per-checkpoint", action="store_true",
+                     help="step lengths, not divided by the gap (the default; kept for older scripts)")
     velocity.set_defaults(handler=_velocity)
     return parser
 

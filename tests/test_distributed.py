@@ -43,7 +43,7 @@ def test_cluster_flatness_equals_serial_bit_for_bit_even_when_a_worker_dies(tmp_
             while store_done == 0:
                 time.sleep(0.05)
                 store = geostore.open_store(killed)
-                store_done = store.flatness_epochs().size if store.analyses() else 0
+                store_done = store.analysis_epochs("flatness").size if store.analyses() else 0
             victim = next(iter(client.scheduler_info()["workers"]))
             client.run(os._exit, 1, workers=[victim], on_error="ignore")  # the nanny restarts it; tasks move
 

@@ -152,7 +152,7 @@ def test_an_impossible_direction_count_is_refused_before_anything_is_written(pri
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--directions 100000000" in err[0] and "memory" in err[0], err
     assert snapshot(store) == before
-    assert geostore.open_store(store).flatness_settings["n_directions"] == 2
+    assert geostore.open_store(store).analysis_settings("flatness")["n_directions"] == 2
 
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt, ZeroDivisionError])
@@ -278,7 +278,7 @@ def test_nonfinite_weights_are_stored_reported_and_never_counted_as_computed(tmp
     assert "computed for 3 epochs" in captured.out
     opened = geostore.open_store(store)
     assert np.isnan(opened.params_at(20)["W_in"][0, 0, 0])
-    np.testing.assert_array_equal(opened.flatness_epochs(), [0, 10, 40])
+    np.testing.assert_array_equal(opened.analysis_epochs("flatness"), [0, 10, 40])
 
 
 def test_float64_checkpoints_are_rounded_with_one_warning_line(tmp_path, capsys):

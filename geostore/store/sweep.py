@@ -96,7 +96,7 @@ class Sweep:
         lines = [f"sweep       {self.path}  ({len(self)} runs)"]
         for name, store in self.items():
             span = f"epochs {store.epochs[0]}..{store.epochs[-1]}" if store.epochs.size else "no epochs"
-            flat = (f", flatness {store.flatness_epochs().size}/{store.epochs.size}"
+            flat = (f", flatness {store.analysis_epochs('flatness').size}/{store.epochs.size}"
                     if "flatness" in store.analyses() else "")
             lines.append(f"  {name:<20} {store.epochs.size:>5} epochs ({span}){flat}")
         return "\n".join(lines)
