@@ -1,7 +1,8 @@
 """geostore: training runs as chunked, epoch-indexed Zarr stores, read lazily with Dask.
 
-`open_store(path)` is the entry point for notebooks, the CLI and the viewer alike. Heavy
-dependencies (dask, zarr, torch) load on first use, so importing geostore is instant.
+`open_store(path)` is the entry point for notebooks, the CLI and the viewer alike; `ingest(sources, store)` and
+`compute(store, analyses)` do what `geostore ingest` and `geostore flatness` do. Heavy dependencies (dask, zarr,
+torch) load on first use, so importing geostore is instant.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from geostore.api import compute, ingest
 from geostore.errors import GeostoreError, ModelMismatchError, SourceError, StoreError, UnsafeCheckpointError
 
 if TYPE_CHECKING:
@@ -26,7 +28,9 @@ __all__ = [
     "StoreError",
     "Sweep",
     "UnsafeCheckpointError",
+    "compute",
     "compute_landscape_flatness",
+    "ingest",
     "open_store",
     "open_sweep",
 ]
@@ -35,16 +39,18 @@ __all__ = [
 def open_store(path, run: str | None = None, *, storage_options: dict | None = None) -> Store:
     """Open a geostore store read-only: a local folder or an fsspec URL (`s3://...`, `memory://...`);
     `run` names one run of a sweep. See `geostore.store.reader.Store`."""
-    from geostore.store.reader import open_store as _open
+    from geostore.family.registry import get
+    from geostore.store.sweep import open_store as _open
 
-    return _open(path, run, storage_options=storage_options)
+    return _open(path, run, storage_options=storage_options, families=get)
 
 
 def open_sweep(path, *, storage_options: dict | None = None) -> Sweep:
     """Open a sweep (many runs in one store) read-only: `.runs`, `sweep[name]` -> Store."""
+    from geostore.family.registry import get
     from geostore.store.sweep import Sweep
 
-    return Sweep(path, storage_options=storage_options)
+    return Sweep(path, storage_options=storage_options, families=get)
 
 
 def compute_landscape_flatness(

@@ -14,7 +14,7 @@ import geostore
 from geostore.analysis.curvature import antithetic_parts, hessian_for_params, weight_norm
 from geostore.analysis.flatness import directional_losses
 from geostore.cli import main
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings
 from geostore.store import schema
 from geostore.store.writer import StoreWriter

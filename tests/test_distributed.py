@@ -13,7 +13,7 @@ import geostore
 from geostore.cli import main
 from geostore.cluster import open_client
 from geostore.family.modular_addition import model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings, compute_store_flatness
 from tests.conftest import snapshot
 from tests.test_ingest import state_dict_dir

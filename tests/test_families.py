@@ -17,7 +17,7 @@ from sklearn.decomposition import PCA
 import geostore
 from geostore.cli import main
 from geostore.family import registry
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 
 with warnings.catch_warnings():

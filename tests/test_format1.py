@@ -12,7 +12,7 @@ import numpy as np
 import xarray as xr
 
 import geostore
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 
 DATA = Path(__file__).parent / "data" / "format1"

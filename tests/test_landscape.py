@@ -17,7 +17,7 @@ import pytest
 import geostore
 from geostore.cli import main
 from geostore.family.modular_addition import model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 from tests.conftest import snapshot
 from tests.terminal import run_on_terminal

@@ -12,7 +12,7 @@ from sklearn.decomposition import PCA
 
 import geostore
 from geostore.analysis.flatness import compute_landscape_flatness
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 
 EPOCHS = (0, 5, 10)

@@ -19,7 +19,7 @@ import geostore
 from geostore.cli import main
 from geostore.errors import GeostoreError
 from geostore.family.modular_addition import model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 from geostore.store.writer import StoreWriter
 from tests.checkpoint_factories import truncate

@@ -21,7 +21,7 @@ import torch
 import geostore
 from geostore.cli import main
 from geostore.errors import GeostoreWarning, StoreError
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 from geostore.store.integrity import StoreDamagedError, check
 from geostore.store.location import Location
@@ -181,7 +181,7 @@ def test_any_exception_during_flatness_leaves_the_store_as_it_was(pristine, tmp_
 def test_any_exception_during_ingest_rolls_back_appended_batches(pristine, tmp_path, monkeypatch, error):
     import shutil
 
-    import geostore.ingest as ingest_module
+    import geostore.ingestion as ingest_module
 
     store = tmp_path / "s.zarr"
     shutil.copytree(pristine[0], store)
@@ -202,7 +202,7 @@ def test_any_exception_during_ingest_rolls_back_appended_batches(pristine, tmp_p
 
 
 def test_a_new_store_whose_ingest_fails_is_removed_and_unlocked(tmp_path, monkeypatch):
-    import geostore.ingest as ingest_module
+    import geostore.ingestion as ingest_module
 
     monkeypatch.setattr(ingest_module, "_write_new_epochs", lambda *a: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):

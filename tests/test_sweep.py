@@ -9,7 +9,7 @@ import xarray as xr
 import geostore
 from geostore.cli import main
 from geostore.errors import StoreError
-from geostore.ingest import ingest, ingest_sweep
+from geostore.ingestion import ingest, ingest_sweep
 from geostore.landscape import FlatnessSettings
 from tests.conftest import snapshot
 from tests.terminal import run_on_terminal

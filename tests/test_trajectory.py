@@ -21,7 +21,7 @@ import geostore
 from geostore.analysis.trajectory import pca_from_gram
 from geostore.cli import main
 from geostore.errors import StoreError
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.store import derived, layout
 from geostore.store.location import PARTIAL_SUFFIX
 from geostore.store.writer import StoreWriter

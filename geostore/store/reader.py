@@ -1,8 +1,8 @@
 """The read-only `Store` handle: lazy dask and xarray views of a geostore store.
 
 Reads go through the consolidated metadata (the commit record), so a store being written or left
-by a killed ingest shows only whole epochs. Torch and TransformerLens are imported only by
-`model_at`.
+by a killed ingest shows only whole epochs. The store never imports the model builders: `model` and
+`model_at` use the family lookup its opener (`geostore.open_store`) hands it, and only they import torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.store import layout, schema
+from geostore.store import integrity, layout, schema
 from geostore.store.location import Location
 
 # The `geostore flatness` options that add each analysis to a store.
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     import xarray as xr
 
-    from geostore.family.base import Model, ParameterTable
+    from geostore.family.base import Family, Model, ParameterTable
 
 
 class Store:
@@ -39,14 +39,16 @@ class Store:
     read until computed. Works as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None,
+                 families: Callable[[str], Family] | None = None) -> None:
         self.location = Location.of(path, storage_options)
+        self._families = families  # name -> Family, for `model`: the store itself never builds models
         self.path = str(self.location)  # the folder or URL, for messages and to reopen the store elsewhere
         if not self.location.exists():
             raise StoreError(f"{self.path}: no such store")
         self.attrs: dict = layout.read_root_attrs(self.location)
         self.table: ParameterTable = schema.table_of(self.attrs)
-        self._group = layout.open_committed(self.location)
+        self._group = integrity.open_committed(self.location)
         epochs = np.asarray(self._group[schema.EPOCH_DIM][:], dtype=np.int64)
         pending = layout.pending_state(self.location)
         # A staged insertion may have shifted stored epochs past its start: show the intact prefix.
@@ -104,9 +106,10 @@ class Store:
     @property
     def model(self) -> Model:
         """The family's `Model` of this store (needs the family installed; imports torch)."""
-        from geostore.family import registry
-
-        return registry.get(self.family).model(self.config)
+        if self._families is None:
+            raise StoreError(f"{self.path}: opened without model families: open it with geostore.open_store to "
+                             "rebuild its models")
+        return self._families(self.family).model(self.config)
 
     def probe(self) -> np.ndarray | None:
         """The landscape probe a user gave (token ids `(batch, seq)`), or None."""
@@ -414,16 +417,3 @@ _DEPRECATED: dict[str, tuple[str, Callable[[Store], object]]] = {
     "flatness_epochs": ("store.analysis_epochs('flatness')",
                         lambda store: functools.partial(store.analysis_epochs, "flatness")),
 }
-
-
-def open_store(path: str | os.PathLike | Location, run: str | None = None, *,
-               storage_options: dict | None = None) -> Store:
-    """Open a geostore store read-only: `.epochs`, `.params` (dask), `.flatten(group)`, `.to_xarray()`.
-
-    `path` is a local folder or any fsspec URL (`s3://bucket/run.zarr`, `memory://...`, `file://...`);
-    credentials and endpoints come from the environment and fsspec config, or `storage_options`. For a
-    sweep (see `geostore.store.sweep`), `run` names the run to open.
-    """
-    from geostore.store.sweep import open_target
-
-    return open_target(path, run, storage_options=storage_options)
