@@ -24,14 +24,15 @@ def main() -> None:
     args = parser.parse_args()
     store = geostore.open_store(args.store)
     d = store.n_trainable
-    trace, trace_err = store.hessian_trace.compute() / d, store.hessian_trace_stderr.compute() / d
-    top = store.top_eigenvalue.compute()
+    hessian = store.analysis("hessian").compute()
+    trace, trace_err = hessian["hessian_trace"].values / d, hessian["hessian_trace_stderr"].values / d
+    top = hessian["top_eigenvalue"].values
     profile = store.curvature_profile()
-    flatness = store.flatness_settings
+    flatness = store.analysis_settings("flatness")
     eps, n_dir = float(flatness["epsilon"]), int(flatness["n_directions"])
-    deltas = store.delta_losses.compute()
+    deltas = store.analysis("flatness")["delta_losses"].values  # NaN rows where incomplete
     one_sided_err = 2 / eps**2 * deltas.std(axis=1, ddof=1) / np.sqrt(n_dir)
-    baseline = store.baseline_loss.compute()
+    baseline = store.analysis("flatness")["baseline_loss"].values
     factors = profile["factors"]
     unit = " x |theta|" if store.analysis_settings("profile")["relative"] else ""
     print(f"{args.store}: D={d:,}, {n_dir} directions, Hutchinson {store.analysis_settings('hessian')['n_probes']} "

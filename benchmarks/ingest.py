@@ -5,7 +5,7 @@ HookedTransformer's weights with a per-epoch drift), then measures, on the same 
 
 - baseline: `np.save` of every checkpoint's parameters (already in memory) into one file per checkpoint;
 - baseline+load: reading each safetensors file and `np.save`-ing it (the same I/O an ingest must do);
-- geostore: `geostore.ingest.ingest(source, store, flatness=None)` into a fresh store (weights only;
+- geostore: `geostore.ingestion.ingest(source, store, flatness=None)` into a fresh store (weights only;
   benchmarks/flatness.py measures flatness);
 - the store-safety share of it: taking and releasing the writer lock plus the check every writer runs
   on a stored store before writing (metadata, presence and size of every committed chunk), and the
@@ -31,7 +31,7 @@ from timing import timed
 
 from geostore.family.hooked import is_buffer
 from geostore.family.modular_addition import MODULAR_ADDITION, model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 
 
 def make_run(directory: Path, n: int, p: int, d_model: int) -> list[dict[str, np.ndarray]]:

@@ -55,7 +55,7 @@ def build_store(path: Path, n_epochs: int, *, p: int = 113, d_model: int = 128, 
 
 # ------------------------------------------------------------------------------- child methods
 def _geostore(store, budget: int | None) -> np.ndarray:
-    return store.pca("all", COMPONENTS, memory_budget=budget)["projections"]
+    return store.pca("all", COMPONENTS, memory_budget=budget)["projections"].values
 
 
 def _sklearn(store, dtype) -> np.ndarray:

@@ -8,6 +8,7 @@ and a non-zero exit code; no traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,84 +55,60 @@ def _format_summary(summary: dict) -> str:
     )
 
 
-def _flatness_settings(args: argparse.Namespace, target: object):
-    """The analyses to compute for `target` (a store's location): options given, else what it stores."""
-    from geostore.landscape import resolve_settings
-
-    return resolve_settings(target, n_directions=args.directions, epsilon=args.epsilon, seed=args.seed,
-                            device=_device(args.device), antithetic=args.antithetic,
-                            profile_epsilons=args.profile_epsilons, profile_relative=args.profile_relative,
-                            hessian=args.hessian, hessian_probes=args.hessian_probes,
-                            lanczos_steps=args.lanczos_steps)
+# Arguments of the library (`geostore.api`) -> the options that set them; library errors name the arguments.
+FLAGS = {"n_directions": "--directions", "epsilon": "--epsilon", "seed": "--seed", "device": "--device",
+         "profile_epsilons": "--profile-epsilons", "profile_relative": "--profile-relative", "hessian": "--hessian",
+         "hessian_probes": "--hessian-probes", "lanczos_steps": "--lanczos-steps", "recompute": "--recompute",
+         "workers": "--workers", "scheduler": "--scheduler", "run": "--run", "probe": "--probe", "family": "--family"}
 
 
-CURVATURE_OPTIONS = ("antithetic", "profile_epsilons", "profile_relative", "hessian", "hessian_probes",
-                     "lanczos_steps")
+CURVATURE_SETTINGS = ("profile_epsilons", "profile_relative", "hessian_probes", "lanczos_steps")
 
 
-def _device(name: str) -> str:
-    """`auto` is CUDA when a GPU is present, the CPU otherwise."""
-    if name != "auto":
-        return name
-    import torch
+def _settings(args: argparse.Namespace) -> dict:
+    """The landscape options given, as the library's keyword arguments."""
+    return {"n_directions": args.directions, "epsilon": args.epsilon, "seed": args.seed, "device": args.device,
+            "profile_epsilons": args.profile_epsilons, "profile_relative": args.profile_relative,
+            "hessian_probes": args.hessian_probes, "lanczos_steps": args.lanczos_steps, "recompute": args.recompute,
+            "workers": args.workers, "scheduler": args.scheduler, "progress": not args.quiet}
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def _analyses(args: argparse.Namespace) -> list[str]:
+    """The analyses `--antithetic` and `--hessian` ask for besides flatness."""
+    return [name for name in ("antithetic", "hessian") if getattr(args, name)]
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from geostore.cluster import open_client
-    from geostore.ingest import ingest, ingest_sweep, sweep_run_names
-    from geostore.store.location import Location
-    from geostore.store.sweep import is_sweep, run_location
+    from geostore.api import ingest
 
-    asked = [f"--{name.replace('_', '-')}" for name in CURVATURE_OPTIONS if getattr(args, name) not in (None, False)]
+    asked = [FLAGS.get(name, f"--{name}") for name in ("antithetic", "hessian", *CURVATURE_SETTINGS)
+             if getattr(args, name) is not None and getattr(args, name) is not False]
     if args.no_flatness and asked:
         raise GeostoreError(f"--no-flatness stores the weights alone: drop {', '.join(asked)} or --no-flatness")
-    if args.run is not None and len(args.ckpts) > 1:
-        raise GeostoreError(f"--run {args.run}: names one run, but {len(args.ckpts)} sources were given")
-    if args.run is not None:
-        runs = {args.run: args.ckpts[0]}
-    elif len(args.ckpts) > 1 or is_sweep(Location.of(args.store)):
-        runs = sweep_run_names(args.ckpts)
-    else:
-        runs = {None: args.ckpts[0]}
-    location = Location.of(args.store)
-    targets = {name: location if name is None else run_location(location, name) for name in runs}
-    settings = {name: None if args.no_flatness else _flatness_settings(args, target)
-                for name, target in targets.items()}
-    with open_client(args.workers, args.scheduler) as client:
-        if None in runs:
-            reports = {None: ingest(runs[None], location, family=args.family, probe=args.probe,
-                                    flatness=settings[None], recompute_flatness=args.recompute,
-                                    progress=not args.quiet, client=client)}
-        else:
-            reports = ingest_sweep(runs, location, family=args.family, probe=args.probe, flatness=settings,
-                                   recompute_flatness=args.recompute, progress=not args.quiet, client=client)
+    sources = args.ckpts[0] if len(args.ckpts) == 1 else args.ckpts
+    result = ingest(sources, args.store, run=args.run, family=args.family, probe=args.probe,
+                    analyses=[] if args.no_flatness else ["flatness", *_analyses(args)], **_settings(args))
+    reports = result if isinstance(result, dict) else {args.run: result}
     for name, report in reports.items():
         where = args.store if name is None else f"{args.store} run {name}"
         print(f"{where}: added {report.added} epochs from a {report.kind} source "
               f"({report.skipped} already stored); {report.total} epochs in the store")
         if report.flatness_computed:
-            print(f"{where}: {', '.join(settings[name].analyses())} computed for {report.flatness_computed} epochs")
+            print(f"{where}: {', '.join(report.analyses)} computed for {report.flatness_computed} epochs")
         if report.note:
             print(f"geostore: note: {report.note}", file=sys.stderr)
     return 0
 
 
 def _flatness(args: argparse.Namespace) -> int:
-    from geostore.cluster import open_client
-    from geostore.landscape import compute_store_flatness
-    from geostore.sources.probe import load_probe
+    from geostore.api import compute
 
-    probe = None if args.probe is None else load_probe(args.probe)
-    with open_client(args.workers, args.scheduler) as client:
-        for name, target in _targets(args.store, args.run):
-            report = compute_store_flatness(target, _flatness_settings(args, target), probe=probe,
-                                            recompute=args.recompute, progress=not args.quiet, client=client)
-            rate = f" in {report.seconds:.1f} s" if report.computed else ""
-            where = args.store if name is None else f"{args.store} run {name}"
-            print(f"{where}: {', '.join(report.analyses)} computed for {report.computed} epochs{rate} "
-                  f"({report.already} already complete)")
+    result = compute(args.store, _analyses(args), run=args.run, probe=args.probe, **_settings(args))
+    for name, report in (result if isinstance(result, dict) else {args.run: result}).items():
+        rate = f" in {report.seconds:.1f} s" if report.computed else ""
+        where = args.store if name is None else f"{args.store} run {name}"
+        print(f"{where}: {', '.join(report.analyses)} computed for {report.computed} epochs{rate} "
+              f"({report.already} already complete)")
     return 0
 
 
@@ -142,17 +119,6 @@ def _families(args: argparse.Namespace) -> int:
         doc = (type(family).__doc__ or "").strip().splitlines()
         print(f"{name:<34} {doc[0] if doc else ''}")
     return 0
-
-
-def _targets(store: str, run: str | None) -> list[tuple[str | None, object]]:
-    """`(run name, location)` of what a command acts on: the store, one run, or every run of a sweep."""
-    from geostore.store.location import Location
-    from geostore.store.sweep import Sweep, is_sweep, run_location
-
-    location = Location.of(store)
-    if run is None and is_sweep(location):
-        return [(name, run_location(location, name)) for name in Sweep(location).runs]
-    return [(run, open_store_or_run(store, run).location)]
 
 
 def open_store_or_run(store: str, run: str | None):
@@ -288,22 +254,25 @@ def _pca(args: argparse.Namespace) -> int:
             return store.pca(_group(args.group), args.components, fit_epochs=args.fit_epochs)
 
     result = _fresh(read)
-    k = args.components
-    ratios = ", ".join(f"PC{i + 1} {r:.4f}" for i, r in enumerate(result["explained_variance_ratio"]))
+    ratio = result["explained_variance_ratio"]
+    ratios = ", ".join(f"PC{int(c)} {float(r):.4f}" for c, r in zip(ratio["component"].values, ratio.values,
+                                                                      strict=True))
     print(f"{args.store}: group {args.group}, explained variance ratio {ratios}", file=sys.stderr)
-    rows = [[int(e), *map(float, p)] for e, p in zip(result["epochs"], result["projections"], strict=True)]
-    _write_table(["epoch", *(f"PC{i + 1}" for i in range(k))], rows, args.csv)
+    projections = result["projections"]
+    rows = [[int(e), *map(float, p)] for e, p in zip(projections["epoch"].values, projections.values, strict=True)]
+    _write_table(["epoch", *(f"PC{int(c)}" for c in result["component"].values)], rows, args.csv)
     return 0
 
 
 def _velocity(args: argparse.Namespace) -> int:
     def read():
         with open_store_or_run(args.store, args.run) as store:
-            return store.velocity(_group(args.group), per_epoch=not args.per_checkpoint), store.epochs
+            return store.velocity(_group(args.group), per_epoch=args.per_epoch)
 
-    speed, epochs = _fresh(read)
-    rows = [[int(a), int(b), float(v)] for a, b, v in zip(epochs[:-1], epochs[1:], speed, strict=True)]
-    _write_table(["from_epoch", "to_epoch", "velocity"], rows, args.csv)
+    speed = _fresh(read)
+    rows = [[int(a), int(b), float(v)] for a, b, v in zip(speed["from_epoch"].values, speed["epoch"].values,
+                                                          speed.values, strict=True)]
+    _write_table(["from_epoch", "to_epoch", "velocity_per_epoch" if args.per_epoch else "velocity"], rows, args.csv)
     return 0
 
 
@@ -405,10 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     velocity = sub.add_parser("velocity", help="distance moved in weight space between checkpoints",
                               description="||theta[i+1] - theta[i]|| of a component group between consecutive "
-                                          "stored epochs, per epoch of training (divided by the epoch gap) "
-                                          "unless --per-checkpoint.")
+                                          "stored epochs (REQ_029's velocity); with --per-epoch divided by the "
+                                          "epoch gap.")
     _add_trajectory_options(velocity)
-    velocity.add_argument("--per-checkpoint", action="store_true", help="step lengths, not divided by the gap")
+    per = velocity.add_mutually_exclusive_group()
+    per.add_argument("--per-epoch", action="store_true",
+                     help="the rate per epoch of training: each step divided by its epoch gap")
+    per.add_argument("--per-checkpoint", action="store_true",
+                     help="step lengths, not divided by the gap (the default; kept for older scripts)")
     velocity.set_defaults(handler=_velocity)
     return parser
 
@@ -435,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("always", GeostoreWarning)
             return args.handler(args)
     except GeostoreError as exc:
-        print(f"geostore: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"geostore: error: {as_flags(_one_line(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("geostore: interrupted (the store is as it was before this command)", file=sys.stderr)
@@ -453,6 +426,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"geostore: error: {where}: {describe_foreign(exc)}", file=sys.stderr)
         return 1
+
+
+def as_flags(message: str) -> str:
+    """A library message with the arguments it names in backticks (`n_directions`) given as their options."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
 
 
 def _one_line(exc: BaseException) -> str:

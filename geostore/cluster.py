@@ -27,7 +27,7 @@ def open_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     """A client of an existing scheduler (argument, then environment), of a local cluster of `workers`
     single-threaded processes, or None when neither is asked for."""
     if workers is not None and workers < 1:
-        raise GeostoreError(f"--workers must be at least 1, got {workers}")
+        raise GeostoreError(f"`workers` must be at least 1, got {workers}")
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     if not address and not workers:
         yield None
@@ -38,7 +38,7 @@ def open_client(workers: int | None = None, scheduler: str | None = None) -> Ite
         try:
             client = Client(address, timeout="3s")
         except OSError as exc:
-            raise GeostoreError(f"--scheduler {address}: cannot connect ({exc})") from None
+            raise GeostoreError(f"`scheduler` {address}: cannot connect ({exc})") from None
         with client:
             yield client
         return

@@ -53,7 +53,7 @@ class ProfileSettings:
     def __post_init__(self) -> None:
         values = tuple(float(e) for e in self.epsilons)
         if not values or not all(np.isfinite(e) and e > 0 for e in values) or len(set(values)) != len(values):
-            raise StoreError(f"--profile-epsilons must be distinct positive numbers, got {list(self.epsilons)}")
+            raise StoreError(f"`profile_epsilons` must be distinct positive numbers, got {list(self.epsilons)}")
         object.__setattr__(self, "epsilons", values)
 
     def absolute(self, params: Mapping[str, np.ndarray], trainable: Sequence[str]) -> list[float]:
@@ -76,9 +76,9 @@ class HessianSettings:
 
     def __post_init__(self) -> None:
         if self.n_probes < 2:
-            raise StoreError(f"--hessian-probes must be at least 2 (for a standard error), got {self.n_probes}")
+            raise StoreError(f"`hessian_probes` must be at least 2 (for a standard error), got {self.n_probes}")
         if self.iterations < 1:
-            raise StoreError(f"--lanczos-steps must be at least 1, got {self.iterations}")
+            raise StoreError(f"`lanczos_steps` must be at least 1, got {self.iterations}")
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,9 @@ class FlatnessSettings:
 
     def __post_init__(self) -> None:
         if self.n_directions < 1:
-            raise StoreError(f"--directions must be at least 1, got {self.n_directions}")
+            raise StoreError(f"`n_directions` must be at least 1, got {self.n_directions}")
         if not np.isfinite(self.epsilon) or self.epsilon <= 0:
-            raise StoreError(f"--epsilon must be a positive number, got {self.epsilon}")
+            raise StoreError(f"`epsilon` must be a positive number, got {self.epsilon}")
 
     def attrs(self) -> dict[str, object]:
         """The flatness settings as recorded in the store (the device is informational)."""
@@ -152,8 +152,8 @@ def needs_probe(model: Model, probe: np.ndarray | None) -> bool:
 
 def probe_missing_message(where: object) -> str:
     """The one line saying that the landscape analyses need a probe."""
-    return (f"{where}: the landscape analyses of this model need a probe: give token ids (batch, seq) with "
-            "--probe FILE (.npy or .pt)")
+    return (f"{where}: the landscape analyses of this model need a probe: give token ids (batch, seq) as "
+            "`probe` (an array, or a .npy or .pt file)")
 
 
 def resolve_settings(
@@ -178,7 +178,7 @@ def resolve_settings(
     the stored profile. Every random draw uses `seed`. Asking for settings that differ from stored ones is
     allowed here; the writer refuses them unless recomputing.
     """
-    stored = _stored_settings(store)
+    stored = stored_settings(store)
     flat = stored.get("flatness", {})
     seed = int(flat.get("seed", 0)) if seed is None else seed
     if profile_epsilons is not None:
@@ -187,12 +187,12 @@ def resolve_settings(
         profile = ProfileSettings(tuple(stored["profile"]["epsilons"]),
                                   relative=profile_relative or bool(stored["profile"]["relative"]))
     elif profile_relative:
-        raise StoreError("--profile-relative needs --profile-epsilons (fractions of each epoch's weight norm)")
+        raise StoreError("`profile_relative` needs `profile_epsilons` (fractions of each epoch's weight norm)")
     else:
         profile = None
     hessian_stored = stored.get("hessian")
     if (hessian_probes is not None or lanczos_steps is not None) and not (hessian or hessian_stored):
-        raise StoreError("--hessian-probes and --lanczos-steps need --hessian")
+        raise StoreError("`hessian_probes` and `lanczos_steps` need `hessian` (the Hessian analysis)")
     defaults = HessianSettings()
     hessian_settings = None if not (hessian or hessian_stored) else HessianSettings(
         n_probes=_given(hessian_probes, hessian_stored, "n_probes", defaults.n_probes),
@@ -203,6 +203,15 @@ def resolve_settings(
         antithetic=antithetic or "antithetic" in stored, profile=profile, hessian=hessian_settings)
 
 
+def resolve_device(name: str) -> str:
+    """A torch device name: `auto` is CUDA when a GPU is present, the CPU otherwise; others as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _given(value: object, stored: Mapping | None, key: str, default: object) -> object:
     """`value` when given, else `stored[key]` when recorded, else `default`."""
     if value is not None:
@@ -210,11 +219,11 @@ def _given(value: object, stored: Mapping | None, key: str, default: object) -> 
     return stored[key] if stored and key in stored else default
 
 
-def _stored_settings(store: str | os.PathLike | Location | None) -> dict[str, dict]:
+def stored_settings(store: str | os.PathLike | Location | None) -> dict[str, dict]:
     """The recorded settings of every analysis a store holds; empty when the path is not (yet) a store."""
     if store is None:
         return {}
-    from geostore.store.reader import open_store
+    from geostore import open_store
 
     try:
         opened = open_store(store)
@@ -230,7 +239,7 @@ def _epsilons(values: str | Sequence[float]) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in values.split(","))
     except ValueError:
-        raise StoreError(f"--profile-epsilons must be numbers separated by commas, got {values!r}") from None
+        raise StoreError(f"`profile_epsilons` must be numbers separated by commas, got {values!r}") from None
 
 
 def epoch_landscape(params: Mapping[str, np.ndarray], model: Model, probe: np.ndarray | None,
@@ -282,7 +291,7 @@ def fill_missing(
     client, each epoch is a task that reads its own weights on a worker. Either way this process
     alone writes, finished epochs at least every `FLUSH_SECONDS`, so a killed run loses little work.
     """
-    from geostore.store.reader import open_store
+    from geostore import open_store
 
     began = time.perf_counter()
     names = tuple(settings.analyses())
@@ -385,7 +394,7 @@ def remote_epoch_landscape(path: str | Location, epoch: int, settings: FlatnessS
     """
     import torch
 
-    from geostore.store.reader import open_store
+    from geostore import open_store
 
     torch.set_num_threads(1)
     store = open_store(path)
@@ -410,7 +419,7 @@ def check_memory(settings: FlatnessSettings, model: Model, chunk_epochs: int | N
     need = settings.n_directions * (n_params * 4 + chunk_epochs * 8 * per_direction)
     have = _memory_bytes()
     if have and need > have // 2:
-        raise StoreError(f"--directions {settings.n_directions}: needs about {need / 2**30:.1f} GiB of memory "
+        raise StoreError(f"`n_directions` {settings.n_directions}: needs about {need / 2**30:.1f} GiB of memory "
                          f"(directions of {n_params} weights, and stored rows), more than half of this machine's "
                          f"{have / 2**30:.1f} GiB: use fewer directions")
 
@@ -428,7 +437,7 @@ def compute_store_flatness(
 ) -> FlatnessReport:
     """Add or extend flatness and the curvature analyses of `settings` on an existing store from its weights
     alone (`geostore flatness`); `probe` (token ids) is recorded in the store first, for families that need one."""
-    from geostore.store.reader import open_store
+    from geostore import open_store
 
     store = Location.of(store)
     opened = open_store(store)  # refuses a missing path or a non-store before anything is opened for writing

@@ -150,7 +150,7 @@ def test_flatness_during_an_ingest_serialises_and_completes_every_epoch(tmp_path
     assert [rc for rc, _ in results] == [0, 0], results
     opened = geostore.open_store(store)
     assert_labelled(opened, sorted(set(range(0, 200, 10)) | set(range(5, 205, 10))))
-    np.testing.assert_array_equal(opened.flatness_epochs(), opened.epochs)
+    np.testing.assert_array_equal(opened.analysis_epochs("flatness"), opened.epochs)
 
 
 def test_a_new_sweep_is_created_under_its_lock_and_concurrent_runs_both_land(tmp_path, sources):

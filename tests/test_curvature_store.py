@@ -14,7 +14,7 @@ import geostore
 from geostore.analysis.curvature import antithetic_parts, hessian_for_params, weight_norm
 from geostore.analysis.flatness import directional_losses
 from geostore.cli import main
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings
 from geostore.store import schema
 from geostore.store.writer import StoreWriter
@@ -52,14 +52,16 @@ def test_ingest_stores_every_curvature_analysis_and_leaves_one_sided_flatness_al
     for name in ("baseline_loss", "delta_losses"):  # the +eps evaluations are the one-sided ones, bit for bit
         assert arrays_of(curvature_store)[name] == arrays_of(plain)[name]
     n = store.epochs.size
-    curvature, slope = store.curvature.compute(), store.slope.compute()
+    antithetic = store.analysis("antithetic")
+    curvature, slope = antithetic["curvature"].values, antithetic["slope"].values
     assert curvature.shape == slope.shape == (n, 6) and np.isfinite(curvature).all()
     epoch = int(store.epochs[-1])
     _, deltas = directional_losses(store.params_at(epoch), store.model, n_directions=6, scales=[0.1, -0.1], seed=3)
     want = antithetic_parts(deltas[0], deltas[1], 0.1)
     assert curvature[-1].tobytes() == want[0].tobytes() and slope[-1].tobytes() == want[1].tobytes()
     # the pair holds what the one-sided value held: delta = curvature + eps * slope
-    np.testing.assert_allclose(one_sided.delta_losses.compute(), curvature + 0.1 * slope, rtol=1e-12, atol=1e-18)
+    np.testing.assert_allclose(one_sided.analysis("flatness")["delta_losses"], curvature + 0.1 * slope, rtol=1e-12,
+                               atol=1e-18)
 
     profile = store.curvature_profile()
     assert profile["epsilon"].shape == (n, 2) and (profile["epsilon"] == [0.03, 0.1]).all()
@@ -71,9 +73,10 @@ def test_ingest_stores_every_curvature_analysis_and_leaves_one_sided_flatness_al
     np.testing.assert_array_equal(summary["mean_curvature"], curvature.mean(axis=1))
     np.testing.assert_allclose(summary["trace_estimate"], 2 * store.n_trainable / 0.01 * curvature.mean(axis=1))
     hessian = hessian_for_params(store.params_at(epoch), store.model, n_probes=4, iterations=4, seed=3)
+    stored = store.analysis("hessian")
     for name, value in hessian.items():
-        assert getattr(store, name).compute()[-1] == value, name
-    assert (store.hessian_trace_stderr.compute() > 0).all() and (store.top_eigenvalue.compute() > 0).all()
+        assert stored[name].values[-1] == value, name
+    assert (stored["hessian_trace_stderr"] > 0).all() and (stored["top_eigenvalue"] > 0).all()
 
     ds = xr.open_zarr(curvature_store)
     for name, dims in schema.ANALYSIS_ARRAYS.items():
@@ -170,7 +173,7 @@ def test_a_curvature_row_shows_only_once_its_marker_is_written_and_rollback_remo
     writer.write_analysis("hessian", [20], {"hessian_trace": [7.0], "hessian_trace_stderr": [1.0],
                                             "top_eigenvalue": [2.0], "top_eigenvalue_residual": [0.1]})
     store = geostore.open_store(path)
-    np.testing.assert_array_equal(store.top_eigenvalue.compute(), [np.nan, np.nan, 2.0])
+    np.testing.assert_array_equal(store.analysis("hessian")["top_eigenvalue"].values, [np.nan, np.nan, 2.0])
     np.testing.assert_array_equal(store.analysis_epochs("hessian"), [20])
     np.testing.assert_array_equal(writer.missing("hessian"), [0, 10])
     with pytest.raises(geostore.StoreError, match="rows of shape \\(1, 5\\), the store holds \\(6,\\)"):
@@ -178,4 +181,4 @@ def test_a_curvature_row_shows_only_once_its_marker_is_written_and_rollback_remo
     writer.rollback()
     assert snapshot(path) == before and geostore.open_store(path).analyses() == []
     with pytest.raises(geostore.StoreError, match="no hessian stored \\(run `geostore flatness .* --hessian`\\)"):
-        _ = geostore.open_store(path).hessian_trace
+        geostore.open_store(path).analysis("hessian")

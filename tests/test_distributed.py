@@ -13,7 +13,7 @@ import geostore
 from geostore.cli import main
 from geostore.cluster import open_client
 from geostore.family.modular_addition import model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings, compute_store_flatness
 from tests.conftest import snapshot
 from tests.test_ingest import state_dict_dir
@@ -43,7 +43,7 @@ def test_cluster_flatness_equals_serial_bit_for_bit_even_when_a_worker_dies(tmp_
             while store_done == 0:
                 time.sleep(0.05)
                 store = geostore.open_store(killed)
-                store_done = store.flatness_epochs().size if store.analyses() else 0
+                store_done = store.analysis_epochs("flatness").size if store.analyses() else 0
             victim = next(iter(client.scheduler_info()["workers"]))
             client.run(os._exit, 1, workers=[victim], on_error="ignore")  # the nanny restarts it; tasks move
 

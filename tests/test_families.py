@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from safetensors.torch import save_file
 from sklearn.decomposition import PCA
 
 import geostore
 from geostore.cli import main
 from geostore.family import registry
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 
 with warnings.catch_warnings():
@@ -91,7 +92,7 @@ def test_transformerlens_runs_ingest_exactly(tmp_path, name):
     assert ("norm" in store.groups) == (cfg.normalization_type == "LN")
     tokens = torch.as_tensor(np.load(probe))
     np.testing.assert_array_equal(store.probe(), tokens.numpy())
-    baseline = store.baseline_loss.compute()
+    baseline = store.analysis("flatness")["baseline_loss"].values
     flat = []
     for i, step in enumerate(STEPS):
         state = checkpoint(run, step)
@@ -161,7 +162,7 @@ def test_modular_addition_on_a_two_layer_transformer_uses_the_grid(tmp_path):
         with torch.no_grad():
             logits = tl_model(cfg, checkpoint(run, step))(tokens)
         expected = torch.nn.functional.cross_entropy(logits[:, -1, :p], labels).item()
-        assert store.baseline_loss.compute()[i] == pytest.approx(expected, rel=1e-5)
+        assert store.analysis("flatness")["baseline_loss"].values[i] == pytest.approx(expected, rel=1e-5)
 
 
 def test_families_are_listed_and_a_named_family_must_fit(tmp_path, capsys):
@@ -206,7 +207,8 @@ def test_every_landscape_analysis_runs_through_the_generic_evaluator(tmp_path):
     ingest(run, tmp_path / "s.zarr", probe=probe, flatness=settings, progress=False)
     store = geostore.open_store(tmp_path / "s.zarr")
     assert store.analyses() == ["flatness", "antithetic", "profile", "hessian"]
-    assert np.isfinite(store.hessian_trace.compute()).all() and np.isfinite(store.curvature.compute()).all()
+    assert np.isfinite(store.analysis("hessian")["hessian_trace"]).all()
+    assert np.isfinite(store.analysis("antithetic")["curvature"]).all()
     np.testing.assert_allclose(store.curvature_profile()["epsilon"], [[0.05, 0.2]] * len(STEPS))
 
     model, tokens = store.model, torch.as_tensor(np.load(probe))
@@ -232,7 +234,8 @@ def test_every_landscape_analysis_runs_through_the_generic_evaluator(tmp_path):
     ingest(run, parallel, probe=probe, flatness=None, progress=False)
     with open_client(workers=2) as client:
         compute_store_flatness(parallel, FlatnessSettings(n_directions=3), progress=False, client=client)
-    np.testing.assert_array_equal(geostore.open_store(parallel).delta_losses.compute(), store.delta_losses.compute())
+    xr.testing.assert_equal(geostore.open_store(parallel).analysis("flatness")["delta_losses"],
+                            store.analysis("flatness")["delta_losses"])
 
     from viewer.app import main as geoview
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import geostore
 from geostore.analysis.flatness import (
     compute_landscape_flatness,
     draw_directions,
@@ -104,7 +105,11 @@ def test_reference_restores_weights_bitwise_and_returns_one_delta_per_direction(
     result = compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=7, epsilon=0.1, seed=1)
     assert_same_state(model, before)
     assert set(result) == {"baseline_loss", "delta_losses", "epsilon"}
-    assert result["delta_losses"].shape == (7,) and result["delta_losses"].dtype == np.float64
+    assert all(isinstance(value, np.ndarray) and value.dtype == np.float64 for value in result.values())  # REQ_031
+    assert result["baseline_loss"].shape == result["epsilon"].shape == () and result["delta_losses"].shape == (7,)
+    top_level = geostore.compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=7, epsilon=0.1, seed=1)
+    for key, value in result.items():
+        np.testing.assert_array_equal(top_level[key], value)
     assert result["epsilon"] == 0.1 and result["baseline_loss"] == pytest.approx(fam.loss_fn(model, PROBE).item())
     assert np.all(result["delta_losses"] != 0)
 

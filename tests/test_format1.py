@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 
 import geostore
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 
 DATA = Path(__file__).parent / "data" / "format1"
@@ -25,7 +26,8 @@ def test_format1_store_opens_extends_and_renders(tmp_path):
     assert before.attrs["geostore"]["version"] == 1 and before.family == "modular_addition"
     assert before.params["W_Q"].shape == (3, 2, 8, 4)  # no layer dimension
     assert before.groups["all"] == ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_U")
-    old = {"flatness": before.delta_losses.compute(), "antithetic": before.curvature.compute()}
+    old = {"flatness": before.analysis("flatness")["delta_losses"].values,
+           "antithetic": before.analysis("antithetic")["curvature"].values}
     old_weights = before.params_at(10)
     before.pca("all", n_components=2)
 
@@ -36,8 +38,8 @@ def test_format1_store_opens_extends_and_renders(tmp_path):
     assert store.epochs.tolist() == [0, 10, 20, 30, 40] and store.params["W_Q"].shape == (5, 2, 8, 4)
     for name, values in store.params_at(10).items():
         np.testing.assert_array_equal(values, old_weights[name])
-    np.testing.assert_array_equal(store.delta_losses.compute()[:3], old["flatness"])
-    np.testing.assert_array_equal(store.curvature.compute()[:3], old["antithetic"])
+    np.testing.assert_array_equal(store.analysis("flatness")["delta_losses"].values[:3], old["flatness"])
+    np.testing.assert_array_equal(store.analysis("antithetic")["curvature"].values[:3], old["antithetic"])
 
     # the same run ingested afresh (format 2, layered arrays) holds the same weights and the same analyses
     fresh = tmp_path / "fresh.zarr"
@@ -45,8 +47,8 @@ def test_format1_store_opens_extends_and_renders(tmp_path):
     fresh_store = geostore.open_store(fresh)
     assert fresh_store.attrs["geostore"]["version"] == 2 and fresh_store.params["W_Q"].shape == (5, 1, 2, 8, 4)
     np.testing.assert_array_equal(store.params["W_Q"].compute(), fresh_store.params["W_Q"].compute()[:, 0])
-    np.testing.assert_array_equal(store.delta_losses.compute(), fresh_store.delta_losses.compute())
-    np.testing.assert_array_equal(store.curvature.compute(), fresh_store.curvature.compute())
+    for analysis in ("flatness", "antithetic"):
+        xr.testing.assert_equal(store.analysis(analysis), fresh_store.analysis(analysis))
     np.testing.assert_allclose(np.abs(store.pca("all")["projections"]), np.abs(fresh_store.pca("all")["projections"]),
                                atol=1e-6)
 

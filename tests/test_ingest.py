@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 import geostore
 from geostore.cli import main
 from geostore.family.modular_addition import MODULAR_ADDITION, model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.store import schema
 from geostore.store.writer import StoreWriter
 from tests.conftest import ma_model, snapshot

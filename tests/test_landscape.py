@@ -17,7 +17,7 @@ import pytest
 import geostore
 from geostore.cli import main
 from geostore.family.modular_addition import model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 from tests.conftest import snapshot
 from tests.terminal import run_on_terminal
@@ -29,7 +29,8 @@ SETTINGS = FlatnessSettings(n_directions=6, epsilon=0.1, seed=3)
 
 def flatness_of(path: Path) -> tuple[np.ndarray, np.ndarray]:
     store = geostore.open_store(path)
-    return store.baseline_loss.compute(), store.delta_losses.compute()
+    flatness = store.analysis("flatness")
+    return flatness["baseline_loss"].values, flatness["delta_losses"].values
 
 
 def test_ingest_stores_flatness_of_every_epoch_equal_to_the_plain_forward(trained_run, tmp_path):
@@ -39,7 +40,7 @@ def test_ingest_stores_flatness_of_every_epoch_equal_to_the_plain_forward(traine
     path = tmp_path / "run.zarr"
     ingest(trained_run, path, flatness=SETTINGS, progress=False)
     store = geostore.open_store(path)
-    settings = store.flatness_settings
+    settings = store.analysis_settings("flatness")
     assert (settings["epsilon"], settings["n_directions"], settings["seed"]) == (0.1, 6, 3)
     # the loss is the family's (modular addition: cross-entropy on the full grid), named generically since format 2
     assert "family's loss on its probe" in settings["loss"] and "unit L2 norm" in settings["directions"]
@@ -106,7 +107,8 @@ def test_other_settings_are_refused_unless_recomputed(tmp_path, capsys):
     assert main(["flatness", str(path), "--directions", "5", "--recompute", "--quiet"]) == 0
     assert "flatness computed for 3 epochs" in capsys.readouterr().out
     store = geostore.open_store(path)
-    assert store.flatness_settings["n_directions"] == 5 and np.isfinite(store.delta_losses.compute()).all()
+    flatness = store.analysis("flatness")
+    assert flatness.attrs["n_directions"] == 5 and np.isfinite(flatness["delta_losses"]).all()
     assert main(["flatness", str(path), "--directions", "5", "--quiet"]) == 0
     assert "computed for 0 epochs (3 already complete)" in capsys.readouterr().out
 
@@ -117,7 +119,7 @@ def test_other_settings_are_refused_unless_recomputed(tmp_path, capsys):
 
 def completed(path: Path) -> int:
     store = geostore.open_store(path)
-    return int(np.isfinite(store.baseline_loss.compute()).sum()) if store.analyses() else 0
+    return int(np.isfinite(store.analysis("flatness")["baseline_loss"].values).sum()) if store.analyses() else 0
 
 
 def test_killed_flatness_keeps_whole_epochs_and_resumes_to_the_same_values(tmp_path):

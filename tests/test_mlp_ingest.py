@@ -12,7 +12,7 @@ from sklearn.decomposition import PCA
 
 import geostore
 from geostore.analysis.flatness import compute_landscape_flatness
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 
 EPOCHS = (0, 5, 10)
@@ -38,12 +38,12 @@ def test_reference_mlp_runs_ingest_and_analyse(tmp_path, kind):
         assert set(rebuilt) == set(state) and all(torch.equal(rebuilt[k], v) for k, v in state.items())
         with torch.no_grad():
             expected = reference_loss(reference_logits(module, 11), labels).item()
-        assert store.baseline_loss.compute()[i] == pytest.approx(expected, rel=1e-6)
+        assert store.analysis("flatness")["baseline_loss"].values[i] == pytest.approx(expected, rel=1e-6)
         keys = [key for name in names for key in store.table[name].keys]
         flat.append(np.concatenate([state[k].double().numpy().ravel() for k in keys]))
         plain = compute_landscape_flatness(module, None, lambda m, _: reference_loss(reference_logits(m, 11), labels),
                                            n_directions=4, epsilon=0.1, seed=0, trainable=keys)
-        np.testing.assert_allclose(store.delta_losses.compute()[i], plain["delta_losses"], atol=2e-6)
+        np.testing.assert_allclose(store.analysis("flatness")["delta_losses"][i], plain["delta_losses"], atol=2e-6)
     ours = store.pca("all", n_components=2)
     theirs = PCA(n_components=2).fit(np.stack(flat))
     np.testing.assert_allclose(ours["explained_variance"], theirs.explained_variance_, rtol=1e-6)

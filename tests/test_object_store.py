@@ -19,7 +19,7 @@ import geostore
 from geostore.cli import main
 from geostore.errors import GeostoreError
 from geostore.family.modular_addition import model_config
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 from geostore.store.writer import StoreWriter
 from tests.checkpoint_factories import truncate
@@ -78,8 +78,7 @@ def assert_same_store(a: geostore.Store, b: geostore.Store) -> None:
     assert a.table == b.table
     for name in a.table.names:
         np.testing.assert_array_equal(a.params[name].compute(), b.params[name].compute())
-    np.testing.assert_array_equal(a.delta_losses.compute(), b.delta_losses.compute())
-    np.testing.assert_array_equal(a.baseline_loss.compute(), b.baseline_loss.compute())
+    xr.testing.assert_equal(a.analysis("flatness"), b.analysis("flatness"))
 
 
 def test_ingest_reopen_append_insert_on_s3_equals_local(s3, sources, tmp_path):
@@ -126,7 +125,7 @@ def test_bad_input_leaves_an_s3_store_untouched_and_rerun_completes(s3, sources,
     assert remote_files(s3, url) == before  # rolled back on the object store as on a disk
 
     ingest(sources / "all", url, flatness=SETTINGS, progress=False)
-    assert geostore.open_store(url).flatness_epochs().tolist() == list(range(0, 200, 10))
+    assert geostore.open_store(url).analysis_epochs("flatness").tolist() == list(range(0, 200, 10))
 
 
 def test_concurrent_ingests_into_a_new_s3_store_end_as_one_ingest_of_the_union(s3, tmp_path):

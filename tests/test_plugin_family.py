@@ -73,11 +73,12 @@ def test_entry_point_family_end_to_end(tmp_path, toy_family):
     np.testing.assert_allclose(np.abs(ours["projections"]), np.abs(theirs.transform(flat)), atol=1e-6)
 
     model, (x, y) = store.model, toy_family.task_data(3)
-    deltas = store.delta_losses.compute()
+    deltas = store.analysis("flatness")["delta_losses"].values
     for i, state in enumerate(states):
         net = store.model_at(STEPS[i])
         with torch.no_grad():
-            assert store.baseline_loss.compute()[i] == pytest.approx(((net(x) - y) ** 2).mean().item(), rel=1e-6)
+            want = ((net(x) - y) ** 2).mean().item()
+            assert store.analysis("flatness")["baseline_loss"].values[i] == pytest.approx(want, rel=1e-6)
         plain = compute_landscape_flatness(net, (x, y), lambda m, probe: ((m(probe[0]) - probe[1]) ** 2).mean(),
                                            n_directions=6, epsilon=0.1, seed=0,
                                            trainable=["0.weight", "0.bias", "2.weight"])

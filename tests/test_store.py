@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -242,12 +244,23 @@ def test_flatness_rows_read_back_lazily_and_through_xarray(tmp_path, tiny_model)
 
     store = geostore.open_store(path)
     assert store.analyses() == ["flatness"]
-    assert store.flatness_settings == {"epsilon": 0.1, "n_directions": 5, "seed": 7}
-    got_baseline, got_deltas = store.baseline_loss.compute(), store.delta_losses.compute()
+    flatness = store.analysis("flatness")
+    assert flatness.attrs == store.analysis_settings("flatness") == {"epsilon": 0.1, "n_directions": 5, "seed": 7}
+    assert flatness["delta_losses"].dims == ("epoch", "direction") and flatness.chunks  # lazy, over epoch
+    np.testing.assert_array_equal(flatness["epoch"], [0, 10, 20, 30])
+    got_baseline, got_deltas = flatness["baseline_loss"].values, flatness["delta_losses"].values
     np.testing.assert_array_equal(got_baseline, [np.nan, baseline[1], np.nan, baseline[0]])
     np.testing.assert_array_equal(got_deltas[[3, 1]], deltas)
     assert np.isnan(got_deltas[[0, 2]]).all()
     np.testing.assert_array_equal(writer.flatness_missing(), [0, 20])
+    np.testing.assert_array_equal(store.analysis_epochs("flatness"), [10, 30])
+    for old, new in (("baseline_loss", got_baseline), ("delta_losses", got_deltas)):  # kept for one release
+        with pytest.warns(DeprecationWarning, match=re.escape(f"use store.analysis('flatness')['{old}']")):
+            np.testing.assert_array_equal(getattr(store, old).compute(), new)
+    with pytest.warns(DeprecationWarning, match="analysis_settings"):
+        assert store.flatness_settings == flatness.attrs
+    with pytest.warns(DeprecationWarning, match="analysis_epochs"):
+        np.testing.assert_array_equal(store.flatness_epochs(), [10, 30])
 
     ds = xr.open_zarr(path)
     assert ds["delta_losses"].dims == ("epoch", "direction") and ds["baseline_loss"].dims == ("epoch",)
@@ -262,7 +275,10 @@ def test_an_epoch_without_its_baseline_is_not_visible(tmp_path, tiny_model):
     # A writer killed between the delta_losses write and the baseline write (which marks completion).
     writer._array("delta_losses")[1] = np.arange(5.0)
     store = geostore.open_store(path)
-    assert np.isnan(store.delta_losses.compute()).all()
+    assert np.isnan(store.analysis("flatness")["delta_losses"]).all()
+    assert np.isnan(store.to_xarray()["delta_losses"]).all()  # masked as `analysis` masks it
+    np.testing.assert_array_equal(xr.open_zarr(path)["delta_losses"][1], np.arange(5.0))  # the raw bytes
+    assert store.analysis_epochs("flatness").size == 0
     np.testing.assert_array_equal(open_writer(path, tiny_model).flatness_missing(), [0, 10])
 
 
@@ -284,8 +300,9 @@ def test_flatness_of_other_settings_is_refused_unless_recomputed(tmp_path, tiny_
     writer = open_writer(path, tiny_model)
     writer.enable_flatness({"epsilon": 0.2, "n_directions": 3, "seed": 0}, recompute=True)
     store = geostore.open_store(path)
-    assert store.flatness_settings["n_directions"] == 3 and store.delta_losses.shape == (2, 3)
-    assert np.isnan(store.baseline_loss.compute()).all()
+    flatness = store.analysis("flatness")
+    assert flatness.attrs["n_directions"] == 3 and flatness["delta_losses"].shape == (2, 3)
+    assert np.isnan(flatness["baseline_loss"]).all()
     assert store.params["W_E"].compute().tobytes() == weights.tobytes()
 
 
@@ -296,15 +313,16 @@ def test_flatness_rows_move_with_appends_inserts_and_rollbacks(tmp_path, tiny_mo
     baseline, deltas = flatness_rows(4)
     writer.write_flatness([0, 20], baseline[:2], deltas[:2], epsilon=0.1, seed=0)
     writer.append([30], random_params(tiny_model, [0], 1))
-    assert np.isnan(geostore.open_store(path).delta_losses.compute()[2]).all()  # not computed yet
+    assert np.isnan(geostore.open_store(path).analysis("flatness")["delta_losses"][2]).all()  # not computed yet
     writer.write_flatness([30], baseline[2:3], deltas[2:3])
     writer.insert([10], random_params(tiny_model, [0], 2))  # no flatness: a NaN row in the middle
     store = geostore.open_store(path)
     np.testing.assert_array_equal(store.epochs, [0, 10, 20, 30])
-    np.testing.assert_array_equal(store.baseline_loss.compute(), [baseline[0], np.nan, baseline[1], baseline[2]])
-    np.testing.assert_array_equal(store.delta_losses.compute()[[0, 2, 3]], deltas[:3])
+    flatness = store.analysis("flatness")
+    np.testing.assert_array_equal(flatness["baseline_loss"], [baseline[0], np.nan, baseline[1], baseline[2]])
+    np.testing.assert_array_equal(flatness["delta_losses"][[0, 2, 3]], deltas[:3])
     np.testing.assert_array_equal(writer.flatness_missing(), [10])
-    np.testing.assert_array_equal(store.flatness_epochs(), [0, 20, 30])
+    np.testing.assert_array_equal(store.analysis_epochs("flatness"), [0, 20, 30])
 
     before = snapshot(path)
     writer = open_writer(path, tiny_model)
@@ -322,4 +340,4 @@ def test_store_without_flatness_says_how_to_add_it(tmp_path, tiny_model):
     store = geostore.open_store(path)
     assert store.analyses() == []
     with pytest.raises(StoreError, match="no flatness stored \\(run `geostore flatness"):
-        _ = store.delta_losses
+        store.analysis("flatness")

@@ -21,7 +21,7 @@ import torch
 import geostore
 from geostore.cli import main
 from geostore.errors import GeostoreWarning, StoreError
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 from geostore.store.integrity import StoreDamagedError, check
 from geostore.store.location import Location
@@ -186,7 +186,7 @@ def test_an_impossible_direction_count_is_refused_before_anything_is_written(pri
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--directions 100000000" in err[0] and "memory" in err[0], err
     assert snapshot(store) == before
-    assert geostore.open_store(store).flatness_settings["n_directions"] == 2
+    assert geostore.open_store(store).analysis_settings("flatness")["n_directions"] == 2
 
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt, ZeroDivisionError])
@@ -220,16 +220,16 @@ def test_a_failed_recompute_puts_the_old_values_back(pristine, tmp_path, capsys,
     assert main(["flatness", str(store), "--recompute", "--directions", "3", "--quiet"]) != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert snapshot(store) == before
-    assert geostore.open_store(store).flatness_settings["n_directions"] == 2
+    assert geostore.open_store(store).analysis_settings("flatness")["n_directions"] == 2
     monkeypatch.setattr(landscape, "epoch_landscape", real)  # and a recompute that succeeds leaves nothing aside
     assert main(["flatness", str(store), "--recompute", "--directions", "3", "--quiet"]) == 0
     assert not (store / "_replaced").exists() and check(Location.of(store), deep=True).ok
-    assert geostore.open_store(store).delta_losses.shape[1] == 3
+    assert geostore.open_store(store).analysis("flatness")["delta_losses"].shape[1] == 3
 
 
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
 def test_any_exception_during_ingest_rolls_back_appended_batches(pristine, tmp_path, monkeypatch, error):
-    import geostore.ingest as ingest_module
+    import geostore.ingestion as ingest_module
 
     store = store_copy(pristine[0], tmp_path)
     before = snapshot(store)
@@ -241,7 +241,7 @@ def test_any_exception_during_ingest_rolls_back_appended_batches(pristine, tmp_p
 
 
 def test_a_new_store_whose_ingest_fails_is_removed_and_unlocked(tmp_path, monkeypatch):
-    import geostore.ingest as ingest_module
+    import geostore.ingestion as ingest_module
 
     monkeypatch.setattr(ingest_module, "_write_new_epochs", lambda *a: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):
@@ -318,8 +318,8 @@ def test_nonfinite_weights_are_stored_reported_and_their_nan_landscape_recorded_
     opened = geostore.open_store(store)
     assert np.isnan(opened.params_at(20)["W_in"][0, 0, 0])
     # completion is recorded apart from the values: NaN is the landscape at NaN weights, not "not computed"
-    np.testing.assert_array_equal(opened.flatness_epochs(), [0, 10, 20, 30, 40])
-    baseline = opened.baseline_loss.compute()
+    np.testing.assert_array_equal(opened.analysis_epochs("flatness"), [0, 10, 20, 30, 40])
+    baseline = opened.analysis("flatness")["baseline_loss"].values
     assert np.isnan(baseline[[2, 3]]).all() and np.isfinite(baseline[[0, 1, 4]]).all()
     assert main(["flatness", str(store), "--quiet"]) == 0
     assert "computed for 0 epochs" in capsys.readouterr().out  # nothing left to do

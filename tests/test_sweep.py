@@ -9,7 +9,7 @@ import xarray as xr
 import geostore
 from geostore.cli import main
 from geostore.errors import StoreError
-from geostore.ingest import ingest, ingest_sweep
+from geostore.ingestion import ingest, ingest_sweep
 from geostore.landscape import FlatnessSettings
 from tests.conftest import snapshot
 from tests.terminal import run_on_terminal
@@ -43,7 +43,7 @@ def test_each_run_of_a_sweep_equals_its_single_store_bit_for_bit(runs, tmp_path)
     store = geostore.open_store(sweep_path, run="seed0")
     ds = xr.open_zarr(sweep_path / "runs" / "seed0", consolidated=True)  # a run is a store of its own
     np.testing.assert_array_equal(ds["W_in"].values, store.params["W_in"].compute())
-    np.testing.assert_array_equal(ds["delta_losses"].values, store.delta_losses.compute())
+    np.testing.assert_array_equal(ds["delta_losses"].values, store.analysis("flatness")["delta_losses"].values)
 
     ingest(runs / "seed0", sweep_path, run="seed0", flatness=SETTINGS, progress=False)  # nothing new: unchanged
     assert snapshot(sweep_path / "runs" / "seed0") == snapshot(tmp_path / "seed0.zarr")
@@ -68,7 +68,7 @@ def test_sweep_cli_progress_info_flatness_and_viewer(runs, tmp_path, qapp):
     result = run_cli("info", str(sweep))
     assert result.returncode == 0 and "2 runs" in result.stdout and "seed1" in result.stdout
     assert main(["flatness", str(sweep), "--directions", "4", "--quiet"]) == 0  # every run
-    assert all(s.flatness_epochs().size == 6 for _, s in geostore.open_sweep(sweep).items())
+    assert all(s.analysis_epochs("flatness").size == 6 for _, s in geostore.open_sweep(sweep).items())
     assert main(["pca", str(sweep), "--run", "seed1", "--components", "2", "--csv", str(tmp_path / "p.csv")]) == 0
     assert (tmp_path / "p.csv").read_text().count("\n") == 7
     shot = tmp_path / "seed1.png"

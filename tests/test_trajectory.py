@@ -21,7 +21,7 @@ import geostore
 from geostore.analysis.trajectory import pca_from_gram
 from geostore.cli import main
 from geostore.errors import StoreError
-from geostore.ingest import ingest
+from geostore.ingestion import ingest
 from geostore.store import derived, layout
 from geostore.store.location import PARTIAL_SUFFIX
 from geostore.store.writer import StoreWriter
@@ -51,24 +51,26 @@ def matrix(store, group) -> np.ndarray:
     return store.flatten(group).compute().astype(np.float64)
 
 
-def assert_same_pca(result: dict, x: np.ndarray, fit: np.ndarray | None = None, k: int = 3) -> None:
+def assert_same_pca(result: xr.Dataset, x: np.ndarray, fit: np.ndarray | None = None, k: int = 3) -> None:
     """Equal to scikit-learn's exact PCA fitted on rows `fit` of `x`, up to the sign of each component."""
     fit = np.arange(len(x)) if fit is None else fit
+    np.testing.assert_array_equal(np.flatnonzero(result["fit"]), fit)
     reference = PCA(k, svd_solver="full").fit(x[fit])
     expected = reference.transform(x)
-    signs = np.sign((result["projections"] * expected).sum(axis=0))
+    projections = result["projections"].values
+    signs = np.sign((projections * expected).sum(axis=0))
     scale = np.abs(expected).max()
-    assert np.abs(result["projections"] * signs - expected).max() < 1e-6 * scale
+    assert np.abs(projections * signs - expected).max() < 1e-6 * scale
     np.testing.assert_allclose(result["explained_variance"], reference.explained_variance_, rtol=1e-6)
     np.testing.assert_allclose(result["explained_variance_ratio"], reference.explained_variance_ratio_,
                                rtol=1e-6, atol=1e-12)
     if "components" in result:
-        assert isinstance(result["components"], da.Array)
-        np.testing.assert_allclose(result["components"].compute() * signs[:, None], reference.components_,
+        assert isinstance(result["components"].data, da.Array)  # lazy
+        np.testing.assert_allclose(result["components"].values * signs[:, None], reference.components_,
                                    atol=1e-6 * np.abs(reference.components_).max())
 
 
-def numpy_velocity(x: np.ndarray, epochs: np.ndarray, per_epoch: bool = True) -> np.ndarray:
+def numpy_velocity(x: np.ndarray, epochs: np.ndarray, per_epoch: bool = False) -> np.ndarray:
     speed = np.linalg.norm(np.diff(x, axis=0), axis=1)
     return speed / np.diff(epochs) if per_epoch else speed
 
@@ -80,20 +82,25 @@ def test_pca_and_velocity_equal_sklearn_and_numpy_for_every_group(run_store, tmp
     for group in GROUPS:
         x = matrix(store, group)
         result = store.pca(group, 3, loadings=True)
-        assert result["projections"].shape == (n, 3) and result["projections"].dtype == np.float64
-        assert result["explained_variance_ratio"].shape == result["explained_variance"].shape == (3,)
+        assert result["projections"].dims == ("epoch", "component") and result["projections"].dtype == np.float64
+        assert result["explained_variance_ratio"].dims == result["explained_variance"].dims == ("component",)
         assert result["components"].shape == (3, x.shape[1])
-        np.testing.assert_array_equal(result["epochs"], store.epochs)
+        np.testing.assert_array_equal(result["epoch"], store.epochs)
+        np.testing.assert_array_equal(result["component"], [1, 2, 3])
         assert result["explained_variance_ratio"].sum() <= 1.0
         assert np.all(np.diff(result["explained_variance"]) <= 0)
         assert_same_pca(result, x)
         # The sign convention: each component's largest-magnitude projection is positive.
         projections = result["projections"]
         assert np.all(projections[np.abs(projections).argmax(axis=0), range(3)] > 0)
-        for per_epoch in (True, False):
-            np.testing.assert_allclose(store.velocity(group, per_epoch=per_epoch),
-                                       numpy_velocity(x, store.epochs, per_epoch), rtol=1e-12)
-    all_velocities = store.velocities(per_epoch=False)
+        # REQ_029's velocity by default, each step labelled by its later epoch; the rate per epoch on request
+        speed = store.velocity(group)
+        np.testing.assert_allclose(speed, numpy_velocity(x, store.epochs), rtol=1e-12)
+        np.testing.assert_array_equal(speed["epoch"], store.epochs[1:])
+        np.testing.assert_array_equal(speed["from_epoch"], store.epochs[:-1])
+        np.testing.assert_allclose(store.velocity(group, per_epoch=True),
+                                   numpy_velocity(x, store.epochs, per_epoch=True), rtol=1e-12)
+    all_velocities = store.velocities()
     assert set(all_velocities) == {"all", *store.table.partition()} == set(FAMILY_GROUPS)
     for group, speed in all_velocities.items():
         assert speed.shape == (n - 1,)
@@ -263,9 +270,12 @@ def test_cli_prints_tables_and_writes_csv(run_store, tmp_path, capsys):
     assert main(["velocity", str(path), "--per-checkpoint", "--csv", str(speed_csv)]) == 0
     rows = np.array(list(csv.reader(speed_csv.open()))[1:], dtype=float)
     np.testing.assert_array_equal(rows[:, :2], np.stack([store.epochs[:-1], store.epochs[1:]], axis=1))
-    np.testing.assert_allclose(rows[:, 2], store.velocity(per_epoch=False), rtol=1e-12)
+    np.testing.assert_allclose(rows[:, 2], store.velocity(), rtol=1e-12)
     assert main(["velocity", str(path), "--group", "attention"]) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == ["from_epoch", "to_epoch", "velocity"]
+    assert main(["velocity", str(path), "--per-epoch", "--csv", str(speed_csv)]) == 0
+    rows = np.array(list(csv.reader(speed_csv.open()))[1:], dtype=float)
+    np.testing.assert_allclose(rows[:, 2], store.velocity(per_epoch=True), rtol=1e-12)
 
     assert main(["pca", str(path), "--group", "bogus"]) == StoreError.exit_code
     err = capsys.readouterr().err
@@ -276,6 +286,7 @@ def test_cli_prints_tables_and_writes_csv(run_store, tmp_path, capsys):
 # Peak RSS from VmHWM: ru_maxrss would carry over the (large) RSS of the test process that forked the child.
 MEMORY_CHILD = """
 import json, re, sys
+import xarray  # loaded before the baseline: results are labelled
 import geostore
 
 def peak():
@@ -286,8 +297,8 @@ store.params["W_in"][:1].compute()  # libraries loaded: the baseline
 before = peak()
 result = store.pca("all", 3, memory_budget=int(sys.argv[2]))
 speed = store.velocity("all", per_epoch=False, memory_budget=int(sys.argv[2]))
-print(json.dumps({"before": before, "peak": peak(), "projections": result["projections"].tolist(),
-                  "velocity": speed.tolist()}))
+print(json.dumps({"before": before, "peak": peak(), "projections": result["projections"].values.tolist(),
+                  "velocity": speed.values.tolist()}))
 """
 
 

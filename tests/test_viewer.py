@@ -356,7 +356,8 @@ def test_flatness_dock_switches_between_one_sided_antithetic_hessian_trace_and_t
     assert "curvature <" in dock.flatness_plot.getAxis("left").labelText and not dock.band.isVisible()
 
     dock.measure.setCurrentIndex(dock.measure.findData("hessian_trace"))
-    trace, stderr = store.hessian_trace.compute(), store.hessian_trace_stderr.compute()
+    hessian = store.analysis("hessian")
+    trace, stderr = hessian["hessian_trace"].values, hessian["hessian_trace_stderr"].values
     np.testing.assert_array_equal(dock.curve.getData()[1], trace)
     np.testing.assert_array_equal(dock.band_high.getData()[1], trace + 2 * stderr)
     assert dock.compare.isVisible() and not dock.statistic.isEnabled()
@@ -364,7 +365,7 @@ def test_flatness_dock_switches_between_one_sided_antithetic_hessian_trace_and_t
     window.epoch_control.slider.setValue(4)
     assert dock.marker.getData()[1][0] == trace[4]
     dock.measure.setCurrentIndex(dock.measure.findData("top_eigenvalue"))
-    np.testing.assert_array_equal(dock.curve.getData()[1], store.top_eigenvalue.compute())
+    np.testing.assert_array_equal(dock.curve.getData()[1], store.analysis("hessian")["top_eigenvalue"].values)
     assert not dock.compare.isVisible() and "λ_max" in dock.flatness_plot.getAxis("left").labelText
     header = dock.export("csv", window.settings.fileName() + ".csv").read_text().splitlines()[0]
     assert header == "epoch,top_eigenvalue,low,high,baseline_loss"
@@ -383,7 +384,8 @@ def test_profile_dock_shows_curvature_against_epsilon_at_the_current_epoch(qtbot
         x, y = dock.curve.getData()
         np.testing.assert_allclose(x, np.log10(profile["epsilon"][index]))  # log x axis
         np.testing.assert_array_equal(y, profile["normalised_curvature"][index])
-        assert dock.hutchinson.value() == pytest.approx(store.hessian_trace.compute()[index] / store.n_trainable)
+        trace = store.analysis("hessian")["hessian_trace"].values[index]
+        assert dock.hutchinson.value() == pytest.approx(trace / store.n_trainable)
         assert f"epoch {EPOCHS[index]}" in dock.caption.text
     (_, _), (low, high) = dock.profile_plot.vb.viewRange()
     finite = profile["normalised_curvature"][1:]

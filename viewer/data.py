@@ -220,9 +220,9 @@ class ViewerData:
 
         def compute() -> Flatness:
             summary = self.store.flatness_summary(threshold=FLATNESS_THRESHOLD)
-            deltas = np.asarray(self.store.delta_losses.compute(), dtype=np.float64)
+            deltas = np.asarray(self.store.analysis("flatness")["delta_losses"].values, dtype=np.float64)
             edges, counts = fixed_histograms(deltas, HISTOGRAM_BINS)
-            return Flatness(settings=self.store.flatness_settings, threshold=FLATNESS_THRESHOLD,
+            return Flatness(settings=self.store.analysis_settings("flatness"), threshold=FLATNESS_THRESHOLD,
                             summary=summary, deltas=deltas, edges=edges, counts=counts)
 
         return self._load(("flatness",), compute)
@@ -239,9 +239,8 @@ class ViewerData:
             store, present = self.store, self.analyses
             hessian = None
             if "hessian" in present:
-                hessian = {name: np.asarray(getattr(store, name).compute(), dtype=np.float64)
-                           for name in ("hessian_trace", "hessian_trace_stderr", "top_eigenvalue",
-                                        "top_eigenvalue_residual")}
+                stored = store.analysis("hessian").compute()
+                hessian = {name: np.asarray(stored[name], dtype=np.float64) for name in stored.data_vars}
             return Curvature(
                 summary=store.curvature_summary(FLATNESS_THRESHOLD) if "antithetic" in present else None,
                 hessian=hessian,

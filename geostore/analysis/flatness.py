@@ -79,14 +79,14 @@ def compute_landscape_flatness(
     seed: int | None = None,
     *,
     trainable: Sequence[str] | None = None,
-) -> dict[str, object]:
+) -> dict[str, np.ndarray]:
     """Flatness of `model` the plain way: perturb its weights in place, call `loss_fn(model, probe)`, restore.
 
-    Returns `baseline_loss` (float), `delta_losses` (float64 `(n_directions,)`, differences of the float32
-    losses) and `epsilon`. The weights are bit-identical afterwards, also when `loss_fn` raises. `seed=None`
-    draws a fresh seed. `loss_fn` must come from the model family: without one this raises, never guesses.
-    The directions span `trainable` (parameter keys, in that order; default: every parameter with
-    `requires_grad`, in `named_parameters()` order, as models built by geostore families mark them).
+    Returns REQ_031's arrays: `baseline_loss` (0-d float64), `delta_losses` (float64 `(n_directions,)`,
+    differences of the float32 losses) and `epsilon` (0-d float64). The weights are bit-identical afterwards,
+    also when `loss_fn` raises. `seed=None` draws a fresh seed. `loss_fn` must come from the model family:
+    without one this raises, never guesses. The directions span `trainable` (parameter keys, in that order;
+    default: every parameter with `requires_grad`, in `named_parameters()` order, as geostore's families mark them).
     """
     if loss_fn is None:
         raise GeostoreError("flatness needs the model family's loss function (loss_fn is None), e.g. the mean of a "
@@ -110,7 +110,8 @@ def compute_landscape_flatness(
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(original[name])
-    return {"baseline_loss": baseline, "delta_losses": deltas, "epsilon": float(epsilon)}
+    return {"baseline_loss": np.asarray(baseline, dtype=np.float64), "delta_losses": deltas,
+            "epsilon": np.asarray(epsilon, dtype=np.float64)}
 
 
 def flatness_for_params(

@@ -286,7 +286,7 @@ def components(x: da.Array, pca: GramPCA) -> da.Array:
     return da.from_array(pca.weights.T) @ x[pca.fit].astype(np.float64)
 
 
-def velocity(steps2: np.ndarray, epochs: np.ndarray, *, per_epoch: bool = True) -> np.ndarray:
-    """`||theta[i+1] - theta[i]||` from squared steps, divided by the epoch gap when `per_epoch`."""
+def velocity(steps2: np.ndarray, epochs: np.ndarray, *, per_epoch: bool = False) -> np.ndarray:
+    """REQ_029's `||theta[i+1] - theta[i]||` from squared steps; divided by the epoch gap when `per_epoch`."""
     speed = np.sqrt(steps2)
     return speed / np.diff(np.asarray(epochs, dtype=np.float64)) if per_epoch else speed

@@ -26,8 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geostore.errors import StoreError
+from geostore.store.schema import EPOCH_DIM as EPOCH
 
 if TYPE_CHECKING:
+    import xarray as xr
+
     from geostore.analysis.trajectory import TrajectoryPass
     from geostore.store.reader import Store
 
@@ -35,6 +38,7 @@ DERIVED = "derived"
 TRAJECTORY = "trajectory"
 # Bytes of panels a trajectory pass may hold per process: a paper-size run (400 x 226,048) is read once.
 DEFAULT_MEMORY_BUDGET = 2**30
+COMPONENT = "component"  # the dimension of principal components in PCA results (1 for PC1, ...)
 
 
 def units_of(store: Store, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -106,7 +110,7 @@ def unit_passes(store: Store, names: Sequence[str], memory_budget: int | None = 
         rows = np.flatnonzero(~known)
         steps = np.flatnonzero(~known[:-1] | ~known[1:])
         passes = trajectory_pass({u: [store.member(p) for p in ns] for u, ns, _ in units}, rows, steps,
-                                 memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET)
+                                 memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
         for unit, unit_names, result in units:
             new = passes[unit]
             result.gram[rows] = new.gram[rows]
@@ -145,45 +149,62 @@ def pca(
     fit_epochs: tuple[int, int] | Sequence[int] | None = None,
     loadings: bool = False,
     memory_budget: int | None = None,
-) -> dict:
-    """PCA of a group's trajectory (see `Store.pca`)."""
+) -> xr.Dataset:
+    """PCA of a group's trajectory as a labelled Dataset (see `Store.pca`)."""
+    import xarray as xr
+
     from geostore.analysis.trajectory import components, pca_from_gram
 
     names = store.resolve(group)
-    fit = _fit_rows(store.epochs, fit_epochs)
+    epochs = store.epochs
+    fit = _fit_rows(epochs, fit_epochs)
     width = sum(int(np.prod(store.member(n).shape[1:])) for n in names)
-    m = store.epochs.size if fit is None else fit.size
+    m = epochs.size if fit is None else fit.size
     if not 1 <= n_components <= min(m, width):
         raise StoreError(f"n_components must be between 1 and {min(m, width)} here, got {n_components}")
     if m < 2:
         raise StoreError(f"{store.path}: PCA needs at least 2 (fit) epochs, got {m}")
     result = pca_from_gram(_summed(unit_passes(store, names, memory_budget)).gram, n_components, fit)
-    out = {
-        "projections": result.projections,
-        "explained_variance_ratio": result.explained_variance_ratio,
-        "explained_variance": result.explained_variance,
-        "epochs": store.epochs.copy(),
-    }
+    fitted = np.ones(epochs.size, dtype=bool) if fit is None else np.isin(np.arange(epochs.size), fit)
+    dataset = xr.Dataset(
+        {"projections": ((EPOCH, COMPONENT), result.projections),
+         "explained_variance_ratio": (COMPONENT, result.explained_variance_ratio),
+         "explained_variance": (COMPONENT, result.explained_variance)},
+        coords={EPOCH: epochs.copy(), COMPONENT: np.arange(1, n_components + 1), "fit": (EPOCH, fitted)},
+        attrs={"group": group if isinstance(group, str) else list(group), "members": list(names)})
     if loadings:
-        out["components"] = components(store.flatten(names), result)
-    return out
+        dataset["components"] = ((COMPONENT, "weight"), components(store.flatten(names), result))
+    return dataset
 
 
-def velocity(store: Store, group: str | Sequence[str] = "all", *, per_epoch: bool = True,
-             memory_budget: int | None = None) -> np.ndarray:
-    """Step lengths of a group between consecutive epochs (see `Store.velocity`)."""
-    from geostore.analysis.trajectory import velocity as from_steps
-
+def velocity(store: Store, group: str | Sequence[str] = "all", *, per_epoch: bool = False,
+             memory_budget: int | None = None) -> xr.DataArray:
+    """Step lengths of a group between consecutive epochs, labelled by each step's later epoch (see
+    `Store.velocity`)."""
     steps2 = _summed(unit_passes(store, store.resolve(group), memory_budget)).steps2
-    return from_steps(steps2, store.epochs, per_epoch=per_epoch)
+    return _labelled_velocity(store, steps2, per_epoch, group)
 
 
-def velocities(store: Store, *, per_epoch: bool = True, memory_budget: int | None = None) -> dict[str, np.ndarray]:
+def velocities(store: Store, *, per_epoch: bool = False, memory_budget: int | None = None) -> xr.Dataset:
     """Velocity of `all` and of each group of the store's partition of it, from one pass (see
     `Store.velocities`)."""
-    from geostore.analysis.trajectory import velocity as from_steps
+    import xarray as xr
 
     passes = unit_passes(store, store.groups["all"], memory_budget)
-    out = {"all": from_steps(_summed(passes).steps2, store.epochs, per_epoch=per_epoch)}
-    out.update({g: from_steps(passes[g].steps2, store.epochs, per_epoch=per_epoch) for g in store.table.partition()})
-    return out
+    steps = {"all": _summed(passes).steps2, **{g: passes[g].steps2 for g in store.table.partition()}}
+    return xr.Dataset({g: _labelled_velocity(store, s, per_epoch, g) for g, s in steps.items()},
+                      attrs={"per_epoch": int(per_epoch)})
+
+
+def _labelled_velocity(store: Store, steps2: np.ndarray, per_epoch: bool, group: str | Sequence[str]
+                       ) -> xr.DataArray:
+    """Velocities from squared steps over the epoch ending each step, `from_epoch` the one starting it."""
+    import xarray as xr
+
+    from geostore.analysis.trajectory import velocity as from_steps
+
+    epochs = store.epochs
+    unit = "per epoch of training" if per_epoch else "per checkpoint step"
+    return xr.DataArray(from_steps(steps2, epochs, per_epoch=per_epoch), dims=EPOCH, name="velocity",
+                        coords={EPOCH: epochs[1:].copy(), "from_epoch": (EPOCH, epochs[:-1].copy())},
+                        attrs={"group": group if isinstance(group, str) else list(group), "units": unit})

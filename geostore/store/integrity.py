@@ -29,10 +29,12 @@ from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import zarr
 from zarr.storage import WrapperStore
 
 from geostore.errors import StoreError
 from geostore.store import schema
+from geostore.store.layout import quiet_zarr, read_root_attrs, read_root_meta
 from geostore.store.location import Location
 
 ROOT_META = "zarr.json"
@@ -253,7 +255,6 @@ class CommittedStore(WrapperStore):
 
 def read_root(location: Location) -> dict:
     """The root `zarr.json` parsed; StoreError when missing or unreadable."""
-    from geostore.store.layout import read_root_meta
 
     return read_root_meta(location)
 
@@ -276,7 +277,6 @@ class Report:
 def check(location: Location, *, deep: bool = False, root: dict | None = None) -> Report:
     """Verify a store: metadata of every committed array against its own `zarr.json`, the epoch axis, and
     every committed chunk's presence and length; with `deep`, every chunk's checksum and decoding too."""
-    from geostore.store.layout import read_root_attrs
 
     read_root_attrs(location)  # not a store, an unknown format or a bad version: StoreError
     root = read_root(location) if root is None else root
@@ -346,8 +346,6 @@ def _array_meta_problem(location: Location, name: str, layout: ArrayLayout, n: i
 
 
 def _epoch_axis(location: Location, report: Report) -> np.ndarray | None:
-    from geostore.store.layout import open_committed
-
     try:
         epochs = np.asarray(open_committed(location)[schema.EPOCH_DIM][:], dtype=np.int64)
     except StoreError as exc:
@@ -360,8 +358,6 @@ def _epoch_axis(location: Location, report: Report) -> np.ndarray | None:
 
 def _decode_all(location: Location, report: Report) -> None:
     """Read every committed array whole through the checked store (decodes every chunk)."""
-    from geostore.store.layout import open_committed
-
     group = open_committed(location)
     for name in sorted(layouts(read_root(location))):
         try:
@@ -383,3 +379,26 @@ def verify(location: Location, *, deep: bool = False) -> Report:
         extra = f" (and {more} more problem{'s' if more > 1 else ''}: run `geostore check {location}`)" if more else ""
         raise StoreDamagedError(f"{report.problems[0]}{extra}")
     return report
+
+
+def open_committed(location: Location) -> zarr.Group:
+    """The store as readers see it: read-only, through the consolidated metadata of one commit.
+
+    The group's store is an `CommittedStore` (`group.store`): it serves the commit read here
+    whatever is committed later, and raises instead of returning chunks that a later insertion moved, or
+    that are missing or truncated.
+    """
+    try:
+        raw = location.read_bytes(ROOT_META)
+        json.loads(raw)
+    except FileNotFoundError:
+        raise StoreError(f"{location}: not a geostore store (no zarr.json)") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{location}: not a geostore store (unreadable zarr.json: {exc})") from None
+    store = CommittedStore(location.zarr_store(read_only=True), location=str(location), root_bytes=raw)
+    store.pending = location.exists(STATE)
+    try:
+        with quiet_zarr():
+            return zarr.open_group(store, mode="r", use_consolidated=True)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StoreError(f"{location}: damaged commit record (zarr.json: {exc})") from None

@@ -81,31 +81,6 @@ def read_root_attrs(location: Location) -> dict:
     return attrs
 
 
-def open_committed(location: Location) -> zarr.Group:
-    """The store as readers see it: read-only, through the consolidated metadata of one commit.
-
-    The group's store is an `integrity.CommittedStore` (`group.store`): it serves the commit read here
-    whatever is committed later, and raises instead of returning chunks that a later insertion moved, or
-    that are missing or truncated.
-    """
-    from geostore.store.integrity import STATE, CommittedStore
-
-    try:
-        raw = location.read_bytes(ROOT_META)
-        json.loads(raw)
-    except FileNotFoundError:
-        raise StoreError(f"{location}: not a geostore store (no zarr.json)") from None
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{location}: not a geostore store (unreadable zarr.json: {exc})") from None
-    store = CommittedStore(location.zarr_store(read_only=True), location=str(location), root_bytes=raw)
-    store.pending = location.exists(STATE)
-    try:
-        with quiet_zarr():
-            return zarr.open_group(store, mode="r", use_consolidated=True)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise StoreError(f"{location}: damaged commit record (zarr.json: {exc})") from None
-
-
 def pending_state(location: Location) -> dict | None:
     """The staged insertion's attributes (`start`, `complete`, ...), or None when none is staged."""
     if not location.exists(PENDING):

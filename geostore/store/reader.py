@@ -1,21 +1,23 @@
 """The read-only `Store` handle: lazy dask and xarray views of a geostore store.
 
 Reads go through the consolidated metadata (the commit record), so a store being written or left
-by a killed ingest shows only whole epochs. Torch and TransformerLens are imported only by
-`model_at`.
+by a killed ingest shows only whole epochs. The store never imports the model builders: `model` and
+`model_at` use the family lookup its opener (`geostore.open_store`) hands it, and only they import torch.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.store import layout, schema
+from geostore.store import integrity, layout, schema
 from geostore.store.location import Location
 
 # The `geostore flatness` options that add each analysis to a store.
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     import xarray as xr
 
-    from geostore.family.base import Model, ParameterTable
+    from geostore.family.base import Family, Model, ParameterTable
 
 
 class Store:
@@ -37,14 +39,16 @@ class Store:
     read until computed. Works as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None,
+                 families: Callable[[str], Family] | None = None) -> None:
         self.location = Location.of(path, storage_options)
+        self._families = families  # name -> Family, for `model`: the store itself never builds models
         self.path = str(self.location)  # the folder or URL, for messages and to reopen the store elsewhere
         if not self.location.exists():
             raise StoreError(f"{self.path}: no such store")
         self.attrs: dict = layout.read_root_attrs(self.location)
         self.table: ParameterTable = schema.table_of(self.attrs)
-        self._group = layout.open_committed(self.location)
+        self._group = integrity.open_committed(self.location)
         epochs = np.asarray(self._group[schema.EPOCH_DIM][:], dtype=np.int64)
         pending = layout.pending_state(self.location)
         # A staged insertion may have shifted stored epochs past its start: show the intact prefix.
@@ -102,9 +106,10 @@ class Store:
     @property
     def model(self) -> Model:
         """The family's `Model` of this store (needs the family installed; imports torch)."""
-        from geostore.family import registry
-
-        return registry.get(self.family).model(self.config)
+        if self._families is None:
+            raise StoreError(f"{self.path}: opened without model families: open it with geostore.open_store to "
+                             "rebuild its models")
+        return self._families(self.family).model(self.config)
 
     def probe(self) -> np.ndarray | None:
         """The landscape probe a user gave (token ids `(batch, seq)`), or None."""
@@ -189,53 +194,64 @@ class Store:
         return model.build(model.table.stored(self.state_dict_at(epoch), f"{self.path}@{epoch}"))
 
     def to_xarray(self) -> xr.Dataset:
-        """The store as an xarray Dataset (lazy), as `xarray.open_zarr(path)` gives it."""
+        """The store as a lazy xarray Dataset, as `xarray.open_zarr(path)` gives it but with the rows of
+        incomplete analysis epochs NaN, as `analysis(name)` gives them."""
+        return self._masked(self._dataset(), self.analyses())
+
+    def _dataset(self) -> xr.Dataset:
+        """The committed epochs as xarray reads them, read through this handle's snapshot checks."""
         import xarray as xr
 
         with layout.quiet_zarr():  # through this handle's commit: chunks a later insertion moved raise
             ds = xr.open_zarr(self._group.store, consolidated=True)
         return ds.isel({schema.EPOCH_DIM: slice(0, self._n)})
 
-    # ----------------------------------------------------------------------------------- flatness
-    @property
-    def flatness_settings(self) -> dict:
-        """How the stored flatness was computed: `epsilon`, `n_directions`, `seed`, the loss, ..."""
-        return self.analysis_settings("flatness")
+    # ----------------------------------------------------------------------------------- analyses
+    def analyses(self) -> list[str]:
+        """Names of the analyses stored (see `schema.ANALYSES`), e.g. `flatness`."""
+        return [name for name, arrays in schema.ANALYSES.items() if all(a in self._group for a in arrays)]
+
+    def analysis(self, name: str) -> xr.Dataset:
+        """A stored analysis (`flatness`, `antithetic`, `profile`, `hessian`) as a lazy Dataset over `epoch`.
+
+        Its variables are the analysis's arrays (`schema.ANALYSES[name]`, e.g. `baseline_loss` and
+        `delta_losses` for flatness); rows of epochs where the analysis is incomplete are NaN; `attrs` are
+        the settings it was computed with. StoreError, naming the command that adds it, when not stored.
+        """
+        self._require(name)
+        dataset = self._masked(self._dataset()[list(schema.ANALYSES[name])], [name])
+        dataset.attrs = self.analysis_settings(name)
+        return dataset
 
     def analysis_settings(self, name: str) -> dict:
         """How a stored analysis (`flatness`, `antithetic`, `profile`, `hessian`) was computed."""
         self._require(name)
         return dict(self.attrs[name])
 
-    @property
-    def baseline_loss(self) -> da.Array:
-        """Lazy `(n_epoch,)` float64 loss at each epoch's weights; NaN where flatness is not computed."""
-        return self._analysis_array("flatness", "baseline_loss")
-
-    @property
-    def delta_losses(self) -> da.Array:
-        """Lazy `(n_epoch, n_directions)` float64 `L(theta + eps d) - L(theta)`; NaN rows where not computed.
-
-        An epoch's row counts only once its baseline is written (the writer writes it last).
-        """
-        return self._analysis_array("flatness", "delta_losses")
+    def analysis_epochs(self, name: str) -> np.ndarray:
+        """Epochs whose analysis `name` is complete (read without dask)."""
+        self._require(name)
+        return self._epochs[~self._missing(name)]
 
     def _missing(self, analysis: str) -> np.ndarray:
-        """Per stored epoch, whether `analysis` is not complete there (see `layout.incomplete_rows`)."""
-        self._require(analysis)
+        """Per stored epoch, whether `analysis` is incomplete there (its done flag unset: see
+        `layout.incomplete_rows`). Every read of analysis rows masks through this one place."""
         return layout.incomplete_rows(analysis, lambda name: self._group[name][: self._n],
                                       lambda name: name in self._group)
 
-    def _analysis_array(self, analysis: str, name: str) -> da.Array:
-        """Lazy rows of one array of an analysis, NaN where the analysis is not complete."""
-        import dask.array as da
+    def _masked(self, dataset: xr.Dataset, analyses: Sequence[str]) -> xr.Dataset:
+        """`dataset` with the rows of each analysis's arrays set to NaN where that analysis is incomplete."""
+        import xarray as xr
 
-        missing = self._missing(analysis)
-        values = da.from_zarr(self._group[name])[: self._n]
-        return da.where(missing.reshape((self._n,) + (1,) * (values.ndim - 1)), np.nan, values)
+        for analysis in analyses:
+            complete = xr.DataArray(~self._missing(analysis), dims=schema.EPOCH_DIM)
+            for name in schema.ANALYSES[analysis]:
+                dataset[name] = dataset[name].where(complete)
+        return dataset
 
     def _read(self, analysis: str, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Small arrays of an analysis read without dask, rows where it is not complete set to NaN."""
+        """Small arrays of an analysis read without dask, rows of incomplete epochs set to NaN."""
+        self._require(analysis)
         missing = self._missing(analysis)
         out = {}
         for name in names:
@@ -243,14 +259,6 @@ class Store:
             values[missing] = np.nan
             out[name] = values
         return out
-
-    def analysis_epochs(self, name: str) -> np.ndarray:
-        """Epochs whose analysis `name` is complete (read without dask)."""
-        return self._epochs[~self._missing(name)]
-
-    def flatness_epochs(self) -> np.ndarray:
-        """Epochs whose flatness is complete (read without dask)."""
-        return self.analysis_epochs("flatness")
 
     def flatness_summary(self, threshold: float = 0.1) -> dict[str, np.ndarray]:
         """Per-epoch summaries of the stored distribution (mean, median, max, std, p10, p90, flatness ratio).
@@ -262,19 +270,6 @@ class Store:
 
         rows = self._read("flatness", ["baseline_loss", "delta_losses"])  # small: read without dask
         return flatness_summary(rows["baseline_loss"], rows["delta_losses"], threshold)
-
-    # ---------------------------------------------------------------------------------- curvature
-    @property
-    def curvature(self) -> da.Array:
-        """Lazy `(n_epoch, n_directions)` antithetic curvature `[L(θ+εd) + L(θ−εd)]/2 − L(θ)`, ≈ `ε²/2 dᵀHd`,
-        along the flatness directions; NaN rows where not computed."""
-        return self._analysis_array("antithetic", "curvature")
-
-    @property
-    def slope(self) -> da.Array:
-        """Lazy `(n_epoch, n_directions)` antithetic slope `[L(θ+εd) − L(θ−εd)]/(2ε)`, ≈ `g·d`; NaN where not
-        computed."""
-        return self._analysis_array("antithetic", "slope")
 
     def curvature_summary(self, threshold: float = 0.1) -> dict[str, np.ndarray]:
         """Per-epoch summaries of the antithetic curvature, as `flatness_summary` gives for the one-sided
@@ -313,27 +308,6 @@ class Store:
         }
 
     @property
-    def hessian_trace(self) -> da.Array:
-        """Lazy `(n_epoch,)` Hutchinson estimate of the trace of the loss Hessian over the trainable weights."""
-        return self._analysis_array("hessian", "hessian_trace")
-
-    @property
-    def hessian_trace_stderr(self) -> da.Array:
-        """Lazy `(n_epoch,)` standard error of `hessian_trace`: the probes' standard deviation over the square
-        root of their count."""
-        return self._analysis_array("hessian", "hessian_trace_stderr")
-
-    @property
-    def top_eigenvalue(self) -> da.Array:
-        """Lazy `(n_epoch,)` largest Hessian eigenvalue, the top Ritz value of a Lanczos run."""
-        return self._analysis_array("hessian", "top_eigenvalue")
-
-    @property
-    def top_eigenvalue_residual(self) -> da.Array:
-        """Lazy `(n_epoch,)` Lanczos residual norm of `top_eigenvalue`: some eigenvalue lies within it."""
-        return self._analysis_array("hessian", "top_eigenvalue_residual")
-
-    @property
     def n_trainable(self) -> int:
         """Numbers in the trainable parameters (the vector flatness and curvature are measured over)."""
         return self.table.n_trainable()
@@ -342,10 +316,6 @@ class Store:
         if analysis not in self.analyses():
             raise StoreError(f"{self.path}: no {analysis} stored (run `geostore flatness {self.path}"
                              f"{ADD_OPTIONS[analysis]}`)")
-
-    def analyses(self) -> list[str]:
-        """Names of the analyses stored (see `schema.ANALYSES`), e.g. `flatness`."""
-        return [name for name, arrays in schema.ANALYSES.items() if all(a in self._group for a in arrays)]
 
     def describe(self) -> str:
         """A human-readable summary: epochs, model, shapes, size, sources, analyses."""
@@ -371,32 +341,40 @@ class Store:
         fit_epochs: tuple[int, int] | Sequence[int] | None = None,
         loadings: bool = False,
         memory_budget: int | None = None,
-    ) -> dict:
+    ) -> xr.Dataset:
         """Exact PCA of a group's trajectory, equal to scikit-learn's `PCA` on the float64 matrix up to sign.
 
-        Returns `projections` `(n_epoch, k)`, `explained_variance_ratio` and `explained_variance` `(k,)`,
-        `epochs`, and with `loadings=True` the unit `components` as a lazy dask array `(k, D)`. Centred
-        over the fit epochs: all epochs, an inclusive `(start, stop)` tuple, or a sequence of stored epochs;
-        every epoch is projected. Each component's sign makes its largest-magnitude fit projection positive.
-        Computed out of core from the Gram matrix of the epochs (panels of at most `memory_budget` bytes
-        per process, default 1 GiB) and cached in the store, so reopening is instant and new epochs cost
-        only their own rows (see `geostore.store.derived`).
+        Returns a Dataset: `projections` over (`epoch`, `component`), `explained_variance_ratio` and
+        `explained_variance` over `component` (1 for PC1, ...), a boolean `fit` coordinate over `epoch` marking
+        the fit epochs, and with `loadings=True` the unit `components` over (`component`, `weight`) as a lazy
+        dask array (`weight` runs over `flatten(group)`'s columns). Centred over the fit epochs: all epochs, an
+        inclusive `(start, stop)` tuple, or a sequence of stored epochs; every epoch is projected. Each
+        component's sign makes its largest-magnitude fit projection positive. Computed out of core from the
+        Gram matrix of the epochs (panels of at most `memory_budget` bytes per process, default 1 GiB) and
+        cached in the store, so reopening is instant and new epochs cost only their own rows (see
+        `geostore.store.derived`).
         """
         from geostore.store import derived
 
         return derived.pca(self, group, n_components, fit_epochs=fit_epochs, loadings=loadings,
                            memory_budget=memory_budget)
 
-    def velocity(self, group: str | Sequence[str] = "all", *, per_epoch: bool = True,
-                 memory_budget: int | None = None) -> np.ndarray:
-        """`(n_epoch - 1,)` step lengths `||theta[i+1] - theta[i]||` of a group, divided by the epoch gap
-        when `per_epoch` (checkpoints are unevenly spaced); exact, from the same cached pass as `pca`."""
+    def velocity(self, group: str | Sequence[str] = "all", *, per_epoch: bool = False,
+                 memory_budget: int | None = None) -> xr.DataArray:
+        """REQ_029's velocity of a group: `||theta[i+1] - theta[i]||` for each step between consecutive stored
+        epochs, exact, from the same cached pass as `pca`.
+
+        A DataArray over the `epoch` that ends each step (the later epoch: `epochs[1:]`), with the step's first
+        epoch as the `from_epoch` coordinate. `per_epoch=True` divides each step by its epoch gap: the rate per
+        epoch of training, comparable across unevenly spaced checkpoints.
+        """
         from geostore.store import derived
 
         return derived.velocity(self, group, per_epoch=per_epoch, memory_budget=memory_budget)
 
-    def velocities(self, per_epoch: bool = True, *, memory_budget: int | None = None) -> dict[str, np.ndarray]:
-        """`velocity` of `all`, `embedding`, `attention` and `mlp`, computed in one pass."""
+    def velocities(self, *, per_epoch: bool = False, memory_budget: int | None = None) -> xr.Dataset:
+        """`velocity` of `all` and of each group of the family's partition of it (`embedding`, `attention`,
+        `mlp`, ...) as the variables of one Dataset, computed in one pass."""
         from geostore.store import derived
 
         return derived.velocities(self, per_epoch=per_epoch, memory_budget=memory_budget)
@@ -411,19 +389,31 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __getattr__(self, name: str) -> object:
+        """The names `analysis(name)` replaced, kept for one release with a DeprecationWarning."""
+        if name not in _DEPRECATED:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        replacement, get = _DEPRECATED[name]
+        warnings.warn(f"Store.{name} is deprecated and will be removed in the next release: use {replacement}",
+                      DeprecationWarning, stacklevel=2)
+        return get(self)
+
     def __repr__(self) -> str:
         span = f"{self._epochs[0]}..{self._epochs[-1]}" if self._n else "none"
         return f"<geostore.Store {str(self.path)!r}: {self._n} epochs ({span})>"
 
 
-def open_store(path: str | os.PathLike | Location, run: str | None = None, *,
-               storage_options: dict | None = None) -> Store:
-    """Open a geostore store read-only: `.epochs`, `.params` (dask), `.flatten(group)`, `.to_xarray()`.
+def _deprecated_array(analysis: str, name: str) -> tuple[str, Callable[[Store], da.Array]]:
+    return f"store.analysis({analysis!r})[{name!r}]", lambda store: store.analysis(analysis)[name].data
 
-    `path` is a local folder or any fsspec URL (`s3://bucket/run.zarr`, `memory://...`, `file://...`);
-    credentials and endpoints come from the environment and fsspec config, or `storage_options`. For a
-    sweep (see `geostore.store.sweep`), `run` names the run to open.
-    """
-    from geostore.store.sweep import open_target
 
-    return open_target(path, run, storage_options=storage_options)
+# Old name -> (what replaces it, how to get the old value from the new API).
+_DEPRECATED: dict[str, tuple[str, Callable[[Store], object]]] = {
+    **{name: _deprecated_array(analysis, name) for analysis, name in (
+        ("flatness", "baseline_loss"), ("flatness", "delta_losses"), ("antithetic", "curvature"),
+        ("antithetic", "slope"), ("hessian", "hessian_trace"), ("hessian", "hessian_trace_stderr"),
+        ("hessian", "top_eigenvalue"), ("hessian", "top_eigenvalue_residual"))},
+    "flatness_settings": ("store.analysis_settings('flatness')", lambda store: store.analysis_settings("flatness")),
+    "flatness_epochs": ("store.analysis_epochs('flatness')",
+                        lambda store: functools.partial(store.analysis_epochs, "flatness")),
+}

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from geostore.errors import StoreError
 from geostore.store import layout, lock
 from geostore.store.location import Location
 from geostore.store.reader import Store
+
+if TYPE_CHECKING:
+    from geostore.family.base import Family
 
 SWEEP_ATTR = "geostore_sweep"
 SWEEP_VERSION = 1
@@ -78,8 +82,10 @@ def _existing_sweep(location: Location) -> bool:
 class Sweep:
     """A sweep opened for reading: run names, and each run as a `Store`. Use `geostore.open_sweep(path)`."""
 
-    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | Location, *, storage_options: dict | None = None,
+                 families: Callable[[str], Family] | None = None) -> None:
         self.location = Location.of(path, storage_options)
+        self._families = families  # handed to each run's Store (see `Store.model`)
         self.path = str(self.location)
         if not self.location.exists():
             raise StoreError(f"{self.path}: no such sweep")
@@ -95,7 +101,7 @@ class Sweep:
     def __getitem__(self, name: str) -> Store:
         if name not in self.runs:
             raise KeyError(f"{self.path}: no run {name!r} (runs: {', '.join(self.runs) or 'none'})")
-        return Store(run_location(self.location, name))
+        return Store(run_location(self.location, name), families=self._families)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.runs)
@@ -113,7 +119,7 @@ class Sweep:
         lines = [f"sweep       {self.path}  ({len(self)} runs)"]
         for name, store in self.items():
             span = f"epochs {store.epochs[0]}..{store.epochs[-1]}" if store.epochs.size else "no epochs"
-            flat = (f", flatness {store.flatness_epochs().size}/{store.epochs.size}"
+            flat = (f", flatness {store.analysis_epochs('flatness').size}/{store.epochs.size}"
                     if "flatness" in store.analyses() else "")
             lines.append(f"  {name:<20} {store.epochs.size:>5} epochs ({span}){flat}")
         return "\n".join(lines)
@@ -122,19 +128,25 @@ class Sweep:
         return f"<geostore.Sweep {self.path!r}: {len(self)} runs>"
 
 
-def open_target(path: str | os.PathLike | Location, run: str | None = None, *,
-                storage_options: dict | None = None) -> Store:
-    """The store at `path`, or run `run` of the sweep there; one-line errors for a missing or ambiguous run."""
+def open_store(path: str | os.PathLike | Location, run: str | None = None, *,
+               storage_options: dict | None = None, families: Callable[[str], Family] | None = None) -> Store:
+    """Open a geostore store read-only: the store at `path`, or run `run` of the sweep there; one-line errors
+    for a missing or ambiguous run.
+
+    `path` is a local folder or any fsspec URL (`s3://bucket/run.zarr`, `memory://...`, `file://...`);
+    credentials and endpoints come from the environment and fsspec config, or `storage_options`. `families`
+    (name -> Family) lets the Store rebuild its models.
+    """
     location = Location.of(path, storage_options)
     if is_sweep(location):
         if run is None:
             names = Sweep(location).runs
             raise StoreError(f"{location}: a sweep of {len(names)} runs ({', '.join(names[:5])}"
-                             f"{', ...' if len(names) > 5 else ''}): name one with run=NAME (--run NAME)")
+                             f"{', ...' if len(names) > 5 else ''}): name one with `run`")
         try:
-            return Sweep(location)[run]
+            return Sweep(location, families=families)[run]
         except KeyError as exc:
             raise StoreError(exc.args[0]) from None
     if run is not None:
         raise StoreError(f"{location}: not a sweep, so it has no run {run!r}")
-    return Store(location)
+    return Store(location, families=families)

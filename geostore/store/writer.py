@@ -70,7 +70,7 @@ class StoreWriter:
         self._release = weakref.finalize(self, lock.release, lock_key) if lock_key else None
         with layout.quiet_zarr():
             self._group = zarr.open_group(location.zarr_store(read_only=False), mode="r+", use_consolidated=False)
-        committed = layout.open_committed(location)
+        committed = integrity.open_committed(location)
         self._root_bytes = committed.store.root_bytes
         self._n = int(committed["epoch"].shape[0])
         self._epochs = np.asarray(committed["epoch"][:], dtype=np.int64)
@@ -398,7 +398,7 @@ class StoreWriter:
         """The landscape probe the store records, or None."""
         if not self.location.exists(f"{schema.PROBE}/{layout.ROOT_META}"):
             return None
-        return layout.open_committed(self.location)[schema.PROBE][...]
+        return integrity.open_committed(self.location)[schema.PROBE][...]
 
     def record_probe(self, probe: np.ndarray) -> None:
         """Record the landscape probe (committed): once; a store holding another probe refuses it."""
@@ -693,6 +693,6 @@ def _check_same_run(path: Location, attrs: Mapping, model: Model, task, split) -
                 f"{path}: store holds another run ({key}={stored_task[key]!r}, source has {task[key]!r})"
             )
     if split is not None and path.exists(schema.SPLIT):
-        stored_mask = layout.open_committed(path)[schema.SPLIT][...]
+        stored_mask = integrity.open_committed(path)[schema.SPLIT][...]
         if not np.array_equal(np.asarray(split[0], dtype=bool), stored_mask):
             raise ModelMismatchError(f"{path}: store holds another run (the train/test split differs)")

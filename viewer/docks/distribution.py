@@ -18,7 +18,7 @@ BINS = {"run": "same for every epoch", "epoch": "fitted to this epoch"}
 
 
 class DistributionDock(ViewerDock):
-    """`delta_losses[epoch]` as a histogram over fixed bins, from `Store.delta_losses`."""
+    """`delta_losses[epoch]` as a histogram over fixed bins, from `Store.analysis("flatness")`."""
 
     NAME = "distribution"
     TITLE = "Δloss distribution"

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class IngestReport:
     """What an ingest did: the source format, epochs added, epochs already stored, total stored,
-    and the epochs whose flatness it computed."""
+    the epochs whose landscape analyses it computed and those analyses, and a note for the user."""
 
     kind: str
     added: int
@@ -57,6 +57,7 @@ class IngestReport:
     total: int
     flatness_computed: int = 0
     note: str | None = None
+    analyses: tuple[str, ...] = ()
 
 
 def ingest(
@@ -85,7 +86,7 @@ def ingest(
     if run is not None:
         check_run_name(run)
     elif is_sweep(store):
-        raise GeostoreError(f"{store}: is a sweep: name the run to ingest into (run=NAME, --run NAME)")
+        raise GeostoreError(f"{store}: is a sweep: name the run to ingest into with `run`")
     checkpoints = open_source(source, family)
     if probe is not None:
         probe = load_probe(probe) if isinstance(probe, str | os.PathLike) else np.asarray(probe)
@@ -105,8 +106,8 @@ def ingest(
             writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
         report = dataclasses.replace(_write_new_epochs(checkpoints, writer, progress), note=note)
         if flatness is not None:
-            computed = fill_missing(writer, flatness, progress=progress, client=client).computed
-            report = dataclasses.replace(report, flatness_computed=computed)
+            filled = fill_missing(writer, flatness, progress=progress, client=client)
+            report = dataclasses.replace(report, flatness_computed=filled.computed, analyses=filled.analyses)
     return report
 
 
@@ -118,7 +119,7 @@ def sweep_run_names(sources: list[str | os.PathLike]) -> dict[str, str | os.Path
         name = check_run_name(path.stem if path.is_file() else path.resolve().name)
         if name in names:
             raise GeostoreError(f"{source}: another source is also named {name!r}: rename one directory, "
-                                "or ingest them one at a time with --run NAME")
+                                "or ingest them one at a time, each with its `run`")
         names[name] = source
     return names
 
