@@ -96,7 +96,7 @@ def ingest(
         create_sweep(store)
         store = run_location(store, run)
     writer = StoreWriter.open(store, model=checkpoints.model, task=checkpoints.task, split=checkpoints.split(),
-                              probe=probe)
+                              probe=probe, metrics=tuple(checkpoints.metrics), index_unit=checkpoints.index_unit)
     with writer:  # any exception (bad input, MemoryError, Ctrl-C, a bug) rolls back, then the lock goes back
         note = None
         if flatness is not None and needs_probe(checkpoints.model, probe if probe is not None else writer.probe()):
