@@ -91,12 +91,13 @@ def _ingest(args: argparse.Namespace) -> int:
     reports = result if isinstance(result, dict) else {args.run: result}
     for name, report in reports.items():
         where = args.store if name is None else f"{args.store} run {name}"
-        print(f"{where}: added {report.added} epochs from a {report.kind} source "
-              f"({report.skipped} already stored); {report.total} epochs in the store")
+        unit = f"{report.unit}s"
+        print(f"{where}: added {report.added} {unit} from a {report.kind} source "
+              f"({report.skipped} already stored); {report.total} {unit} in the store")
         if report.flatness_computed:
-            print(f"{where}: {', '.join(report.analyses)} computed for {report.flatness_computed} epochs")
+            print(f"{where}: {', '.join(report.analyses)} computed for {report.flatness_computed} {unit}")
         if report.note:
-            print(f"geostore: note: {report.note}", file=sys.stderr)
+            print(f"geostore: note: {as_flags(report.note)}", file=sys.stderr)
     return 0
 
 
@@ -398,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, GeostoreWarning):  # one line, no source location
-            print(f"geostore: warning: {_one_line(message)}", file=sys.stderr)
+            print(f"geostore: warning: {as_flags(_one_line(message))}", file=sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
 

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class IngestReport:
     """What an ingest did: the source format, epochs added, epochs already stored, total stored,
-    the epochs whose landscape analyses it computed and those analyses, and a note for the user."""
+    the epochs whose landscape analyses it computed and those analyses, a note for the user, and what the
+    store's index counts (`epoch`, or `step` for transformers runs)."""
 
     kind: str
     added: int
@@ -58,6 +59,7 @@ class IngestReport:
     flatness_computed: int = 0
     note: str | None = None
     analyses: tuple[str, ...] = ()
+    unit: str = "epoch"
 
 
 def ingest(
@@ -97,14 +99,15 @@ def ingest(
         create_sweep(store)
         store = run_location(store, run)
     writer = StoreWriter.open(store, model=checkpoints.model, task=checkpoints.task, split=checkpoints.split(),
-                              probe=probe)
+                              probe=probe, metrics=tuple(checkpoints.metrics), index_unit=checkpoints.index_unit)
     with writer:  # any exception (bad input, MemoryError, Ctrl-C, a bug) rolls back, then the lock goes back
         note = None
         if flatness is not None and needs_probe(checkpoints.model, probe if probe is not None else writer.probe()):
             flatness, note = None, probe_missing_message(source) + "; the weights are stored"
         if flatness is not None:
             writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
-        report = dataclasses.replace(_write_new_epochs(checkpoints, writer, progress), note=note)
+        report = dataclasses.replace(_write_new_epochs(checkpoints, writer, progress), note=note,
+                                     unit=checkpoints.index_unit)
         if flatness is not None:
             filled = fill_missing(writer, flatness, progress=progress, client=client)
             report = dataclasses.replace(report, flatness_computed=filled.computed, analyses=filled.analyses)

@@ -133,6 +133,7 @@ class ViewerData:
         self.epochs = epochs
         self.x = epochs.astype(np.float64)  # float64 x for pyqtgraph (float32 x is slow with clip-to-view)
         self.metrics = store.metrics()
+        self.unit = store.index_unit  # what the epoch axis counts: "epoch" or "step"; labels say so
         self.analyses = store.analyses()
         self.groups = tuple(store.groups)  # `all` first, then the family's groups
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns

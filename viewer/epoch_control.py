@@ -24,7 +24,7 @@ class EpochSpinBox(QSpinBox):
         self._data = data
         self.setRange(int(data.epochs[0]), int(data.epochs[-1]))
         self.setKeyboardTracking(False)
-        self.setPrefix("epoch ")
+        self.setPrefix(f"{data.unit} ")
         self.setAccelerated(True)
 
     def stepBy(self, steps: int) -> None:

@@ -132,7 +132,7 @@ class MainWindow(QMainWindow):
         facts = [f"{k} = {v}" for k, v in task.items() if k != "family" and isinstance(v, int | float | str)]
         what = ", ".join([data.store.family.replace("_", " "), *facts[:2]])
         analyses = ", ".join(data.analyses) or "no analyses"
-        self.statusBar().addWidget(QLabel(f"  {data.name} · {what} · {data.n_epochs} epochs "
+        self.statusBar().addWidget(QLabel(f"  {data.name} · {what} · {data.n_epochs} {data.unit}s "
                                           f"({data.epochs[0]}–{data.epochs[-1]}) · {analyses}"))
         self.busy_label = QLabel("computing…")
         self.busy_bar = QProgressBar(maximumWidth=120, maximumHeight=12, textVisible=False)

@@ -8,7 +8,8 @@ A third-party package makes its family known to geostore with an entry point in 
 
 Detection asks users' families first (they know their own runs best), then the built-in ones from
 the most specific to the most general: the reference project's MLPs, modular addition on
-HookedTransformers, any HookedTransformer language model.
+HookedTransformers, any HookedTransformer language model, any Hugging Face `transformers` causal language model
+(recognised by its config.json's `model_type`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ ENTRY_POINT_GROUP = "geostore.families"
 
 
 def _builtin() -> list[Family]:
+    from geostore.family.hf import TRANSFORMERS
     from geostore.family.mlp import LEARNED_EMB_MLP, TWO_LAYER_MLP
     from geostore.family.modular_addition import MODULAR_ADDITION
     from geostore.family.transformer import HOOKED_TRANSFORMER
 
-    return [TWO_LAYER_MLP, LEARNED_EMB_MLP, MODULAR_ADDITION, HOOKED_TRANSFORMER]
+    return [TWO_LAYER_MLP, LEARNED_EMB_MLP, MODULAR_ADDITION, HOOKED_TRANSFORMER, TRANSFORMERS]
 
 
 @functools.cache

@@ -36,6 +36,7 @@ class RunSource:
     - `checkpoints`: sorted by strictly increasing epoch.
     - `metrics`: metric name (`schema.METRICS`) -> {epoch: value}, only what the source records.
     - `train_indices`: indices of the training examples (modular addition: flat grid indices), when recorded.
+    - `index_unit`: what a checkpoint's index counts: `epoch`, or `step` (optimiser steps: transformers runs).
     """
 
     kind: str
@@ -46,6 +47,7 @@ class RunSource:
     checkpoints: list[Checkpoint]
     metrics: dict[str, dict[int, float]] = field(default_factory=dict)
     train_indices: np.ndarray | None = None
+    index_unit: str = "epoch"
 
     @property
     def config(self) -> dict[str, Any]:

@@ -132,10 +132,15 @@ class Store:
         """Epochs per stored chunk."""
         return int(self.attrs["geostore"]["chunk_epochs"])
 
+    @property
+    def index_unit(self) -> str:
+        """What the epoch axis counts: "epoch", or "step" (optimiser steps, e.g. transformers runs)."""
+        return str(self.attrs.get(schema.INDEX_UNIT, "epoch"))
+
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-epoch training metrics (`train_loss`, ...) that the sources recorded; NaN where unknown."""
         out = {}
-        for name in schema.METRICS:
+        for name in (*schema.METRICS, *(m for m in schema.OPTIONAL_METRICS if m in self._group)):
             values = np.asarray(self._group[name][: self._n], dtype=np.float64)
             if np.isfinite(values).any():
                 out[name] = values

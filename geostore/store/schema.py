@@ -46,6 +46,13 @@ FORMAT1_FAMILY = "modular_addition"
 
 # Per-checkpoint training metrics (dims: epoch), NaN where the source did not record them.
 METRICS = ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
+# Metrics only some sources record (transformers Trainer runs: the learning rate and the fractional training epoch
+# at each checkpoint); their arrays (dims: epoch) exist in a store whose first source recorded them.
+OPTIONAL_METRICS = ("learning_rate", "train_epoch")
+
+# Root attribute naming what the `epoch` axis counts: "step" (optimiser steps: transformers runs) or "epoch"
+# (absent: every store before it). The array and dimension keep the name `epoch` either way, for compatibility.
+INDEX_UNIT = "index_unit"
 
 # The train/test split of the task, when the source records it (dimension names from the family).
 SPLIT = "train_mask"

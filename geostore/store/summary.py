@@ -32,7 +32,7 @@ def _describe_settings(analysis: str, settings: dict) -> str:
 
 def describe(store: Store) -> str:
     """Epochs, model, parameters and shapes, size on disk, sources and stored analyses of a store."""
-    cfg, task, epochs = store.config, store.task, store.epochs
+    cfg, task, epochs, unit = store.config, store.task, store.epochs, store.index_unit
     span = f"{epochs[0]}..{epochs[-1]}" if epochs.size else "none"
     lines = [
         f"store       {store.path}  (geostore format {store.attrs['geostore']['version']}, "
@@ -40,7 +40,8 @@ def describe(store: Store) -> str:
         f"model       {store.family}: " + " ".join(f"{k}={v}" for k, v in cfg.items() if _short_value(v)),
         "task        " + (", ".join(f"{k}={v}" for k, v in task.items() if k != "family" and _short_value(v))
                                or "nothing recorded"),
-        f"epochs      {epochs.size} stored, {span}",
+        f"{unit + 's':<12}{epochs.size} stored, {span}" + ("  (optimiser steps; the store's axis is named epoch)"
+                                                           if unit == "step" else ""),
     ]
     if store.interrupted:
         lines.append("            (an interrupted ingest left staged work: re-run ingest to finish it)")

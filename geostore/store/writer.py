@@ -74,6 +74,7 @@ class StoreWriter:
         self._root_bytes = committed.store.root_bytes
         self._n = int(committed["epoch"].shape[0])
         self._epochs = np.asarray(committed["epoch"][:], dtype=np.int64)
+        self._metrics = [*schema.METRICS, *(name for name in schema.OPTIONAL_METRICS if name in committed)]
         self._shifted = False
         self._added_probe = False
         self._mark_rollback_point()
@@ -117,12 +118,16 @@ class StoreWriter:
         chunk_epochs: int | None = None,
         storage_options: dict | None = None,
         lock_timeout: float | None = None,
+        metrics: Sequence[str] = (),
+        index_unit: str = "epoch",
     ) -> StoreWriter:
         """Open `path` for writing, creating the store when the path is missing or an empty folder.
 
         `model` gives the family, config and parameter table of a new store (an existing one must hold the
         same model); `split` the task's train split (a boolean array and its dimension names), `probe` the
-        landscape probe a user gave (recorded once; an existing store must hold the same one).
+        landscape probe a user gave (recorded once; an existing store must hold the same one). A new store gets
+        arrays for the `metrics` among `schema.OPTIONAL_METRICS` and records `index_unit` ("step" or "epoch": what
+        the epoch axis counts; an existing store must count the same).
 
         Waits for the store's lock while another process writes it (saying so on stderr), at most
         `lock_timeout` seconds (default: `GEOSTORE_LOCK_TIMEOUT`, else as long as it takes). Refuses a
@@ -132,16 +137,16 @@ class StoreWriter:
         if location.is_file():
             raise StoreError(f"{location}: exists and is not a geostore store (a file)")
         if not location.is_empty():  # refuse a non-store before the lock file is made in it
-            _check_same_run(location, layout.read_root_attrs(location), model, task, split)
+            _check_same_run(location, layout.read_root_attrs(location), model, task, split, index_unit)
         else:
             location.make_folder()
         key = lock.acquire(location, timeout=lock_timeout)
         try:
             if location.is_empty():  # nobody created it while this process waited
-                _create(location, model, task, split, probe, chunk_epochs)
+                _create(location, model, task, split, probe, chunk_epochs, metrics, index_unit)
                 return cls(location, layout.read_root_attrs(location), created=True, lock_key=key)
             attrs = layout.read_root_attrs(location)  # again, under the lock
-            _check_same_run(location, attrs, model, task, split)
+            _check_same_run(location, attrs, model, task, split, index_unit)
             integrity.verify(location)
             writer = cls(location, attrs, created=False, lock_key=key)
             writer._recover()
@@ -163,7 +168,7 @@ class StoreWriter:
         return int(self.attrs["geostore"]["chunk_epochs"])
 
     def _epoch_arrays(self) -> list[str]:
-        return [schema.EPOCH_DIM, *self.table.names, *schema.METRICS, *self._analysis_arrays()]
+        return [schema.EPOCH_DIM, *self.table.names, *self._metrics, *self._analysis_arrays()]
 
     def _analysis_arrays(self) -> list[str]:
         """Arrays of the analyses the committed attributes enable (an analysis is listed by its settings), with
@@ -506,7 +511,7 @@ class StoreWriter:
             if value.shape != expected:
                 raise StoreError(f"{self.path}: {name} has shape {value.shape[1:]}, store holds {expected[1:]}")
             columns[name] = value
-        for name in schema.METRICS:
+        for name in self._metrics:
             given = None if metrics is None else metrics.get(name)
             columns[name] = np.full(k, np.nan) if given is None else np.asarray(given, dtype=np.float64)
         for name in self._analysis_arrays():
@@ -621,7 +626,8 @@ def _dim_size(settings: Mapping, dim: str) -> int:
     return len(value) if isinstance(value, list | tuple) else int(value)
 
 
-def _create(location: Location, model: Model, task, split, probe, chunk_epochs) -> None:
+def _create(location: Location, model: Model, task, split, probe, chunk_epochs, metrics: Sequence[str] = (),
+            index_unit: str = "epoch") -> None:
     """Write an empty store (no epochs) for `model`, committed."""
     table = model.table
     largest = max(p.size for p in table.parameters) * 4
@@ -634,6 +640,7 @@ def _create(location: Location, model: Model, task, split, probe, chunk_epochs) 
         "parameters": table.to_json(),
         "task": dict(task),
         "sources": [],
+        **({schema.INDEX_UNIT: index_unit} if index_unit != "epoch" else {}),
     }
     with layout.quiet_zarr():
         store = location.zarr_store(read_only=False)
@@ -645,7 +652,7 @@ def _create(location: Location, model: Model, task, split, probe, chunk_epochs) 
             group.create_array(parameter.name, shape=(0, *parameter.shape), chunks=(chunks, *parameter.shape),
                                dtype="float32", fill_value=0.0, dimension_names=(schema.EPOCH_DIM, *parameter.dims),
                                **opts)
-        for name in schema.METRICS:
+        for name in (*schema.METRICS, *(m for m in schema.OPTIONAL_METRICS if m in metrics)):
             group.create_array(name, shape=(0,), chunks=(chunks,), dtype="float64",
                                fill_value=float("nan"), dimension_names=(schema.EPOCH_DIM,), **opts)
         if split is not None:
@@ -665,7 +672,7 @@ def _write_probe(group: zarr.Group, probe: np.ndarray, opts: Mapping) -> None:
     array[...] = tokens
 
 
-def _check_same_run(path: Location, attrs: Mapping, model: Model, task, split) -> None:
+def _check_same_run(path: Location, attrs: Mapping, model: Model, task, split, index_unit: str = "epoch") -> None:
     """Refuse a source whose model (or recorded run) differs from the store's.
 
     The same model: the same family, the same state-dict entries with the same shapes, and no config field
@@ -686,6 +693,9 @@ def _check_same_run(path: Location, attrs: Mapping, model: Model, task, split) -
             raise ModelMismatchError(
                 f"{path}: store holds another model ({key}={stored[key]!r}, source has {model.config[key]!r})"
             )
+    stored_unit = attrs.get(schema.INDEX_UNIT, "epoch")
+    if stored_unit != index_unit:
+        raise ModelMismatchError(f"{path}: store is indexed by {stored_unit}, the source by {index_unit}")
     stored_task = attrs.get("task", {})
     for key in ("family", "train_fraction", "data_seed", "model_seed", "seed"):
         if key in stored_task and key in task and stored_task[key] != task[key]:

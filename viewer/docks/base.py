@@ -205,7 +205,7 @@ class ViewerDock(QDockWidget):
         item = self.canvas.addPlot(row=row, col=col, **kwargs)
         item.showGrid(x=True, y=True, alpha=palette.GRID_ALPHA)
         if x_label:
-            item.setLabel("bottom", x_label)
+            item.setLabel("bottom", self.data.unit if x_label == "epoch" else x_label)
         if y_label:
             item.setLabel("left", y_label)
         item.setMenuEnabled(False)

@@ -81,11 +81,12 @@ class DistributionDock(ViewerDock):
         self.threshold.setVisible(present)
         if present:
             self.threshold.setValue(flatness.threshold * summary["baseline_loss"][index])
-            self.caption.setText(f"epoch {epoch} · flatness ratio <b>{summary['flatness_ratio'][index]:.2f}</b>"
+            self.caption.setText(f"{self.data.unit} {epoch} · flatness ratio "
+                                 f"<b>{summary['flatness_ratio'][index]:.2f}</b>"
                                  f" · ε = {flatness.settings.get('epsilon', float('nan')):g}"
                                  f" · {flatness.deltas.shape[1]} directions")
         else:
-            self.caption.setText(f"epoch {epoch} · no flatness computed")
+            self.caption.setText(f"{self.data.unit} {epoch} · no flatness computed")
 
     def table(self) -> dict[str, np.ndarray]:
         flatness = self.data.flatness

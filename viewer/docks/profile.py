@@ -98,7 +98,7 @@ class ProfileDock(ViewerDock):
             self.hutchinson.setValue(trace[index])
         if self.y_range.currentData() == "epoch":
             self.profile_plot.enableAutoRange(y=True)
-        self.caption.setText(f"epoch {epoch}" + ("" if present else " · no profile computed")
+        self.caption.setText(f"{self.data.unit} {epoch}" + ("" if present else " · no profile computed")
                              + (f" · Hutchinson Tr(H)/D = {trace[index]:.3g}" if self.hutchinson.isVisible() else ""))
 
     def table(self) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Training curves: train and test loss (log y) and accuracy over epochs, the checkpoint rug, the current epoch.
+"""Training curves: train and test loss (log y) and accuracy over epochs, the learning rate where the source
+recorded it (transformers runs), the checkpoint rug, the current epoch.
 
 The grokking curve is what a researcher orients by: test accuracy jumping long after train accuracy.
 """
@@ -34,6 +35,9 @@ class TrainingDock(ViewerDock):
             self.accuracy_plot = self.plot(1, 0, x_label=None, y_label="accuracy")
             self.accuracy_plot.setYRange(0, 1.02, padding=0)
             self.plots.append(self.accuracy_plot)
+        if "learning_rate" in self.data.metrics:
+            self.rate_plot = self.plot(len(self.plots), 0, x_label=None, y_label="learning rate")
+            self.plots.append(self.rate_plot)
         self.rug = self.plot(len(self.plots), 0, x_label="epoch")
         self.rug.getAxis("left").setTicks([[]])
         self.rug.getAxis("left").setStyle(showValues=False)
@@ -54,8 +58,11 @@ class TrainingDock(ViewerDock):
     def load(self) -> None:
         x = self.data.x
         for name, values in self.data.metrics.items():
-            target = self.loss_plot if name.endswith("loss") else self.accuracy_plot
-            self.static(target.plot(x, values, pen=palette.pen(CURVES[name], 1.8), connect="finite"))
+            if name == "learning_rate":
+                self.static(self.rate_plot.plot(x, values, pen=palette.pen(palette.TRAIN, 1.8), connect="finite"))
+            elif name in CURVES:  # the fractional training epoch of a step-indexed run is in the table only
+                target = self.loss_plot if name.endswith("loss") else self.accuracy_plot
+                self.static(target.plot(x, values, pen=palette.pen(CURVES[name], 1.8), connect="finite"))
         rug = pg.ScatterPlotItem(x, np.full(x.size, 0.5), symbol="|", size=16, pen=None, brush=palette.RUG)
         self.static(rug)
         self.rug.addItem(rug)
@@ -72,7 +79,7 @@ class TrainingDock(ViewerDock):
         self.loss_plot.setLogMode(y=self.log_y.isChecked())
 
     def table(self) -> dict[str, np.ndarray]:
-        return {"epoch": self.data.epochs, **self.data.metrics}
+        return {self.data.unit: self.data.epochs, **self.data.metrics}
 
     def get_settings(self) -> dict:
         return {"log_y": self.log_y.isChecked()}

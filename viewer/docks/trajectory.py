@@ -132,7 +132,7 @@ class TrajectoryDock(ViewerDock):
             values = np.log10(self.data.flatness.summary["baseline_loss"])
             label, cmap = "log₁₀ baseline loss (nats)", palette.LOSS_MAP
         else:
-            values, label, cmap = self.data.x, "epoch", palette.EPOCH_MAP
+            values, label, cmap = self.data.x, self.data.unit, palette.EPOCH_MAP
         finite = values[np.isfinite(values)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         self.colour_bar.setColorMap(pg.colormap.get(cmap))
@@ -148,7 +148,7 @@ class TrajectoryDock(ViewerDock):
             return
         x, y = self._xy[index]
         self.current.setData([x], [y])
-        self.current_label.setText(f"epoch {self.data.epochs[index]}")
+        self.current_label.setText(f"{self.data.unit} {self.data.epochs[index]}")
         self.current_label.setPos(x, y)
 
     # ---------------------------------------------------------------------------- clicking

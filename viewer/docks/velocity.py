@@ -24,7 +24,7 @@ class VelocityDock(ViewerDock):
     def build(self) -> None:
         self.mode = self.combo("rate", MODES, self.load)
         self.log_y = self.checkbox("log y", True, self._on_log_changed)
-        self.velocity_plot = self.plot(y_label="‖Δθ‖₂ per epoch")
+        self.velocity_plot = self.plot(y_label=f"‖Δθ‖₂ per {self.data.unit}")
         groups = self.data.velocity_groups
         colours = {g: palette.group_colour(g, i) for i, g in enumerate(groups)}
         self.set_key(self.velocity_plot, [(group_label(g), colours[g]) for g in groups])
@@ -43,7 +43,7 @@ class VelocityDock(ViewerDock):
 
     def load(self) -> None:
         per_epoch = self.per_epoch
-        self.velocity_plot.setLabel("left", "‖Δθ‖₂ per epoch" if per_epoch else "‖Δθ‖₂ per checkpoint")
+        self.velocity_plot.setLabel("left", f"‖Δθ‖₂ per {self.data.unit}" if per_epoch else "‖Δθ‖₂ per checkpoint")
         cached = self.data.velocities(per_epoch)
         if cached is not None:
             self._draw(cached)
