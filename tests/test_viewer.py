@@ -423,3 +423,29 @@ def test_garbage_is_collected_in_the_gui_thread_only_while_a_window_is_open(open
     assert not gc.isenabled()
     window.close()
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize(("low", "high", "labels"), [
+    (-2.5, -0.7, {-2: "0.01", -1: "0.1"}),  # two decades in view: decades only (pyqtgraph labelled 0.09, 0.08, ...)
+    (-1.4, -0.8, {-np.log10(20): "0.05", -1: "0.1"}),  # less than two: the 1-2-5 multiples
+    (-6.5, -3.5, {-6: "10⁻⁶", -5: "10⁻⁵", -4: "10⁻⁴"}),  # one style: never 0.0001 beside 10⁻⁶
+])
+def test_log_axis_labels_decades_in_one_style(low, high, labels):
+    from viewer.axes import log_tick_labels
+
+    powers = [p for e in range(int(np.floor(low)), int(np.ceil(high)))
+              for p in e + np.log10(np.arange(1, 10)) if low <= p <= high]
+    got = {p: text for p, text in zip(powers, log_tick_labels(powers, low, high), strict=True) if text}
+    assert sorted(got.values()) == sorted(labels.values())
+    for power, text in labels.items():
+        assert got[min(got, key=lambda p: abs(p - power))] == text
+
+
+def test_a_log_axis_on_a_dock_labels_no_minor_ticks(qtbot, open_window, flat_store):
+    velocity = open_window(flat_store).docks["velocity"]
+    velocity.log_y.setChecked(True)
+    axis = velocity.velocity_plot.getAxis("left")
+    low, high = sorted(axis.range)
+    labelled = [text for _, values in axis.tickValues(low, high, axis.height())
+                for text in axis.tickStrings(values, axis.scale, 1) if text]
+    assert labelled and all(text in {"0.001", "0.01", "0.1", "1", "10", "100"} or "10" in text for text in labelled)

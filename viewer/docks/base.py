@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from viewer import palette
+from viewer.axes import Axis
 from viewer.data import ViewerData
 from viewer.export import export_png, export_svg, write_csv
 from viewer.state import ViewerState
@@ -202,7 +203,8 @@ class ViewerDock(QDockWidget):
     def plot(self, row: int = 0, col: int = 0, *, x_label: str | None = "epoch", y_label: str = "",
              **kwargs) -> pg.PlotItem:
         """A themed plot in the canvas: grid, labelled axes, clicks select the nearest epoch by x."""
-        item = self.canvas.addPlot(row=row, col=col, **kwargs)
+        axes = {side: Axis(side) for side in ("left", "bottom", "right")}  # readable log-scale labels
+        item = self.canvas.addPlot(row=row, col=col, axisItems=axes, **kwargs)
         item.showGrid(x=True, y=True, alpha=palette.GRID_ALPHA)
         if x_label:
             item.setLabel("bottom", self.data.unit if x_label == "epoch" else x_label)
