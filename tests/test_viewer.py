@@ -449,3 +449,18 @@ def test_a_log_axis_on_a_dock_labels_no_minor_ticks(qtbot, open_window, flat_sto
     labelled = [text for _, values in axis.tickValues(low, high, axis.height())
                 for text in axis.tickStrings(values, axis.scale, 1) if text]
     assert labelled and all(text in {"0.001", "0.01", "0.1", "1", "10", "100"} or "10" in text for text in labelled)
+
+
+def test_points_are_coloured_by_test_loss_by_default_and_every_choice_fills_the_colour_bar(
+        qtbot, open_window, flat_store, tmp_path, tiny_model):
+    trajectory = open_window(flat_store).docks["trajectory"]
+    metrics = trajectory.data.metrics
+    assert trajectory.colour.currentData() == "test_loss"  # epoch colouring hid the post-memorisation phase
+    expected = {"test_loss": np.log10(metrics["test_loss"]), "test_accuracy": metrics["test_accuracy"],
+                "log_epoch": np.log10(np.asarray(EPOCHS) - EPOCHS[0] + 1.0), "epoch": np.asarray(EPOCHS, float)}
+    for kind, values in expected.items():
+        trajectory.colour.setCurrentIndex(trajectory.colour.findData(kind))
+        assert trajectory.colour_bar.levels() == pytest.approx((values.min(), values.max()))
+    bare = open_window(make_store(tmp_path / "nometrics.zarr", tiny_model, metrics=False)).docks["trajectory"]
+    assert bare.colour.currentData() == "log_epoch"
+    assert not bare.colour.model().item(bare.colour.findData("test_loss")).isEnabled()

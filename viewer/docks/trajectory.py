@@ -1,7 +1,9 @@
 """Trajectory: the run's path through weight space, projected on two principal components.
 
-Points are coloured by epoch (or by baseline loss when flatness is stored) through shared brushes
-and drawn once per group or colouring; scrubbing moves only the highlight ring. Clicking near a point
+Points are coloured through shared brushes and drawn once per group or colouring; scrubbing moves only the
+highlight ring. By default they are coloured by the test loss when the sources recorded it (grokking shows as a
+sweep through the colour map where epoch colouring puts the whole post-memorisation phase in one knot), else
+by log epoch; epoch, test accuracy and the stored baseline loss are the other choices. Clicking near a point
 selects its epoch. The scree plot beside it says how faithful the 2D picture is.
 """
 
@@ -16,7 +18,8 @@ from viewer.data import Trajectory, group_label
 from viewer.docks.base import ViewerDock
 
 PAIRS = {"1-2": "PC1 – PC2", "1-3": "PC1 – PC3", "2-3": "PC2 – PC3"}
-COLOURS = {"epoch": "epoch", "baseline": "baseline loss"}
+COLOURS = {"test_loss": "test loss", "test_accuracy": "test accuracy", "log_epoch": "log epoch", "epoch": "epoch",
+           "baseline": "baseline loss"}
 CLICK_RADIUS_PX = 14
 """A click selects the nearest point within this many pixels."""
 
@@ -35,15 +38,23 @@ class TrajectoryDock(ViewerDock):
         self.colour = self.combo("colour by", COLOURS, self._on_colour_changed)
         if not self.data.has_flatness:
             self.disable_choice(self.colour, "baseline", "needs stored flatness")
+        for metric in ("test_loss", "test_accuracy"):
+            if not np.isfinite(self.data.metrics.get(metric, np.array([np.nan]))).any():
+                self.disable_choice(self.colour, metric, f"no {metric.replace('_', ' ')} recorded by the sources")
+        if not self.colour.model().item(0).isEnabled():
+            self.colour.setCurrentIndex(self.colour.findData("log_epoch"))
 
         self.trajectory_plot = self.plot(0, 0, x_label="PC1", y_label="PC2")
         self.trajectory_plot.setAspectLocked(False)
         self.path = self.trajectory_plot.plot(pen=palette.pen(palette.PATH, 1.2))
         self.points = pg.ScatterPlotItem(size=7, pen=None)
         self.trajectory_plot.addItem(self.points)
-        self.current = pg.ScatterPlotItem(size=18, pen=palette.pen(palette.CURRENT, 2.8), brush=None)
-        self.current.setZValue(30)
-        self.trajectory_plot.addItem(self.current, ignoreBounds=True)
+        # a dark ring on a white halo: visible on every colour map (a coloured ring vanished in plasma's reds)
+        self.halo = pg.ScatterPlotItem(size=20, pen=palette.pen("w", 6), brush=None)
+        self.current = pg.ScatterPlotItem(size=20, pen=palette.pen(palette.FOREGROUND, 2.4), brush=None)
+        for z, ring in enumerate((self.halo, self.current)):
+            ring.setZValue(29 + z)
+            self.trajectory_plot.addItem(ring, ignoreBounds=True)
         self.current_label = pg.TextItem(color=palette.CURRENT, anchor=(0, 1.2))
         self.current_label.setZValue(31)
         self.trajectory_plot.addItem(self.current_label, ignoreBounds=True)
@@ -128,11 +139,7 @@ class TrajectoryDock(ViewerDock):
         self.refresh(self.state.index)
 
     def _brushes(self) -> list:
-        if self.colour.currentData() == "baseline" and self.data.flatness is not None:
-            values = np.log10(self.data.flatness.summary["baseline_loss"])
-            label, cmap = "log₁₀ baseline loss (nats)", palette.LOSS_MAP
-        else:
-            values, label, cmap = self.data.x, self.data.unit, palette.EPOCH_MAP
+        values, label, cmap = self.colour_values()
         finite = values[np.isfinite(values)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         self.colour_bar.setColorMap(pg.colormap.get(cmap))
@@ -143,11 +150,27 @@ class TrajectoryDock(ViewerDock):
         return [shades[i] if np.isfinite(v) else missing
                 for i, v in zip(palette.shade_indices(values, low, high), values, strict=True)]
 
+    def colour_values(self) -> tuple[np.ndarray, str, str]:
+        """What the points are coloured by: a value per epoch (NaN: grey), the colour bar's label, the map."""
+        kind, metrics, x = self.colour.currentData(), self.data.metrics, self.data.x
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if kind == "baseline" and self.data.flatness is not None:
+                baseline = self.data.flatness.summary["baseline_loss"]
+                return np.log10(baseline), "log₁₀ baseline loss (nats)", palette.LOSS_MAP
+            if kind == "test_loss":
+                return np.log10(metrics["test_loss"]), "log₁₀ test loss (nats)", palette.LOSS_MAP
+            if kind == "test_accuracy":
+                return np.asarray(metrics["test_accuracy"], dtype=float), "test accuracy", palette.EPOCH_MAP
+            if kind == "log_epoch":
+                return np.log10(x - x[0] + 1.0), f"log₁₀({self.data.unit} − first + 1)", palette.EPOCH_MAP
+        return x.astype(float), self.data.unit, palette.EPOCH_MAP
+
     def refresh(self, index: int) -> None:
         if not len(self._xy):
             return
         x, y = self._xy[index]
         self.current.setData([x], [y])
+        self.halo.setData([x], [y])
         self.current_label.setText(f"{self.data.unit} {self.data.epochs[index]}")
         self.current_label.setPos(x, y)
 
