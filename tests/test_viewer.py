@@ -280,6 +280,14 @@ def test_screenshot_renders_the_whole_window(flat_store, tmp_path, capsys, priva
     assert not private_settings.exists()  # headless rendering leaves the settings alone
 
 
+def test_the_window_fits_a_small_laptop_screen(flat_store, tmp_path, private_settings):
+    """Toolbars and loading docks forced the window to 1385 px or more, whatever size was asked."""
+    out = tmp_path / "small.png"
+    assert main([str(flat_store), "--screenshot", str(out), "--size", "1024x700"]) == 0
+    image = QImage(str(out))
+    assert (image.width(), image.height()) == (1024, 700)
+
+
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["{tmp}/missing.zarr"], 3, "no such store"),
     (["{tmp}"], 3, "not a geostore store"),

@@ -41,6 +41,10 @@ CACHED = QGraphicsItem.CacheMode.DeviceCoordinateCache
 EXPORTS = {"png": "PNG image (*.png)", "svg": "SVG vector image (*.svg)", "csv": "CSV data (*.csv)"}
 
 
+COMBO_CHARACTERS = 7
+"""Characters a toolbar combo box keeps visible when the window is narrow."""
+
+
 class ViewerDock(QDockWidget):
     """Base of the docks; subclasses set `NAME`, `TITLE`, `NEEDS` and implement `build`, `load`, `refresh`, `table`.
 
@@ -80,9 +84,7 @@ class ViewerDock(QDockWidget):
         layout.addWidget(self.pages, stretch=1)
         self.setWidget(body)
 
-        self.busy_label = QLabel("computing…")
-        self.busy_label.setStyleSheet("color: #6b6b6b;")
-        self.busy_bar = QProgressBar(maximumWidth=60, maximumHeight=10, textVisible=False)
+        self.busy_bar = QProgressBar(maximumWidth=48, maximumHeight=10, textVisible=False, toolTip="computing…")
         self.busy_bar.setRange(0, 0)
         self.export_button = QToolButton(text="Export", toolTip="Save this dock as PNG or SVG, its data as CSV")
         self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
@@ -94,9 +96,12 @@ class ViewerDock(QDockWidget):
         self.reason = data.missing(self.NEEDS) if self.NEEDS else None
         self.build()
         self.toolbar.addStretch(1)
-        self.toolbar.addWidget(self.busy_label)
-        self.toolbar.addWidget(self.busy_bar)
-        self.toolbar.addWidget(self.export_button)
+        # the busy bar takes the export button's place while the dock loads (nothing to export yet), so a
+        # loading dock is no wider than a loaded one
+        self.corner = QStackedWidget()
+        self.corner.addWidget(self.export_button)
+        self.corner.addWidget(self.busy_bar)
+        self.toolbar.addWidget(self.corner)
         self._show_busy(False)
         if self.reason:
             self.set_unavailable(self.reason)
@@ -155,8 +160,7 @@ class ViewerDock(QDockWidget):
         self._show_busy(self._running > 0)
 
     def _show_busy(self, busy: bool) -> None:
-        self.busy_label.setVisible(busy)
-        self.busy_bar.setVisible(busy)
+        self.corner.setCurrentWidget(self.busy_bar if busy else self.export_button)
 
     def set_unavailable(self, reason: str) -> None:
         """Show `reason` (one line) instead of the plots and disable the controls."""
@@ -165,7 +169,7 @@ class ViewerDock(QDockWidget):
         self.pages.setCurrentWidget(self.message)
         for i in range(self.toolbar.count()):
             widget = self.toolbar.itemAt(i).widget()
-            if widget is not None and widget not in (self.busy_label, self.busy_bar):
+            if widget is not None:
                 widget.setEnabled(False)
 
     def _on_epoch_changed(self, index: int) -> None:
@@ -182,6 +186,9 @@ class ViewerDock(QDockWidget):
     def combo(self, label: str | None, items: dict[str, str], slot: Callable[[], None]) -> QComboBox:
         """A toolbar combo box of `items` (data -> text) calling `slot()` on change."""
         box = QComboBox()
+        # shrinks to a few characters (the full text in the drop-down): toolbars never force the window wider
+        box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        box.setMinimumContentsLength(COMBO_CHARACTERS)
         for key, text in items.items():
             box.addItem(text, key)
         box.currentIndexChanged.connect(lambda _i: slot())
@@ -205,6 +212,7 @@ class ViewerDock(QDockWidget):
         """A themed plot in the canvas: grid, labelled axes, clicks select the nearest epoch by x."""
         axes = {side: Axis(side) for side in ("left", "bottom", "right")}  # readable log-scale labels
         item = self.canvas.addPlot(row=row, col=col, axisItems=axes, **kwargs)
+        item.hideAxis("right")  # shown by the plots that use it
         item.showGrid(x=True, y=True, alpha=palette.GRID_ALPHA)
         if x_label:
             item.setLabel("bottom", self.data.unit if x_label == "epoch" else x_label)

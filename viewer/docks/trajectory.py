@@ -17,7 +17,7 @@ from viewer import palette
 from viewer.data import Trajectory, group_label
 from viewer.docks.base import ViewerDock
 
-PAIRS = {"1-2": "PC1 – PC2", "1-3": "PC1 – PC3", "2-3": "PC2 – PC3"}
+PAIRS = {"1-2": "1 – 2", "1-3": "1 – 3", "2-3": "2 – 3"}
 COLOURS = {"test_loss": "test loss", "test_accuracy": "test accuracy", "log_epoch": "log epoch", "epoch": "epoch",
            "baseline": "baseline loss"}
 CLICK_RADIUS_PX = 14
@@ -34,8 +34,8 @@ class TrajectoryDock(ViewerDock):
         self.group = self.combo("group", {g: group_label(g) for g in self.state.groups},
                                 lambda: self.state.set_group(self.group.currentData()))
         self.group.setCurrentIndex(self.state.groups.index(self.state.group))
-        self.pair = self.combo("components", PAIRS, self._draw)
-        self.colour = self.combo("colour by", COLOURS, self._on_colour_changed)
+        self.pair = self.combo("PCs", PAIRS, self._draw)
+        self.colour = self.combo("colour", COLOURS, self._on_colour_changed)
         if not self.data.has_flatness:
             self.disable_choice(self.colour, "baseline", "needs stored flatness")
         for metric in ("test_loss", "test_accuracy"):
