@@ -1,7 +1,9 @@
 """Distribution: the histogram of the delta losses at the current epoch, mean and median marked.
 
-Bins and the y range are fixed over the whole run (`ViewerData` precomputes every epoch's counts), so
-scrubbing shows the distribution narrowing or widening against a still frame.
+By default the bins fit the current epoch's values (bins fixed for the whole run put all of an epoch into one
+bar at the start and the end of training, where the spread is tiny); bins and the y range fixed over the whole
+run (`ViewerData` precomputes every epoch's counts) show the distribution narrowing or widening against a
+still frame.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from viewer import palette
 from viewer.data import Flatness
 from viewer.docks.base import ViewerDock
 
-BINS = {"run": "same for every epoch", "epoch": "fitted to this epoch"}
+BINS = {"epoch": "fitted to this epoch", "run": "same for every epoch"}
 
 
 class DistributionDock(ViewerDock):
@@ -50,7 +52,7 @@ class DistributionDock(ViewerDock):
 
     @property
     def same_bins(self) -> bool:
-        """Whether every epoch is binned alike (the default: epochs compare by eye)."""
+        """Whether every epoch is binned alike (epochs then compare by eye)."""
         return self.bins.currentData() == "run"
 
     def _on_bins_changed(self) -> None:
