@@ -196,8 +196,9 @@ def test_log_y_says_how_many_epochs_it_cannot_show(qtbot, open_window, tmp_path,
 
 
 def ink_agreement(png: QImage, svg: Path, width: int, height: int) -> float:
-    """How much of the dark ink of `png` and of `svg` rendered at `width` x `height` lies within 2 px of the
-    other's (the smaller of the two fractions): 1 when both draw the same things in the same places."""
+    """The share of the dark ink of `png` that lies within 2 px of the ink of `svg` rendered at `width` x
+    `height`: 1 when the SVG draws everything the PNG shows where the PNG shows it (the SVG's pens may be
+    thicker, so the other direction is no measure)."""
     from PySide6.QtGui import QColor, QPainter
     from PySide6.QtSvg import QSvgRenderer
 
@@ -207,7 +208,7 @@ def ink_agreement(png: QImage, svg: Path, width: int, height: int) -> float:
     QSvgRenderer(str(svg)).render(painter)
     painter.end()
     a, b = (ink(image) for image in (png.scaled(width, height), rendered))
-    return min((a & grow(b, 2)).sum() / a.sum(), (b & grow(a, 2)).sum() / b.sum())
+    return float((a & grow(b, 2)).sum() / a.sum())
 
 
 def ink(image: QImage) -> np.ndarray:
@@ -240,8 +241,8 @@ def test_every_dock_exports_png_svg_and_csv(qtbot, open_window, flat_store, tmp_
         svg_path = dock.export("svg", tmp_path / f"{name}.svg")
         svg = svg_path.read_text()
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg and svg.count("<path") > 3
-        # the SVG draws everything where the PNG does (it drew axes, grid and curves at 0.75x scale: ~0.6-0.75)
-        assert ink_agreement(image, svg_path, dock.canvas.width(), dock.canvas.height()) > 0.82, name
+        # the SVG draws everything where the PNG does (at 0.75x scale: 0.65-0.78 of the PNG's ink, else ~1.0)
+        assert ink_agreement(image, svg_path, dock.canvas.width(), dock.canvas.height()) > 0.9, name
         # curves and points as vector paths, not pixmaps (the colour bar's gradient is the one image)
         assert svg.count("<image") == (name == "trajectory")
         rows = dock.export("csv", tmp_path / f"{name}.csv").read_text().splitlines()
