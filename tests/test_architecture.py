@@ -114,9 +114,6 @@ def test_the_import_graph_follows_the_layout_table():
         family = {m for m in imports_of(path, typing_only=False) if m.startswith("geostore.family")}
         builders = {m for m in family if not m.startswith("geostore.family.base")}
         assert not builders, f"{name} imports {builders}: building models belongs to the family layer"
-    # TODO(issue 13): the family's hand-written fast loss is still looked up by the evaluator and the Hessian
-    # code; injecting it (as the store gets its family lookup) would free analysis/ of the family entirely.
-    fast_loss = {"geostore.family.registry", "geostore.family.registry.fast_loss"}
-    for path in modules("geostore/analysis"):
+    for path in modules("geostore/analysis"):  # a model brings its own fast loss (`Model.fast_loss`)
         found = {m for m in imports_of(path, typing_only=False) if m.startswith(("geostore.store", "geostore.family"))}
-        assert found <= fast_loss, f"{path} imports {found - fast_loss}"
+        assert not found, f"{path} imports {found}: the numerical layer knows models only through the protocol"

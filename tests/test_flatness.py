@@ -24,7 +24,7 @@ from geostore.analysis.flatness import (
 )
 from geostore.analysis.flatness_stats import flatness_summary
 from geostore.errors import GeostoreError
-from geostore.family import hooked, registry
+from geostore.family import hooked
 from geostore.family import modular_addition as fam
 from geostore.family import modular_addition_fast as fast
 
@@ -205,7 +205,7 @@ def test_fast_losses_equal_the_plain_forward_in_float64(models, which, act_fn):
     stacked = {name: torch.cat([weights[name][None], moved[name]]).double() for name in fam.TRAINABLE}
     biases = {name: torch.as_tensor(value).double() for name, value in params.items() if name not in fam.TRAINABLE}
     assert fast.supports(model)
-    got = registry.fast_loss(model, biases)(stacked).numpy()  # the table-layout seam around `fast.losses`
+    got = model.fast_loss(biases)(stacked).numpy()  # the table-layout seam around `fast.losses`
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     # a delta of two float64 losses is no more exact than their rounding: a few ulp of the loss as a floor
     np.testing.assert_allclose(got[1:] - got[0], expected[1:] - expected[0], rtol=1e-10,
@@ -278,7 +278,7 @@ def test_models_the_fast_path_does_not_implement_go_through_the_generic_evaluato
                     {n: v for n, v in flat.items() if n not in fam.TRAINABLE}, config)
     module = model.build(seed=0)
     own = named_parameters(module, model)
-    assert not fast.supports(model) and registry.fast_loss(model, {}) is None
+    assert not fast.supports(model) and model.fast_loss({}) is None
     baseline, deltas = flatness_for_params(own, model, n_directions=4, epsilon=0.1, seed=0)
     reference = compute_landscape_flatness(module, model.probe(), fam.loss_fn, n_directions=4, epsilon=0.1, seed=0,
                                            trainable=trainable_keys(model))

@@ -149,8 +149,7 @@ def loss_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None
     """
     from torch.func import grad, jvp, vmap
 
-    from geostore.analysis.evaluator import batched_loss, generic_hvp
-    from geostore.family.registry import fast_loss
+    from geostore.analysis.evaluator import batched_loss, fast_loss, generic_hvp
 
     if fast_loss(model, {}) is None:
         return generic_hvp(params, model, probe, device, dtype)

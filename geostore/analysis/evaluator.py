@@ -41,6 +41,13 @@ VMAP_WORK = 10**8
 EXAMPLE_BLOCK = 512
 
 
+def fast_loss(model: Model, frozen: Mapping[str, torch.Tensor], *, for_derivatives: bool = False
+              ) -> BatchedLoss | None:
+    """The model's own exact batched loss (its optional `fast_loss`, see `family.base.Model`), or None."""
+    method = getattr(model, "fast_loss", None)
+    return None if method is None else method(frozen, for_derivatives=for_derivatives)
+
+
 def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | None = None, *,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, for_derivatives: bool = False
                  ) -> tuple[dict[str, torch.Tensor], BatchedLoss]:
@@ -51,8 +58,6 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
     none. `for_derivatives` asks for a loss that `torch.func` can differentiate twice (the fast loss has a form
     for it; the generic one always is).
     """
-    from geostore.family.registry import fast_loss
-
     table = model.table
     tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype) for name in table.names}
     weights = {name: tensors[name] for name in table.trainable}

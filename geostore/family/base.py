@@ -226,6 +226,11 @@ class Model(Protocol):
     - `losses(forward, probe)`: per-example float32 losses `(N,)` of a forward pass on a probe; their mean
       is the loss of flatness, curvature and the Hessian.
     - `needs_probe`: whether `probe` needs a user-given probe array.
+
+    Optionally, `fast_loss(frozen, *, for_derivatives=False)`: a hand-written exact loss of many weight sets at
+    once, `loss(weights (B, *shape) by trainable name) -> (B,) float64` with `frozen` the other parameters, or
+    None where it does not apply; the evaluators use it in place of the generic `functional_call` loss
+    (`for_derivatives`: a form `torch.func` can differentiate twice).
     """
 
     family: str

@@ -78,13 +78,3 @@ def detect(run: RunInfo, family: str | None = None) -> Family:
             return candidate
     raise SourceError(f"{run.origin}: no model family recognises this run (families: {', '.join(families())}); "
                       "add a config.json naming the architecture, or install the family's plug-in")
-
-
-def fast_loss(model, frozen, *, for_derivatives: bool = False):
-    """A family's hand-written exact batched loss for `model`, when it has one (see `analysis.evaluator`), else
-    None: `loss(weights (B, *shape) by trainable name) -> (B,) float64`, `frozen` the other parameters."""
-    from geostore.family import modular_addition_fast
-
-    if modular_addition_fast.supports(model):
-        return modular_addition_fast.batched(model, frozen, for_derivatives=for_derivatives)
-    return None

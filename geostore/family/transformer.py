@@ -42,6 +42,14 @@ class HookedModel:
     def needs_probe(self) -> bool:
         return self.loss == "next_token"
 
+    def fast_loss(self, frozen: Mapping[str, torch.Tensor], *, for_derivatives: bool = False):
+        """Modular addition's exact batched loss where it applies (`modular_addition_fast.supports`), else None."""
+        from geostore.family import modular_addition_fast
+
+        if not modular_addition_fast.supports(self):
+            return None
+        return modular_addition_fast.batched(self, frozen, for_derivatives=for_derivatives)
+
     def build(self, params: Mapping[str, np.ndarray] | None = None, *, seed: int | None = None,
               dtype: torch.dtype | None = None) -> torch.nn.Module:
         """The HookedTransformer holding `params` (stored names), or freshly initialised (seeded when `seed`),
