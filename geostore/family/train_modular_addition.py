@@ -6,6 +6,12 @@ and checkpoints dense early in the run. Epoch `e` is the state after `e` optimis
 (epoch 0 is the initialisation). After every checkpoint `run.json` is rewritten atomically, so a
 run killed mid-way still leaves a readable run directory.
 
+The initial weights are geostore's seeded draw (`hooked.initial_params`), so a spec starts from the same
+weights on every TransformerLens version; checkpoints are written in the HookedTransformer layout on every
+version. The training itself runs on the installed version's model: TransformerBridge (4.x) and
+HookedTransformer (3.x) compute the same function but round differently, so runs agree to ~1e-3 after 50
+steps and may grok an epoch or so apart.
+
 Importing this module imports torch and TransformerLens (~5 s): keep it off start-up paths.
 """
 
@@ -23,8 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from geostore.errors import GeostoreError
-from geostore.family import modular_addition
-from geostore.family.hooked import is_buffer
+from geostore.family import modular_addition, tl_compat
 
 RUN_FORMAT = "geostore-run"
 RUN_VERSION = 1
@@ -163,9 +168,9 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _parameters_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with parameters only (buffers dropped), float32 and contiguous copies."""
+    """The model's parameters as a HookedTransformer state dict (buffers dropped), float32 and contiguous copies."""
     return {key: value.detach().to(torch.float32).contiguous().clone()
-            for key, value in model.state_dict().items() if not is_buffer(key)}
+            for key, value in tl_compat.hooked_state(model).items()}
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -215,15 +220,9 @@ def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int
     train_tokens, train_labels = tokens[is_train], labels[is_train]
     test_labels = labels[~is_train]
 
-    model = modular_addition.MODULAR_ADDITION.model(config).build(seed=spec.model_seed)
+    model = modular_addition.MODULAR_ADDITION.model(config).build(seed=spec.model_seed)  # biases zero and frozen
     model.train()
-    trainable = []
-    for param in model.parameters():
-        if param.requires_grad:
-            trainable.append(param)
-        else:  # biases: frozen at zero, as in the reference implementation
-            with torch.no_grad():
-                param.zero_()
+    trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay, betas=tuple(spec.betas))
 
     run: dict[str, Any] = {

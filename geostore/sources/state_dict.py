@@ -79,6 +79,10 @@ def state_dict_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes_of(read_state_dict(path))
 
 
-def loader(path: str | Path) -> Callable[[], dict[str, np.ndarray]]:
-    """A lazy `Checkpoint.load` for a state-dict file."""
-    return partial(read_state_dict, Path(path))
+def loader(path: str | Path, model: object = None) -> Callable[[], Mapping[str, np.ndarray]]:
+    """A lazy `Checkpoint.load` for a state-dict file, in the layout of `model`'s table where its family converts
+    others (`Model.checkpoint_state`: a TransformerBridge checkpoint of a HookedTransformer family)."""
+    convert = getattr(model, "checkpoint_state", None)
+    if convert is None:
+        return partial(read_state_dict, Path(path))
+    return lambda: convert(read_state_dict(path), str(path))
