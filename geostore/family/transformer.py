@@ -65,8 +65,8 @@ class HookedModel:
         return tl_compat.to_module(module)
 
     def stored(self, module: torch.nn.Module) -> dict[str, np.ndarray]:
-        """A built module's parameters as stored arrays (float32, this table's names and layout)."""
-        state = {key: value.detach().cpu().numpy() for key, value in tl_compat.hooked_state(module).items()}
+        """A built module's parameters as stored arrays (float32 copies, this table's names and layout)."""
+        state = {key: value.detach().cpu().numpy().copy() for key, value in tl_compat.hooked_state(module).items()}
         return self.table.stored(state, "model")
 
     def checkpoint_state(self, state: Mapping[str, np.ndarray], origin: str) -> dict[str, np.ndarray]:
