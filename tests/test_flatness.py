@@ -79,9 +79,8 @@ def seed_reference(module: torch.nn.Module, model, *, n_directions: int, seed: i
     another way, so there the same perturb-forward-restore loop runs through the table layout
     (`evaluator.plain_directional_losses`, its per-example losses summed in float64)."""
     if not tl_compat.bridge_era():
-        return compute_landscape_flatness(module, PROBE if model is MODEL else model.probe(), fam.loss_fn,
-                                          n_directions=n_directions, epsilon=0.1, seed=seed,
-                                          trainable=trainable_keys(module, model))
+        return compute_landscape_flatness(module, model.probe(), fam.loss_fn, n_directions=n_directions, epsilon=0.1,
+                                          seed=seed, trainable=trainable_keys(module, model))
     baseline, deltas = plain_directional_losses(model.stored(module), model, n_directions=n_directions,
                                                 scales=[0.1], seed=seed)
     return {"baseline_loss": baseline, "delta_losses": deltas[0]}

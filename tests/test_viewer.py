@@ -82,8 +82,9 @@ def test_the_slider_moves_every_highlight(qtbot, open_window, flat_store):
 
 
 def test_thousands_of_repaints_while_scrubbing(qtbot, open_window, flat_store):
-    """A long repaint loop: PySide6 6.12.0 once died after thousands of repaints (`Fatal Python error:
-    none_dealloc`, which kills the test process), and the pin allows 6.12, so a regression must show here."""
+    """A long repaint loop: with PySide6 6.12.0 this file aborts the test process (`Fatal Python error:
+    none_dealloc`) after this loop and the other window tests, which is why pyproject.toml pins <6.12; a newer
+    PySide6 must pass this file before the pin is lifted."""
     window = open_window(flat_store)
     slider = window.epoch_control.slider
     for i in range(REPAINTS):
