@@ -51,13 +51,15 @@ class TrainSpec:
 
     Defaults: p=53, d_model=64, 4 heads, d_mlp=256, 40% of the grid for training, AdamW lr 3e-3,
     weight decay 1.0, betas (0.9, 0.98), 6,000 full-batch epochs, "auto" schedule (166 checkpoints).
-    Measured on 2 CPU cores (~21 ms per step, other work sharing the machine), as
-    (model_seed, data_seed): epoch train accuracy hit 100% / epoch test accuracy first > 95%:
+    Measured on 2 CPU cores, as (model_seed, data_seed): epoch train accuracy hit 100% / epoch test accuracy
+    first > 95%:
 
-    - (0, 0), the default: 96 / 2,160; 129 s in train(), 137 s for the whole process;
-    - (4, 4): 90 / 2,100; 128 s.   (5, 6): 84 / 450; 129 s (an early grokker);
-    - 5,000-epoch runs of the same setting: (1, 1) 90 / 4,000; (2, 2) 95 / 3,400; (3, 0) 95 / 1,950;
-      (0, 3) 95 / 4,250 (the slowest seen, hence 6,000 epochs).
+    - (0, 0), the default, from geostore's own initialisation: 90 / 810 on TransformerLens 4.3
+      (TransformerBridge), 90 / 780 on 3.9 (HookedTransformer): the same initial weights, rounded differently;
+    - with TransformerLens 3.9's own HookedTransformer initialisation (before geostore drew the weights itself):
+      (0, 0) 96 / 2,160 in 129 s (~21 ms per step); (4, 4) 90 / 2,100; (5, 6) 84 / 450 (an early grokker);
+      5,000-epoch runs: (1, 1) 90 / 4,000; (2, 2) 95 / 3,400; (3, 0) 95 / 1,950; (0, 3) 95 / 4,250 (the slowest
+      seen, hence 6,000 epochs).
 
     Test accuracy sits at 10-40% for ~2,000 epochs after memorisation before it jumps. Late in
     the run the float32 loss "slingshots" (train loss ~1e-7, then a spike and a fast recovery);
