@@ -1,11 +1,15 @@
-# The two commands of the README: `make demo` and `make test`. Each creates or updates .venv.
+# The two commands of the README: `make demo` and `make test`. Each creates or updates .venv (the newest
+# TransformerLens). `make test-compat` runs the same suite against TransformerLens 3.9 in .venv-tl3.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.geostore-installed
 DEMO := demo
 
-.PHONY: demo test lint venv clean
+VENV_TL3 := .venv-tl3
+STAMP_TL3 := $(VENV_TL3)/.geostore-installed
+
+.PHONY: demo test test-compat lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +20,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The oldest TransformerLens geostore supports (3.9: HookedTransformer and TransformerBridge), same install order.
+$(STAMP_TL3): pyproject.toml
+	test -x $(VENV_TL3)/bin/python || $(PYTHON) -m venv $(VENV_TL3)
+	$(VENV_TL3)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_TL3)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV_TL3)/bin/python -m pip install --quiet -e ".[test]" "transformer-lens==3.9.*"
+	touch $(STAMP_TL3)
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
@@ -34,5 +46,10 @@ test: lint
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
+test-compat: $(STAMP_TL3)
+	$(VENV_TL3)/bin/ruff check .
+	QT_QPA_PLATFORM=offscreen $(VENV_TL3)/bin/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VENV_TL3) $(DEMO) .pytest_cache .ruff_cache *.egg-info

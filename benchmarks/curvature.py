@@ -25,7 +25,6 @@ from timing import timed
 from geostore.analysis.curvature import PROBE_BLOCK, hessian_for_params, loss_hvp, rademacher
 from geostore.analysis.evaluator import batched_loss
 from geostore.family import modular_addition as fam
-from geostore.family.hooked import is_buffer
 from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings, epoch_landscape
 
 
@@ -42,8 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = fam.MODULAR_ADDITION.model(fam.model_config(args.p, d_model=args.d_model))
-    state = {key: value.numpy() for key, value in model.build(seed=0).state_dict().items()}
-    params = model.table.stored(state, "initial weights", ignore=is_buffer)
+    params = model.stored(model.build(seed=0))
     defaults = HessianSettings()
     profile = ProfileSettings(tuple(float(e) for e in args.profile_epsilons.split(",")))
     settings = FlatnessSettings(n_directions=args.directions, epsilon=args.epsilon, seed=0, antithetic=True,

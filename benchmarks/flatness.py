@@ -7,11 +7,12 @@ directions and the same torch thread count (2 by default), interleaving repeats 
 - the irreducible matmul: `act(.) @ (W_out @ W_U)` over all pairs in the evaluator's blocks, alone: the one
   large matmul the loss cannot avoid (the MLP output over every pair), so its rate at this shape bounds the
   fraction of peak any exact evaluation reaches;
-- seed loop: `compute_landscape_flatness` (clone, add epsilon * d, HookedTransformer on the full grid, restore);
+- seed loop: the seed's clone, add epsilon * d, forward the full grid, restore (`evaluator.plain_directional_losses`
+  on the installed TransformerLens' model, along the same directions);
 - fast path: `flatness_for_params` (what ingest runs), with its counted matmul FLOPs against the peak.
 
 It then compares the deltas of both paths with each other and, for the first few directions, with the
-float64 HookedTransformer forward, and checks that one torch thread gives bit-identical fast deltas.
+float64 forward of the same loop, and checks that one torch thread gives bit-identical fast deltas.
 
 With `--family mlp` (the reference project's 2-layer MLP, `modulo_addition_2layer_mlp`, p=113, d_hidden=512 by
 default) or `--family transformer` (a 2-layer LayerNorm HookedTransformer language model, d_model 128, probe 64 x 32
@@ -34,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from timing import best_time, timed
 
-from geostore.analysis.flatness import compute_landscape_flatness, flatness_for_params
+from geostore.analysis.evaluator import plain_directional_losses
+from geostore.analysis.flatness import flatness_for_params
 from geostore.family import modular_addition as fam
-from geostore.family.hooked import is_buffer
 from geostore.family.modular_addition_fast import BLOCK_PAIRS, flops_per_weight_set
 
 
@@ -89,7 +90,6 @@ def trained_mlp(args: argparse.Namespace):
 def trained_transformer(args: argparse.Namespace):
     """A 2-layer LayerNorm HookedTransformer language model (d_model 128) after `--train-steps` AdamW steps on
     random tokens, with a probe of `--batch` x `--seq` tokens."""
-    from geostore.family.hooked import is_buffer
     from geostore.family.transformer import HOOKED_TRANSFORMER
 
     config = {"n_layers": 2, "d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512, "d_vocab": args.vocab,
@@ -103,8 +103,7 @@ def trained_transformer(args: argparse.Namespace):
         module(tokens, return_type="loss").backward()
         optimiser.step()
         optimiser.zero_grad()
-    params = model.table.stored({k: v.detach().numpy() for k, v in module.state_dict().items()}, "benchmark",
-                                ignore=is_buffer)
+    params = model.stored(module)
     probe = model.probe(torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).numpy())
     title = (f"family hooked_transformer: 2 layers, LN, d_model 128, d_vocab {args.vocab}, probe {args.batch} x "
              f"{args.seq} tokens")
@@ -113,7 +112,6 @@ def trained_transformer(args: argparse.Namespace):
 
 def generic_benchmark(args: argparse.Namespace) -> None:
     """The generic evaluator against the plain loop on a family without a fast path, and their agreement."""
-    from geostore.analysis.evaluator import plain_directional_losses
     from geostore.analysis.flatness import directional_losses
 
     title, model, params, probe, dense = (trained_mlp if args.family == "mlp" else trained_transformer)(args)
@@ -181,31 +179,25 @@ def main() -> None:
 
     config = fam.model_config(args.p, d_model=args.d_model)
     family_model = fam.MODULAR_ADDITION.model(config)
-    model = family_model.build(seed=0)
-    params = family_model.table.stored({k: v.numpy() for k, v in model.state_dict().items()}, "benchmark",
-                                       ignore=is_buffer)
-    trainable = [key for name in family_model.table.trainable for key in family_model.table[name].keys]
+    params = family_model.stored(family_model.build(seed=0))
     probe = fam.probe(args.p)
     n = args.directions
     kwargs = {"n_directions": n, "epsilon": args.epsilon, "seed": args.seed}
-    seed_kwargs = {**kwargs, "trainable": trainable}
+    # the seed's loop (clone, perturb, forward, restore) along geostore's directions, on either TransformerLens
+    plain_kwargs = {"n_directions": n, "scales": [args.epsilon], "seed": args.seed}
     d, m = int(config["d_model"]), int(config["d_mlp"])
 
     peak, seed_s, fast_s, dense_s = 0.0, float("inf"), float("inf"), float("inf")
     for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike
         peak = max(peak, matmul_peak([(2048, 2048, 2048), (4096, 1024, 1024)], 3))
         dense_s = min(dense_s, irreducible_matmul(config, 3)[0])
-        with torch.no_grad():
-            seed_s = min(seed_s, best_time(lambda: compute_landscape_flatness(model, probe, fam.loss_fn, **seed_kwargs),
-                                           1))
+        seed_s = min(seed_s, best_time(lambda: plain_directional_losses(params, family_model, probe, **plain_kwargs),
+                                       1))
         fast_s = min(fast_s, best_time(lambda: flatness_for_params(params, family_model, **kwargs), 1))
 
-    with torch.no_grad():
-        seed = compute_landscape_flatness(model, probe, fam.loss_fn, **seed_kwargs)["delta_losses"]
-        truth = compute_landscape_flatness(  # the definition in float64: theta + eps d and the loss, no rounding
-            family_model.build(params, dtype=torch.float64), probe,
-            lambda mdl, pr: F.cross_entropy(mdl(pr[0])[:, -1, :args.p], pr[1]),
-            n_directions=args.truth, epsilon=args.epsilon, seed=args.seed, trainable=trainable)["delta_losses"]
+    seed = plain_directional_losses(params, family_model, probe, **plain_kwargs)[1][0]
+    truth = plain_directional_losses(  # the definition in float64: theta + eps d and the loss, no rounding
+        params, family_model, probe, **{**plain_kwargs, "n_directions": args.truth}, dtype=torch.float64)[1][0]
     baseline, fast = flatness_for_params(params, family_model, **kwargs)
     torch.set_num_threads(1)
     one_thread = flatness_for_params(params, family_model, **kwargs)
@@ -218,7 +210,7 @@ def main() -> None:
     per_set_ms = 1e3 * fast_s / (n + 1)
     rows = [
         ("matmul peak (float32 torch.mm, best shape)", f"{peak:8.1f} GFLOP/s"),
-        ("seed loop (clone, perturb, HookedTransformer, restore)", f"{1e3 * seed_s / n:8.1f} ms/direction"),
+        ("seed loop (clone, perturb, forward, restore)", f"{1e3 * seed_s / n:8.1f} ms/direction"),
         ("geostore fast path (flatness_for_params)", f"{1e3 * fast_s / n:8.1f} ms/direction"),
         ("speedup", f"{seed_s / fast_s:8.1f} x"),
         ("counted FLOPs per direction (fast path matmuls)", f"{flops / 1e9:8.3f} GFLOP"),

@@ -29,15 +29,15 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from timing import timed
 
-from geostore.family.hooked import is_buffer
 from geostore.family.modular_addition import MODULAR_ADDITION, model_config
 from geostore.ingestion import ingest
 
 
 def make_run(directory: Path, n: int, p: int, d_model: int) -> list[dict[str, np.ndarray]]:
     """Write n checkpoints `checkpoint_{epoch}.safetensors` and return their parameters."""
-    model = MODULAR_ADDITION.model(model_config(p, d_model=d_model)).build(seed=0)
-    state = {k: v.clone() for k, v in model.state_dict().items() if not is_buffer(k)}
+    model = MODULAR_ADDITION.model(model_config(p, d_model=d_model))
+    table = model.table  # HookedTransformer-layout checkpoints, as geostore train writes on every TransformerLens
+    state = {k: torch.as_tensor(v) for k, v in table.state_dict(model.stored(model.build(seed=0))).items()}
     generator = torch.Generator().manual_seed(1)
     out = []
     for i in range(n):

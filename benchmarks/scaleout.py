@@ -21,7 +21,6 @@ import torch
 
 import geostore
 from geostore.cluster import open_client
-from geostore.family.hooked import is_buffer
 from geostore.family.modular_addition import MODULAR_ADDITION, model_config
 from geostore.landscape import FlatnessSettings, compute_store_flatness
 from geostore.store.writer import StoreWriter
@@ -29,8 +28,7 @@ from geostore.store.writer import StoreWriter
 
 def make_store(path: Path, n: int, p: int, d_model: int) -> None:
     model = MODULAR_ADDITION.model(model_config(p, d_model=d_model))
-    state = {key: value.numpy() for key, value in model.build(seed=0).state_dict().items()}
-    params = model.table.stored(state, "initial weights", ignore=is_buffer)
+    params = model.stored(model.build(seed=0))
     rng = np.random.default_rng(1)
     stacked = {name: np.stack([value + 1e-3 * i * rng.standard_normal(value.shape).astype(np.float32)
                                for i in range(n)]) for name, value in params.items()}

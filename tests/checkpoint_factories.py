@@ -1,11 +1,11 @@
 """Builders of tiny, real checkpoint sources in every format geostore reads (shared by tests).
 
-Every builder writes real files (torch.save / safetensors) from real HookedTransformer weights:
+Every builder writes real files (torch.save / safetensors) from real TransformerLens weights:
 `trajectory()` makes a seeded model and perturbs it once per epoch, and the writers store those
-parameters in one format each, exactly as TransformerLens (`model.state_dict()`), the ARENA run or
-miscope write them. A trajectory holds each epoch's parameters in the modular-addition family's
-table layout (store format 2: `W_Q` is `(layer, n_heads, d_model, d_head)`). Tests compare what a
-source loads, turned into stored arrays by the family's table, with the `trajectory()` they wrote.
+parameters in one format each, exactly as TransformerLens (a HookedTransformer's `state_dict()`, or a
+TransformerBridge's), the ARENA run or miscope write them. A trajectory holds each epoch's parameters in the
+modular-addition family's table layout (store format 2: `W_Q` is `(layer, n_heads, d_model, d_head)`). Tests
+compare what a source loads, turned into stored arrays by the family's table, with the `trajectory()` they wrote.
 
     traj = trajectory(tiny_config(), [0, 10, 20])
     run = write_state_dict_dir(tmp_path / "run", traj)            # state-dict directory
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from geostore.family import hooked, modular_addition
+from geostore.family import hooked, modular_addition, tl_compat
 from geostore.family.modular_addition import MODULAR_ADDITION
 from geostore.store.schema import METRICS
 
@@ -48,22 +47,16 @@ def family_model(config: Mapping[str, object]):
     return MODULAR_ADDITION.model(dict(config))
 
 
-def stored_params(module: torch.nn.Module, model) -> dict[str, np.ndarray]:
-    """A torch module's parameters as the store holds them (`model.table`'s names and layout, float32)."""
-    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
-    return model.table.stored(state, "module", ignore=hooked.is_buffer)
-
-
 def trajectory(
     config: Mapping[str, object], epochs: Sequence[int], *, seed: int = 0, biases: str = "all"
 ) -> Trajectory:
-    """Parameters per epoch: a seeded HookedTransformer's weights plus a growing seeded perturbation.
+    """Parameters per epoch: a seeded model's weights plus a growing seeded perturbation.
 
     `biases`: "all" (every bias non-zero), "mlp" (only b_in, b_out non-zero, as in the ARENA run)
-    or "none" (biases zero, as a fresh HookedTransformer has them).
+    or "none" (biases zero, as a fresh model has them).
     """
     model = family_model(config)
-    base = stored_params(model.build(seed=seed), model)
+    base = model.stored(model.build(seed=seed))
     rng = np.random.default_rng(seed)
     out: Trajectory = {}
     for step, epoch in enumerate(epochs):
@@ -79,26 +72,40 @@ def trajectory(
     return out
 
 
-@cache
-def _module(config_items: tuple) -> torch.nn.Module:
-    return family_model(dict(config_items)).build(seed=0)
-
-
 def model_with(params: Mapping[str, np.ndarray], config: Mapping[str, object]) -> torch.nn.Module:
-    """A fresh HookedTransformer of `config` holding `params` (stored names and layout)."""
-    return family_model(config).build(params, seed=0)
+    """A model of the installed TransformerLens for `config` holding `params` (stored names and layout)."""
+    return family_model(config).build(params)
 
 
 def tl_state_dict(
     params: Mapping[str, np.ndarray], config: Mapping[str, object], *, buffers: bool = True
 ) -> dict[str, torch.Tensor]:
-    """A HookedTransformer `state_dict()` holding `params` (buffers `attn.mask`, `IGNORE` included)."""
-    module = _module(tuple(sorted(config.items(), key=lambda kv: kv[0])))
-    hooked.load_stored(module, family_model(config).table, params)
-    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
-    if not buffers:
-        state = {k: v for k, v in state.items() if not hooked.is_buffer(k)}
+    """A HookedTransformer `state_dict()` holding `params`, with its buffers `attn.mask` and `attn.IGNORE` unless
+    `buffers=False`: what TransformerLens 3.x (and the ARENA, miscope runs) write. Built from the table, not by
+    TransformerLens, so it is the same on 4.x (no HookedTransformer there); tests/test_tl_compat.py checks it
+    against a real HookedTransformer's on 3.x."""
+    table = family_model(config).table
+    state = {k: torch.as_tensor(np.asarray(v)).clone().contiguous() for k, v in table.state_dict(params).items()}
+    if buffers:
+        n_ctx = int(config["n_ctx"])
+        for layer in range(int(config["n_layers"])):
+            state[f"blocks.{layer}.attn.mask"] = torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool))
+            state[f"blocks.{layer}.attn.IGNORE"] = torch.tensor(-torch.inf)
     return state
+
+
+def bridge_state_dict(params: Mapping[str, np.ndarray], config: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """A TransformerBridge `state_dict()` holding `params`: a real `TransformerBridge.boot_native` model (3.9 and 4.x
+    both have it) with the weights loaded strictly in its own layout."""
+    from transformer_lens import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    fields = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "d_vocab_out", "n_ctx", "act_fn",
+              "normalization_type")
+    bridge = TransformerBridge.boot_native(TransformerBridgeConfig(**{k: config[k] for k in fields}))
+    hooked_layout = {k: v for k, v in tl_state_dict(params, config).items() if not hooked.is_buffer(k)}
+    bridge.load_state_dict(tl_compat.to_bridge(hooked_layout), strict=True)
+    return {k: v.detach().clone().contiguous() for k, v in bridge.state_dict().items()}
 
 
 def state_dict_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

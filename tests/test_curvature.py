@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
+from torch.func import functional_call
 
 from geostore.analysis.curvature import (
     antithetic_parts,
@@ -134,14 +135,15 @@ def checkpoint(run, index: int):
 
 
 def plain_hvp64(params: dict[str, np.ndarray], model, vector: torch.Tensor) -> torch.Tensor:
-    """`Hv` of the plain float64 HookedTransformer loss by double backward (the definition)."""
+    """`Hv` of the plain float64 loss of the installed TransformerLens' model by double backward (the definition),
+    with respect to the stored weights (the model's own layout may differ: TransformerBridge on 4.x)."""
     p = fam.prime_of(model.config)
     table = model.table
-    module = model.build().double()
-    hooked.load_stored(module, table, {name: value.astype(np.float64) for name, value in params.items()})
-    weights = [module.get_parameter(key) for name in table.trainable for key in table[name].keys]
+    module = model.build({name: value.astype(np.float64) for name, value in params.items()}, dtype=torch.float64)
+    weights = [torch.as_tensor(params[name], dtype=torch.float64).requires_grad_(True) for name in table.trainable]
     tokens, labels = fam.probe(p)
-    loss = F.cross_entropy(module(tokens)[:, -1, :p], labels)
+    state = model.module_state(module)(table.state_dict(dict(zip(table.trainable, weights, strict=True))))
+    loss = F.cross_entropy(functional_call(module, state, (tokens,), tie_weights=False)[:, -1, :p], labels)
     grads = torch.autograd.grad(loss, weights, create_graph=True)
     dot = sum((g.reshape(-1) * part).sum() for g, part in zip(grads, vector.split([w.numel() for w in weights]),
                                                               strict=True))

@@ -3,7 +3,6 @@ on both MLP families (runs in the reference layout) and on a small TransformerLe
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,10 @@ from torch.func import functional_call
 from geostore.analysis import evaluator
 from geostore.analysis.curvature import hutchinson_trace, lanczos_top_eigenvalue, loss_hvp, rademacher
 from geostore.analysis.flatness import directional_losses
-from geostore.family.base import Model, Parameter, ParameterTable
+from geostore.family.base import Model, ParameterTable
+from geostore.family.hooked import initial_params
 from geostore.family.mlp import LEARNED_EMB_MLP, TWO_LAYER_MLP
+from geostore.family.transformer import HookedModel, model_of
 
 FAMILIES = {"two_layer_mlp": TWO_LAYER_MLP, "learned_emb_mlp": LEARNED_EMB_MLP}
 TL_CONFIG = dict(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=50, n_ctx=8, act_fn="gelu",
@@ -27,38 +28,34 @@ TL_CONFIG = dict(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab
 
 @dataclass
 class LanguageModel:
-    """A test-local `Model` of a TransformerLens HookedTransformer: every parameter stored under its state-dict
-    name, `unembed.b_U` frozen (and non-zero, so a lost frozen parameter shows); the probe is a `(batch, seq)`
-    token array and a sequence's loss its mean next-token cross-entropy. Records the modules it builds."""
+    """A test-local `Model` of a TransformerLens language model of the installed version (the HookedTransformer
+    families' table and build, so a TransformerBridge on TransformerLens 4), with `b_U` frozen (and non-zero, so
+    a lost frozen parameter shows) and its own loss; the probe is a `(batch, seq)` token array and a sequence's
+    loss its mean next-token cross-entropy. Records the modules it builds."""
 
     family: str = "test_language_model"
-    config: dict[str, Any] = field(default_factory=lambda: dict(TL_CONFIG))
     needs_probe: bool = True
     built: list[torch.nn.Module] = field(default_factory=list)
-    table: ParameterTable = field(init=False)
+    inner: HookedModel = field(init=False)
 
     def __post_init__(self) -> None:
-        self.table = ParameterTable(tuple(
-            Parameter(key, tuple(value.shape), tuple(f"n{s}" for s in value.shape), (key,),
-                      trainable=key != "unembed.b_U")
-            for key, value in self._fresh().named_parameters()))
+        self.inner = model_of(self.family, TL_CONFIG, loss="next_token", trainable=lambda name: name != "b_U")
 
-    def _fresh(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.inner.config
 
-            typed = {} if dtype is None else {"dtype": dtype}
-            return HookedTransformer(HookedTransformerConfig(**self.config, seed=0, **typed)).eval()
+    @property
+    def table(self) -> ParameterTable:
+        return self.inner.table
 
     def build(self, params=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        module = self._fresh(dtype)
-        if params is not None:
-            missing, unexpected = module.load_state_dict(
-                self.table.state_dict({k: torch.as_tensor(v) for k, v in params.items()}), strict=False)
-            assert not unexpected and all(k.endswith(("attn.mask", "attn.IGNORE")) for k in missing)
+        module = self.inner.build(params, seed=0, dtype=dtype)
         self.built.append(module)
         return module
+
+    def module_state(self, module: torch.nn.Module):
+        return self.inner.module_state(module)
 
     def probe(self, stored=None):
         return (torch.as_tensor(stored),)
@@ -88,14 +85,13 @@ def mlp_case(tmp: Path, family: str, **sizes: int) -> Case:
 @pytest.fixture(scope="module")
 def language_case() -> Case:
     model = LanguageModel()
-    module = model.build()
-    with torch.no_grad():
-        module.unembed.b_U.copy_(torch.linspace(-1, 1, 50))
-        for param in module.parameters():  # away from the initialisation's exact zeros and ones
-            param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
-    state = {k: v.numpy() for k, v in module.state_dict().items() if not k.endswith(("mask", "IGNORE"))}
+    params = initial_params(model.table, model.config, seed=0)
+    params["b_U"] = np.linspace(-1, 1, 50, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for name, value in params.items():  # away from the initialisation's exact zeros and ones
+        params[name] = (value + 0.02 * rng.standard_normal(value.shape)).astype(np.float32)
     tokens = torch.randint(0, 50, (520, 5), generator=torch.Generator().manual_seed(1))  # > EXAMPLE_BLOCK rows
-    return Case(model, model.table.stored(state, "test"), model.probe(tokens.numpy()))
+    return Case(model, params, model.probe(tokens.numpy()))
 
 
 @pytest.fixture(scope="module", params=["two_layer_mlp", "learned_emb_mlp", "language_model"])
@@ -155,8 +151,9 @@ def test_the_weights_are_left_untouched(language_case):
         fn(case.params, case.model, case.probe, n_directions=3, scales=[0.5], seed=1)
         module = case.model.built[-1]
         assert all(np.array_equal(case.params[k], before[k]) for k in before)
-        for key, value in case.model.table.state_dict(before).items():
-            assert torch.equal(module.get_parameter(key).detach(), torch.as_tensor(value)), (fn.__name__, key)
+        held = case.model.inner.stored(module)
+        for name, value in before.items():
+            assert np.array_equal(held[name], value), (fn.__name__, name)
 
 
 def flat_loss(case: Case, vector: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
@@ -166,7 +163,9 @@ def flat_loss(case: Case, vector: torch.Tensor, module: torch.nn.Module) -> torc
         size = table[name].size
         weights[name] = vector[offset:offset + size].reshape(table[name].shape)
         offset += size
-    forward = lambda *inputs: functional_call(module, table.state_dict(weights), inputs)  # noqa: E731
+    to_module = case.model.module_state(module) if hasattr(case.model, "module_state") else dict
+    forward = lambda *inputs: functional_call(module, to_module(table.state_dict(weights)), inputs,  # noqa: E731
+                                              tie_weights=False)  # the bridge reaches each block under two paths
     return case.model.losses(forward, case.probe).mean()
 
 

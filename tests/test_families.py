@@ -1,11 +1,13 @@
-"""Model families end to end: runs written by TransformerLens itself (any depth, normalisation, activation),
-ingested, analysed and rebuilt exactly; language models with a probe; families detected and named."""
+"""Model families end to end: runs written by TransformerLens itself (any depth, normalisation, activation; the
+installed version's model: HookedTransformer checkpoints on 3.x, TransformerBridge ones on 4.x), ingested,
+analysed and rebuilt exactly; language models with a probe; families detected and named."""
 
 from __future__ import annotations
 
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,13 +18,9 @@ from sklearn.decomposition import PCA
 
 import geostore
 from geostore.cli import main
-from geostore.family import registry
+from geostore.family import registry, tl_compat
 from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 ARCHITECTURES = {
     "ln_gelu": dict(n_layers=2, normalization_type="LN", act_fn="gelu"),
@@ -32,15 +30,44 @@ ARCHITECTURES = {
 STEPS = (0, 3, 6)
 
 
-def write_tl_run(path: Path, architecture: dict, *, steps=STEPS, seed: int = 0, d_vocab: int = 23, n_ctx: int = 6,
-                 safetensors: bool = True) -> tuple[Path, HookedTransformerConfig]:
-    """A language-model run as a TransformerLens user saves it: `config.json` from `cfg.to_dict()` and one state dict
-    per checkpoint, after real AdamW steps on random token sequences."""
-    cfg = HookedTransformerConfig(d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab, n_ctx=n_ctx, seed=seed,
-                                  device="cpu", **architecture)
+def tl_config(**fields: Any) -> Any:
+    """The installed TransformerLens' config: a HookedTransformerConfig (3.x) or a TransformerBridgeConfig (4.x)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
+        if tl_compat.bridge_era():
+            from transformer_lens import TransformerBridgeConfig
+
+            return TransformerBridgeConfig(**fields)
+        from transformer_lens import HookedTransformerConfig
+
+        return HookedTransformerConfig(**fields)
+
+
+def tl_model(cfg: Any, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The installed TransformerLens' own model of `cfg` (HookedTransformer, or TransformerBridge.boot_native),
+    holding `state` loaded by TransformerLens itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if tl_compat.bridge_era():
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = TransformerBridge.boot_native(cfg)
+        else:
+            from transformer_lens import HookedTransformer
+
+            model = HookedTransformer(cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def write_tl_run(path: Path, architecture: dict, *, steps=STEPS, seed: int = 0, d_vocab: int = 23, n_ctx: int = 6,
+                 safetensors: bool = True) -> tuple[Path, Any]:
+    """A language-model run as a TransformerLens user saves it: `config.json` from `cfg.to_dict()` and one state dict
+    per checkpoint, after real AdamW steps on random token sequences."""
+    cfg = tl_config(d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab, n_ctx=n_ctx, seed=seed, device="cpu",
+                    **architecture)
+    model = tl_model(cfg).train()
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), default=str))
     tokens = torch.randint(0, d_vocab, (8, n_ctx), generator=torch.Generator().manual_seed(seed))
@@ -70,14 +97,6 @@ def checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / f"step_{step}.safetensors"))
 
 
-def tl_model(cfg: HookedTransformerConfig, state: dict[str, torch.Tensor]) -> HookedTransformer:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_transformerlens_runs_ingest_exactly(tmp_path, name):
     run, cfg = write_tl_run(tmp_path / name, ARCHITECTURES[name])
@@ -103,7 +122,8 @@ def test_transformerlens_runs_ingest_exactly(tmp_path, name):
         with torch.no_grad():
             expected = tl_model(cfg, state)(tokens, return_type="loss").item()
         assert baseline[i] == pytest.approx(expected, rel=1e-5, abs=1e-6)
-        flat.append(np.concatenate([state[k].double().numpy().ravel() for p in store.table.parameters
+        in_table = store.model.checkpoint_state(state, "checkpoint")  # a bridge's layout converted
+        flat.append(np.concatenate([in_table[k].double().numpy().ravel() for p in store.table.parameters
                                     for k in p.keys]))
     # every parameter of a language model trains: the trajectory of `all` is every parameter
     assert store.table.trainable == store.table.names
@@ -149,7 +169,12 @@ def test_modular_addition_on_a_two_layer_transformer_uses_the_grid(tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     for step in STEPS:  # a modular-addition unembedding has p outputs
         state = checkpoint(run, step)
-        state["unembed.W_U"], state["unembed.b_U"] = state["unembed.W_U"][:, :p].contiguous(), state["unembed.b_U"][:p]
+        if tl_compat.bridge_era():
+            state["unembed.weight"], state["unembed.bias"] = state["unembed.weight"][:p].contiguous(), \
+                state["unembed.bias"][:p]
+        else:
+            state["unembed.W_U"], state["unembed.b_U"] = state["unembed.W_U"][:, :p].contiguous(), \
+                state["unembed.b_U"][:p]
         save_file(state, str(run / f"step_{step}.safetensors"))
     ingest(run, tmp_path / "s.zarr", flatness=FlatnessSettings(n_directions=2), progress=False)
     store = geostore.open_store(tmp_path / "s.zarr")
@@ -157,7 +182,9 @@ def test_modular_addition_on_a_two_layer_transformer_uses_the_grid(tmp_path):
     assert not supports(store.model)  # the fast loss covers 1-layer models without normalisation only
     assert "b_in" not in store.groups["all"] and "ln1.w" in store.groups["all"]  # biases frozen, norms train
     tokens, labels = probe(p)
-    cfg = HookedTransformerConfig(**{**cfg.to_dict(), "d_vocab_out": p})
+    cfg = tl_config(**{k: v for k, v in config.items() if k in ("d_model", "n_heads", "d_head", "d_mlp", "d_vocab",
+                                                                 "d_vocab_out", "n_ctx", "n_layers", "act_fn",
+                                                                 "normalization_type")})
     for i, step in enumerate(STEPS):
         with torch.no_grad():
             logits = tl_model(cfg, checkpoint(run, step))(tokens)
@@ -216,14 +243,15 @@ def test_every_landscape_analysis_runs_through_the_generic_evaluator(tmp_path):
     hvp, n = loss_hvp(params, model, model.probe(np.load(probe)), dtype=torch.float64)
     assert n == store.n_trainable
     module = tl_model(cfg, checkpoint(run, STEPS[-1])).to(torch.float64)
-    keys = [key for name in model.table.trainable for key in model.table[name].keys]
-    weights = [module.get_parameter(k) for k in keys]
-    gradient = torch.autograd.grad(module(tokens, return_type="loss"), weights, create_graph=True)
+    # differentiated in the stored layout, swapped into TransformerLens' own model (a bridge keeps another layout)
+    weights = [torch.as_tensor(params[name]).requires_grad_(True) for name in model.table.trainable]
+    state = model.module_state(module)(model.table.state_dict(dict(zip(model.table.trainable, weights, strict=True))))
+    loss = torch.func.functional_call(module, state, (tokens,), {"return_type": "loss"}, tie_weights=False)
+    gradient = torch.autograd.grad(loss, weights, create_graph=True)
     vectors = torch.randn(2, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ours = hvp(vectors)
     for row, vector in enumerate(vectors):
-        # layer-stacked table order: W_Q is (layer, ...), its keys one per layer, so the flat vector splits by key
-        parts = vector.split([w.numel() for w in weights])
+        parts = vector.split([w.numel() for w in weights])  # the flat vector is the stored parameters in table order
         product = torch.autograd.grad(gradient, weights, grad_outputs=[p.reshape(w.shape) for p, w in
                                                                           zip(parts, weights, strict=True)],
                                       retain_graph=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import geostore
+from geostore.analysis.evaluator import plain_directional_losses
 from geostore.analysis.flatness import (
     compute_landscape_flatness,
     draw_directions,
@@ -24,7 +25,7 @@ from geostore.analysis.flatness import (
 )
 from geostore.analysis.flatness_stats import flatness_summary
 from geostore.errors import GeostoreError
-from geostore.family import hooked
+from geostore.family import hooked, tl_compat
 from geostore.family import modular_addition as fam
 from geostore.family import modular_addition_fast as fast
 
@@ -32,24 +33,22 @@ P = 13
 CONFIG = fam.model_config(P, d_model=32, n_heads=4)
 MODEL = fam.MODULAR_ADDITION.model(CONFIG)
 PROBE = fam.probe(P)
-# The trainable parameters' state-dict keys in table order (the order of the trainable vector), for the reference.
-KEYS = [key for name in MODEL.table.trainable for key in MODEL.table[name].keys]
-
-
-def trainable_keys(model) -> list[str]:
-    return [key for name in model.table.trainable for key in model.table[name].keys]
+def trainable_keys(module: torch.nn.Module, model=MODEL) -> list[str]:
+    """The module's own paths of the table's trainable parameters, in table order (the order of the trainable
+    vector): the table's keys on a HookedTransformer, the bridge's paths on TransformerLens 4."""
+    zeros = {name: np.zeros(model.table[name].shape, np.float32) for name in model.table.trainable}
+    return list(model.module_state(module)(model.table.state_dict(zeros)))
 
 
 def named_parameters(module: torch.nn.Module, model=MODEL) -> dict[str, np.ndarray]:
     """A module's parameters as the store holds them (the family table's names and layout)."""
-    return model.table.stored({k: v.detach().numpy() for k, v in module.state_dict().items()}, "module",
-                              ignore=hooked.is_buffer)
+    return model.stored(module)
 
 
 def trained(steps: int, config: dict = CONFIG, seed: int = 0) -> torch.nn.Module:
     """A model after `steps` full-grid AdamW steps on the 9 weight matrices (0: random init)."""
     model = fam.MODULAR_ADDITION.model(config).build(seed=seed)
-    weights = [model.get_parameter(key) for key in KEYS]
+    weights = [param for param in model.parameters() if param.requires_grad]
     assert len(weights) == len(fam.TRAINABLE)
     optimizer = torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.0)
     for _ in range(steps):
@@ -73,6 +72,19 @@ def assert_same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) -
     assert after.keys() == before.keys()
     for key, value in before.items():
         assert torch.equal(after[key], value), key
+
+
+def seed_reference(module: torch.nn.Module, model, *, n_directions: int, seed: int) -> dict[str, object]:
+    """The seed's `compute_landscape_flatness` (epsilon 0.1) along the table's directions: on a module whose own
+    layout is the table's (HookedTransformer); a TransformerBridge orders and shapes its attention matrices
+    another way, so there the same perturb-forward-restore loop runs through the table layout
+    (`evaluator.plain_directional_losses`, its per-example losses summed in float64)."""
+    if not tl_compat.bridge_era():
+        return compute_landscape_flatness(module, model.probe(), fam.loss_fn, n_directions=n_directions, epsilon=0.1,
+                                          seed=seed, trainable=trainable_keys(module, model))
+    baseline, deltas = plain_directional_losses(model.stored(module), model, n_directions=n_directions,
+                                                scales=[0.1], seed=seed)
+    return {"baseline_loss": baseline, "delta_losses": deltas[0]}
 
 
 def trainable_size(config: dict) -> int:
@@ -116,11 +128,11 @@ def test_reference_restores_weights_bitwise_and_returns_one_delta_per_direction(
 
 def test_weights_are_restored_when_the_loss_function_raises(models):
     model = models["partial"]
-    before = state(model)
+    before, w_e = state(model), named_parameters(model)["W_E"]
     calls = []
 
     def failing_loss(m, probe):
-        calls.append(torch.equal(m.W_E, before["embed.W_E"]))
+        calls.append(np.array_equal(named_parameters(m)["W_E"], w_e))
         if len(calls) == 3:
             raise RuntimeError("loss failed")
         return fam.loss_fn(m, probe)
@@ -163,15 +175,16 @@ def test_directions_are_unit_vectors_over_all_weight_matrices_at_once(models):
     np.testing.assert_allclose(shares.sum(dim=1).numpy(), 1.0, rtol=1e-6)
     np.testing.assert_allclose(shares.mean(dim=0).numpy(), np.array(sizes) / n_params, rtol=0.5, atol=2e-4)
     # The perturbation the reference applies is epsilon times that vector, across the 9 matrices.
-    original = torch.cat([model.get_parameter(key).detach().flatten() for key in KEYS])
+    keys = trainable_keys(model)
+    original = torch.cat([model.get_parameter(key).detach().flatten() for key in keys])
     seen = []
 
     def recording_loss(m, probe):
-        seen.append(torch.cat([m.get_parameter(key).detach().flatten() for key in KEYS]))
+        seen.append(torch.cat([m.get_parameter(key).detach().flatten() for key in keys]))
         return fam.loss_fn(m, probe)
 
     # in table order (the reference's default is `named_parameters()` order: W_Q, W_O, ... W_K)
-    compute_landscape_flatness(model, PROBE, recording_loss, n_directions=4, epsilon=0.25, seed=2, trainable=KEYS)
+    compute_landscape_flatness(model, PROBE, recording_loss, n_directions=4, epsilon=0.25, seed=2, trainable=keys)
     steps = torch.stack(seen[1:]).double() - original.double()
     np.testing.assert_allclose(steps.numpy(), 0.25 * directions.numpy(), atol=1e-6)
     # Direction i depends on the seed and i only; callers get copies of the cached draw.
@@ -186,8 +199,10 @@ def test_deltas_are_small_at_a_minimum(models):
     at_random = compute_landscape_flatness(random_model, PROBE, fam.loss_fn, n_directions=10, seed=0)
     assert at_minimum["baseline_loss"] < 1e-4 < at_random["baseline_loss"]
     assert np.abs(at_minimum["delta_losses"]).max() < 0.01 * np.abs(at_random["delta_losses"]).max()
+    # the fast path along the table's directions (a TransformerBridge's own layout orders the reference's otherwise)
     _, fast_deltas = flatness_for_params(named_parameters(minimum), MODEL, n_directions=10, epsilon=0.1, seed=0)
-    assert np.abs(fast_deltas).max() < 0.01 * np.abs(at_random["delta_losses"]).max()
+    _, fast_random = flatness_for_params(named_parameters(random_model), MODEL, n_directions=10, epsilon=0.1, seed=0)
+    assert np.abs(fast_deltas).max() < 0.01 * np.abs(fast_random).max()
 
 
 @pytest.mark.parametrize("act_fn", ["relu", "gelu"])
@@ -224,8 +239,7 @@ def test_fast_float32_deltas_match_the_plain_forward(models, which):
     truth = plain_losses64(params, CONFIG, n_directions=8, epsilon=0.1, seed=0)
     truth_deltas = truth[1:] - truth[0]
     baseline, deltas = flatness_for_params(params, MODEL, n_directions=8, epsilon=0.1, seed=0)
-    reference = compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=8, epsilon=0.1, seed=0,
-                                           trainable=KEYS)
+    reference = seed_reference(model, MODEL, n_directions=8, seed=0)
     ulp = float(np.spacing(np.float32(truth[0])))
     assert deltas.dtype == np.float64 and baseline == pytest.approx(truth[0], rel=1e-6)
     np.testing.assert_allclose(deltas, truth_deltas, rtol=1e-4, atol=1e-8 * truth[0])
@@ -242,8 +256,7 @@ def test_fast_float32_deltas_near_zero_loss_beat_the_float32_reference(models):
     truth = plain_losses64(params, CONFIG, n_directions=8, epsilon=0.1, seed=0)
     truth_deltas = truth[1:] - truth[0]
     _, deltas = flatness_for_params(params, MODEL, n_directions=8, epsilon=0.1, seed=0)
-    reference = compute_landscape_flatness(model, PROBE, fam.loss_fn, n_directions=8, epsilon=0.1, seed=0,
-                                           trainable=KEYS)
+    reference = seed_reference(model, MODEL, n_directions=8, seed=0)
     fast_error = np.abs(deltas - truth_deltas).max() / np.abs(truth_deltas).max()
     reference_error = np.abs(reference["delta_losses"] - truth_deltas).max() / np.abs(truth_deltas).max()
     assert fast_error < 1e-3 and fast_error < reference_error / 10
@@ -280,8 +293,7 @@ def test_models_the_fast_path_does_not_implement_go_through_the_generic_evaluato
     own = named_parameters(module, model)
     assert not fast.supports(model) and model.fast_loss({}) is None
     baseline, deltas = flatness_for_params(own, model, n_directions=4, epsilon=0.1, seed=0)
-    reference = compute_landscape_flatness(module, model.probe(), fam.loss_fn, n_directions=4, epsilon=0.1, seed=0,
-                                           trainable=trainable_keys(model))
+    reference = seed_reference(module, model, n_directions=4, seed=0)
     ulp = float(np.spacing(np.float32(baseline)))
     assert baseline == pytest.approx(reference["baseline_loss"], rel=1e-6)
     np.testing.assert_allclose(deltas, reference["delta_losses"], rtol=1e-4, atol=4 * ulp)

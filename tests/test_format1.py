@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 
 import geostore
+from geostore.family import tl_compat
 from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings
 
@@ -56,7 +57,7 @@ def test_format1_store_opens_extends_and_renders(tmp_path):
     from safetensors.torch import load_file
 
     state = load_file(str(DATA / "run" / checkpoints[-1]["file"]))
-    rebuilt = store.model_at(40).state_dict()
+    rebuilt = tl_compat.hooked_state(store.model_at(40))  # a TransformerBridge's layout on TransformerLens 4
     assert all(np.array_equal(rebuilt[k].numpy(), v.numpy()) for k, v in state.items())
 
     from viewer.app import main as geoview

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 import geostore
 from geostore.cli import main
+from geostore.family import tl_compat
 from geostore.family.modular_addition import MODULAR_ADDITION, model_config
 from geostore.ingestion import ingest
 from geostore.store import schema
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def state_dict_dir(directory: Path, epochs, *, config=None, seed: int = 0, suffix: str = ".safetensors") -> dict:
-    """Real HookedTransformer state dicts, one file per epoch; returns {epoch: state_dict}."""
+    """Real HookedTransformer-layout state dicts (as `geostore train` writes on every TransformerLens), one file per
+    epoch; returns {epoch: state_dict}."""
     config = config or model_config(7, d_model=16, n_heads=2)
     directory.mkdir(parents=True, exist_ok=True)
     model = MODULAR_ADDITION.model(config).build(seed=seed)
@@ -40,7 +42,7 @@ def state_dict_dir(directory: Path, epochs, *, config=None, seed: int = 0, suffi
     states = {}
     for epoch in epochs:
         state = {k: (v + 0.01 * epoch * torch.randn(v.shape, generator=generator)).contiguous()
-                 for k, v in model.state_dict().items() if not k.endswith(("mask", "IGNORE"))}
+                 for k, v in tl_compat.hooked_state(model).items()}
         if suffix == ".safetensors":
             save_file(state, directory / f"model_step{epoch}.safetensors")
         else:

@@ -34,8 +34,7 @@ def flatness_of(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_ingest_stores_flatness_of_every_epoch_equal_to_the_plain_forward(trained_run, tmp_path):
-    from geostore.analysis.flatness import compute_landscape_flatness
-    from geostore.family import modular_addition as fam
+    from tests.test_flatness import seed_reference
 
     path = tmp_path / "run.zarr"
     ingest(trained_run, path, flatness=SETTINGS, progress=False)
@@ -46,10 +45,8 @@ def test_ingest_stores_flatness_of_every_epoch_equal_to_the_plain_forward(traine
     assert "family's loss on its probe" in settings["loss"] and "unit L2 norm" in settings["directions"]
     baseline, deltas = flatness_of(path)
     assert deltas.shape == (store.epochs.size, 6) and np.isfinite(deltas).all()
-    keys = [key for name in store.table.trainable for key in store.table[name].keys]  # the trainable vector's order
     for index in (0, store.epochs.size // 2, store.epochs.size - 1):  # the seed's algorithm, epoch by epoch
-        reference = compute_landscape_flatness(store.model_at(int(store.epochs[index])), fam.probe(11), fam.loss_fn,
-                                               n_directions=6, epsilon=0.1, seed=3, trainable=keys)
+        reference = seed_reference(store.model_at(int(store.epochs[index])), store.model, n_directions=6, seed=3)
         assert baseline[index] == pytest.approx(reference["baseline_loss"], rel=1e-5)
         # The float32 reference resolves a loss difference only to a few ulp of the loss itself
         # (test_flatness.py checks the fast path against a float64 forward at 1e-4).

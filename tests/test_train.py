@@ -15,7 +15,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from geostore.errors import GeostoreError  # noqa: E402
-from geostore.family import hooked  # noqa: E402
+from geostore.family import hooked, tl_compat  # noqa: E402
 from geostore.family.modular_addition import MODULAR_ADDITION, model_config  # noqa: E402
 from geostore.family.train_modular_addition import TrainSpec, checkpoint_epochs, grokking_summary, train  # noqa: E402
 
@@ -132,7 +132,7 @@ def test_checkpoints_reload_bit_equal(tiny_run):
     family_model = MODULAR_ADDITION.model(run["model_config"])
     stored = family_model.table.stored({k: v.numpy() for k, v in tensors.items()}, str(path), ignore=hooked.is_buffer)
     model = family_model.build(stored)
-    state = model.state_dict()
+    state = tl_compat.hooked_state(model)  # the installed version's model, in the layout checkpoints are written in
     for key, value in tensors.items():
         assert state[key].numpy().tobytes() == value.numpy().tobytes(), key
     assert family_model.table.state_dict(stored).keys() == tensors.keys()

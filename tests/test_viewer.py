@@ -16,6 +16,8 @@ from viewer.app import main
 from viewer.data import ViewerData
 from viewer.window import MainWindow
 
+REPAINTS = 2000
+
 
 @pytest.fixture(autouse=True)
 def private_settings(tmp_path, monkeypatch):
@@ -79,6 +81,18 @@ def test_the_slider_moves_every_highlight(qtbot, open_window, flat_store):
         assert distribution.mean.value() == pytest.approx(np.mean(data.flatness.deltas[index]))
         assert distribution.median.value() == pytest.approx(np.median(data.flatness.deltas[index]))
         assert f"{data.flatness.summary['flatness_ratio'][index]:.2f}" in distribution.caption.text
+
+
+def test_thousands_of_repaints_while_scrubbing(qtbot, open_window, flat_store):
+    """A long repaint loop: with PySide6 6.12.0 this file aborts the test process (`Fatal Python error:
+    none_dealloc`) after this loop and the other window tests, which is why pyproject.toml pins <6.12; a newer
+    PySide6 must pass this file before the pin is lifted."""
+    window = open_window(flat_store)
+    slider = window.epoch_control.slider
+    for i in range(REPAINTS):
+        slider.setValue(i % len(EPOCHS))
+        window.repaint()
+    assert window.state.index == (REPAINTS - 1) % len(EPOCHS)
 
 
 def test_the_spin_box_and_keys_step_through_stored_epochs(qtbot, open_window, flat_store):

@@ -2,7 +2,7 @@
 
 `batched_loss(model, params, probe)` splits one epoch's parameters into the trainable weights (the vector the
 analyses perturb, in table order) and the frozen rest, and returns `loss(weights) -> (B,)` for a block of `B`
-weight sets. Where the family has a hand-written exact loss (`registry.fast_loss`: modular addition's 1-layer
+weight sets. Where the model has a hand-written exact loss (`Model.fast_loss`: modular addition's 1-layer
 transformer) it is used; otherwise the generic evaluator swaps each weight set into the family's own torch
 model with `torch.func.functional_call`, vectorised over the block with `torch.func.vmap`, on fixed blocks of
 `EXAMPLE_BLOCK` probe examples (bounded memory; results never depend on how callers batch), and sums the
@@ -66,9 +66,10 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
         return weights, fast
     module, probe = _setup(model, params, _probe(model, probe), device, dtype)
     n_examples = len(probe[0])
+    swapped = _swapped(model, module)
 
     def summed(w: dict[str, torch.Tensor], block: Probe) -> torch.Tensor:
-        return model.losses(lambda *inputs: functional_call(module, w, inputs), block).sum(dtype=torch.float64)
+        return model.losses(lambda *inputs: swapped(w, inputs), block).sum(dtype=torch.float64)
 
     def loss(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         keyed = table.state_dict(batch, batched=True)
@@ -89,6 +90,7 @@ def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | N
     `(B, D)` block of vectors. The Hessian of a mean is the sum of the probe blocks' Hessians, so products are
     taken block by block (bounded memory) and summed in float64; `hvp` returns float64 `(B, D)` on the CPU."""
     module, probe = _setup(model, params, _probe(model, probe), device, dtype)
+    swapped = _swapped(model, module)
     names = model.table.trainable
     weights = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype) for name in names}
     sizes = [w.numel() for w in weights.values()]
@@ -96,7 +98,7 @@ def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | N
 
     def product(tangent: dict[str, torch.Tensor], block: Probe) -> torch.Tensor:
         def loss(w: dict[str, torch.Tensor]) -> torch.Tensor:
-            forward = lambda *inputs: functional_call(module, model.table.state_dict(w), inputs)  # noqa: E731
+            forward = lambda *inputs: swapped(model.table.state_dict(w), inputs)  # noqa: E731
             return model.losses(forward, block).sum(dtype=torch.float64) / n
         out = jvp(grad(loss), (weights,), (tangent,))[1]
         return torch.cat([out[name].reshape(-1) for name in names]).double()
@@ -133,7 +135,9 @@ def plain_directional_losses(
     weights = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype)
                for name in model.table.trainable}
     directions = draw_directions(model.table.n_trainable(), n_directions, seed)
-    targets = {key: module.get_parameter(key) for key in model.table.state_dict(weights)}
+    to_module = getattr(model, "module_state", lambda module: dict)(module)
+    tensors = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    targets = {key: tensors[key] for key in to_module(model.table.state_dict(weights))}
     original = {key: value.detach().clone() for key, value in targets.items()}
 
     def mean_loss() -> torch.Tensor:
@@ -146,8 +150,8 @@ def plain_directional_losses(
             for row, scale in enumerate(scales):
                 for i in range(n_directions):
                     moved = perturbed(weights, directions[i:i + 1].to(device), scale)
-                    for key, value in model.table.state_dict(moved, batched=True).items():
-                        targets[key].copy_(value[0])
+                    for key, value in to_module(model.table.state_dict({n: w[0] for n, w in moved.items()})).items():
+                        targets[key].copy_(value)
                     deltas[row, i] = float(mean_loss() - baseline)
                     for key, value in targets.items():
                         value.copy_(original[key])
@@ -165,6 +169,20 @@ def _probe(model: Model, probe: Probe | None) -> Probe:
     if probe is None:
         raise GeostoreError(f"the {model.family} model's loss needs a probe (token ids): give one with --probe FILE")
     return probe
+
+
+def _swapped(model: Model, module: torch.nn.Module) -> Callable[[Mapping[str, torch.Tensor], tuple], torch.Tensor]:
+    """`forward(state, inputs)`: `module` on `inputs` with the table's state-dict entries `state` swapped in.
+
+    A family whose module holds its parameters under other paths and layouts converts them (`Model.module_state`,
+    e.g. TransformerLens 4's bridge); those paths are exact, so they are swapped as given (`tie_weights=False`:
+    the bridge reaches each block under two paths, and torch's untying would swap one object twice and restore
+    a swapped-in tensor). Table keys are state-dict keys, whose tied aliases torch swaps along."""
+    convert = getattr(model, "module_state", None)
+    if convert is None:
+        return lambda state, inputs: functional_call(module, state, inputs)
+    to_module = convert(module)
+    return lambda state, inputs: functional_call(module, to_module(state), inputs, tie_weights=False)
 
 
 def _setup(model: Model, params: Mapping[str, np.ndarray], probe: Probe, device: str, dtype: torch.dtype

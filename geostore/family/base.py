@@ -219,8 +219,9 @@ class Model(Protocol):
       `family.model(config)` to give this model back (it is stored in the store's metadata).
     - `table`: the stored parameters and groups.
     - `build(params)`: the exact torch module (eval mode) holding stored parameters (`None`: a fresh
-      initialisation); its `state_dict()` equals the checkpoint's, key for key. A model that computes in a
-      configured dtype may accept `build(params, dtype=...)`; the evaluators then ask for float64 that way.
+      initialisation); its `state_dict()` equals the checkpoint's, key for key (unless it has `module_state`).
+      A model that computes in a configured dtype may accept `build(params, dtype=...)`; the evaluators then
+      ask for float64 that way.
     - `probe(stored)`: the probe of the landscape analyses: from the task alone (modular addition's full
       grid), or from `stored`, the probe array a user gave (`--probe`); None when it needs one and none is given.
     - `losses(forward, probe)`: per-example float32 losses `(N,)` of a forward pass on a probe; their mean
@@ -231,6 +232,12 @@ class Model(Protocol):
     once, `loss(weights (B, *shape) by trainable name) -> (B,) float64` with `frozen` the other parameters, or
     None where it does not apply; the evaluators use it in place of the generic `functional_call` loss
     (`for_derivatives`: a form `torch.func` can differentiate twice).
+
+    Optional, for a module whose own parameters differ from the table's keys and layouts (TransformerLens 4's
+    bridge under a HookedTransformer table): `module_state(module)` gives `convert(state)`, the table's state-dict
+    entries as the module's attribute paths and layouts (the evaluators swap weights in through it), and
+    `checkpoint_state(state, origin)` turns a checkpoint's state dict into the table's keys (sources load
+    through it).
     """
 
     family: str

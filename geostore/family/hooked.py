@@ -7,21 +7,24 @@ block's parts, final norm, unembedding) so the trainable vector is the same for 
 
 Two families build on this: any HookedTransformer language model (`hooked_transformer`, in
 `geostore.family.transformer`) and modular addition (`geostore.family.modular_addition`).
-TransformerLens is imported only to build a model (`import transformer_lens` takes seconds).
+Stores and tables use this layout whichever TransformerLens is installed; `geostore.family.tl_compat` builds
+the installed version's model (a HookedTransformer on 3.x, a TransformerBridge on 4.x) and converts between
+the layouts. TransformerLens is imported only to build a model (`import transformer_lens` takes seconds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from geostore.errors import SourceError
+from geostore.family import tl_compat
 from geostore.family.base import LAYER_DIM, Parameter, ParameterTable
+from geostore.family.tl_compat import is_buffer
 
 if TYPE_CHECKING:
     import torch
@@ -54,17 +57,10 @@ _BLOCK_PREFIX = {"attn": "", "mlp": "", "ln1": "ln1.", "ln2": "ln2."}
 _TOP_KEYS = {"embed.W_E": "W_E", "pos_embed.W_pos": "W_pos", "ln_final.w": "ln_final.w", "ln_final.b": "ln_final.b",
              "unembed.W_U": "W_U", "unembed.b_U": "b_U"}
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(attn|mlp|ln1|ln2)\.(\w+)")
-# Buffers TransformerLens keeps in state dicts: never parameters.
-BUFFER_SUFFIXES = ("attn.mask", "attn.IGNORE", "rotary_sin", "rotary_cos")
 
 GROUP_OF = {"W_E": "embedding", "W_pos": "embedding", "W_U": "embedding", "b_U": "embedding",
             "ln1.w": "norm", "ln1.b": "norm", "ln2.w": "norm", "ln2.b": "norm", "ln_final.w": "norm",
             "ln_final.b": "norm", "W_in": "mlp", "b_in": "mlp", "W_gate": "mlp", "W_out": "mlp", "b_out": "mlp"}
-
-
-def is_buffer(key: str) -> bool:
-    """Whether a HookedTransformer state-dict key is a buffer (attention mask, IGNORE, rotary tables)."""
-    return key.endswith(BUFFER_SUFFIXES)
 
 
 def short_key(key: str) -> tuple[str, int | None] | None:
@@ -148,29 +144,39 @@ def _block_key(name: str, layer: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- configs
-# HookedTransformerConfig fields that are not the architecture: never stored, never compared.
-_NOT_ARCHITECTURE = {"device", "n_devices", "seed", "dtype", "checkpoint_index", "checkpoint_label_type",
-                     "checkpoint_value", "from_checkpoint", "tokenizer_name", "model_name", "n_params",
-                     "initializer_range", "init_mode", "init_weights", "load_in_4bit", "quantization_method",
-                     "trust_remote_code", "default_prepend_bos", "tokenizer_prepends_bos", "original_architecture"}
+# The architecture fields of HookedTransformerConfig (TransformerLens 3.9) with their defaults (MISSING where
+# required): the vocabulary of a stored model config. Fixed here, not read from the installed TransformerLens,
+# so a store's config is the same whichever version wrote it (4.x has no HookedTransformerConfig).
+MISSING = dataclasses.MISSING
+ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "d_model": MISSING, "d_head": MISSING, "n_layers": MISSING, "n_ctx": MISSING, "n_heads": -1, "d_mlp": None,
+    "d_vocab": -1, "use_attn_result": False, "use_split_qkv_input": False, "positional_embedding_type": "standard",
+    "n_key_value_heads": None, "attn_only": False, "gated_mlp": False, "uses_rms_norm": False, "eps": 1e-05,
+    "layer_norm_folding": False, "act_fn": "relu", "normalization_type": "LN", "num_experts": None,
+    "experts_per_token": None, "final_rms": False, "use_attn_scale": True, "attn_scale": -1.0,
+    "use_hook_mlp_in": False, "use_attn_in": False, "use_qk_norm": False, "clip_qkv": None, "use_logn_attn": False,
+    "train_seq_length": None, "use_dynamic_ntk_rope": False, "use_local_attn": False,
+    "ungroup_grouped_query_attention": False, "window_size": None, "attn_types": None, "attention_dir": "causal",
+    "scale_attn_by_inverse_layer_idx": False, "d_vocab_out": -1, "parallel_attn_mlp": False, "rotary_dim": None,
+    "use_hook_tokens": False, "post_embedding_ln": False, "rotary_base": 10000, "rotary_base_local": None,
+    "rotary_scaling_factor": 1.0, "rotary_adjacent_pairs": False, "relative_attention_max_distance": None,
+    "relative_attention_num_buckets": None, "decoder_start_token_id": None, "tie_word_embeddings": False,
+    "use_normalization_before_and_after": False, "attn_scores_soft_cap": -1.0, "output_logits_soft_cap": -1.0,
+    "use_NTK_by_parts_rope": False, "NTK_by_parts_low_freq_factor": 1.0, "NTK_by_parts_high_freq_factor": 4.0,
+    "NTK_by_parts_factor": 8.0, "NTK_original_ctx_len": 8192, "use_yarn_rope": False, "yarn_factor": 1.0,
+    "yarn_attention_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0,
+    "yarn_original_max_position_embeddings": 4096, "yarn_truncate": True, "yarn_global_attn_only": False,
+    "use_attention_sinks": False, "norm_topk_prob": False,
+}
 REQUIRED = ("n_layers", "d_model", "n_ctx", "d_head", "d_vocab", "act_fn")
-
-
-def config_fields() -> dict[str, Any]:
-    """The architecture fields HookedTransformerConfig accepts, with their defaults (MISSING for required)."""
-    from transformer_lens import HookedTransformerConfig
-
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING)
-            for f in dataclasses.fields(HookedTransformerConfig) if f.init and f.name not in _NOT_ARCHITECTURE}
 
 
 def architecture(config: Mapping[str, Any], origin: str) -> dict[str, Any]:
     """The architecture fields of a HookedTransformerConfig-like dict, JSON values, the model's defaults dropped
     only where absent; SourceError naming `origin` when a required field is missing or not JSON."""
-    fields = config_fields()
     out = {}
     for key, value in config.items():
-        if key not in fields:
+        if key not in ARCHITECTURE_DEFAULTS:
             continue
         if not isinstance(value, str | int | float | bool | type(None) | list | dict):
             raise SourceError(f"{origin}: model config {key}={value!r} is not a plain value")
@@ -185,37 +191,45 @@ def architecture(config: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return out
 
 
-def build_module(config: Mapping[str, Any], *, seed: int | None = None, dtype: torch.dtype | None = None
-                 ) -> torch.nn.Module:
-    """A freshly initialised HookedTransformer of an architecture dict (eval mode, CPU, `dtype` or float32)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TransformerLens 3.x warns that HookedTransformer is deprecated
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        try:
-            extra = {} if dtype is None else {"dtype": dtype}
-            cfg = HookedTransformerConfig(**dict(config), seed=seed, device="cpu", **extra)
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise SourceError(f"not a valid HookedTransformer config: {exc}") from None
-        model = HookedTransformer(cfg)
-    model.eval()
-    return model
+def build_module(config: Mapping[str, Any], *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model of an architecture dict from the installed TransformerLens (`tl_compat.build`), weights not loaded."""
+    return tl_compat.build(config, ARCHITECTURE_DEFAULTS, dtype=dtype)
 
 
 def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Parameter key -> shape of a module (buffers left out)."""
-    return {key: tuple(value.shape) for key, value in module.named_parameters()}
+    """HookedTransformer-layout key -> shape of a model's parameters (buffers left out), of either era."""
+    return {key: tuple(value.shape) for key, value in tl_compat.hooked_state(module).items()}
 
 
 def load_stored(module: torch.nn.Module, table: ParameterTable, params: Mapping[str, np.ndarray]) -> None:
-    """Copy stored parameters into `module` in place (buffers kept); ValueError when they do not fit."""
+    """Copy stored parameters into a model of either era in place (buffers kept); ValueError when they do not fit."""
     import torch
 
-    state = {key: torch.as_tensor(np.asarray(value)) for key, value in table.state_dict(params).items()}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not is_buffer(k)]
-    if missing or unexpected:
-        raise ValueError(f"parameters do not fit the model: missing {missing}, unexpected {unexpected}")
+    tl_compat.load(module, {key: torch.as_tensor(np.asarray(value)) for key, value in table.state_dict(params).items()})
+
+
+def initial_params(table: ParameterTable, config: Mapping[str, Any], seed: int | None) -> dict[str, np.ndarray]:
+    """geostore's initialisation of a table's parameters (float32, stored layout), drawn from a generator seeded
+    with `seed` (fresh entropy for None) in table order: as HookedTransformer's default ("gpt2"), weight matrices
+    `W_*` normal with standard deviation 0.8 / sqrt(d_model), norm weights one, biases zero. geostore draws them
+    itself so a seed gives the same model on every TransformerLens version (their own seeded draws differ)."""
+    import torch
+
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    std = 0.8 / np.sqrt(int(config["d_model"]))
+    out = {}
+    for parameter in table.parameters:
+        if parameter.name.startswith("W_"):
+            value = torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * np.float32(std)
+            out[parameter.name] = value.numpy()
+        else:
+            fill = 1.0 if parameter.name.endswith(".w") else 0.0
+            out[parameter.name] = np.full(parameter.shape, fill, dtype=np.float32)
+    return out
 
 
 def infer_architecture(shapes: Mapping[str, tuple[int, ...]], origin: str) -> dict[str, Any]:

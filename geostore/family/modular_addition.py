@@ -145,13 +145,16 @@ class ModularAdditionFamily:
     name = NAME
 
     def recognise(self, run: RunInfo) -> bool:
-        from geostore.family.transformer import looks_hooked
+        from geostore.family.transformer import hooked_shapes, looks_hooked
 
         if not looks_hooked(run):
             return False
         if _prime_in(run) is not None:
             return True
-        shapes = run.shapes()
+        try:
+            shapes = hooked_shapes(run)
+        except SourceError:
+            return False  # the generic family names what is missing
         d_vocab = shapes["embed.W_E"][0]
         n_ctx = shapes.get("pos_embed.W_pos", (None,))[0]
         d_vocab_out = shapes.get("unembed.W_U", (None, None))[-1]
@@ -181,10 +184,12 @@ class ModularAdditionFamily:
                         trainable=trainable)
 
     def task(self, run: RunInfo) -> dict[str, object]:
+        from geostore.family.transformer import hooked_shapes
+
         architecture = run.config or {}
         p = _prime_in(run)
         if p is None:
-            p = int(architecture.get("d_vocab") or run.shapes()["embed.W_E"][0]) - 1
+            p = int(architecture.get("d_vocab") or hooked_shapes(run)["embed.W_E"][0]) - 1
         return {"family": self.name, "p": p, **task_fields(run)}
 
     def split(self, model, train_indices: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:

@@ -206,8 +206,8 @@ def supports(model: object) -> bool:
         check_config(config)
     except (GeostoreError, KeyError, ValueError):
         return False
-    defaults = hooked.config_fields()
-    return all(value == defaults.get(key) for key, value in config.items() if key not in _READ_FIELDS)
+    return all(value == hooked.ARCHITECTURE_DEFAULTS.get(key) for key, value in config.items()
+               if key not in _READ_FIELDS)
 
 
 def batched(model: object, frozen: Mapping[str, torch.Tensor], *, for_derivatives: bool = False):

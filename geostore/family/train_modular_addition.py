@@ -6,6 +6,12 @@ and checkpoints dense early in the run. Epoch `e` is the state after `e` optimis
 (epoch 0 is the initialisation). After every checkpoint `run.json` is rewritten atomically, so a
 run killed mid-way still leaves a readable run directory.
 
+The initial weights are geostore's seeded draw (`hooked.initial_params`), so a spec starts from the same
+weights on every TransformerLens version; checkpoints are written in the HookedTransformer layout on every
+version. The training itself runs on the installed version's model: TransformerBridge (4.x) and
+HookedTransformer (3.x) compute the same function but round differently, so runs agree to ~1e-3 after 50
+steps and may grok an epoch or so apart.
+
 Importing this module imports torch and TransformerLens (~5 s): keep it off start-up paths.
 """
 
@@ -23,8 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from geostore.errors import GeostoreError
-from geostore.family import modular_addition
-from geostore.family.hooked import is_buffer
+from geostore.family import modular_addition, tl_compat
 
 RUN_FORMAT = "geostore-run"
 RUN_VERSION = 1
@@ -46,13 +51,15 @@ class TrainSpec:
 
     Defaults: p=53, d_model=64, 4 heads, d_mlp=256, 40% of the grid for training, AdamW lr 3e-3,
     weight decay 1.0, betas (0.9, 0.98), 6,000 full-batch epochs, "auto" schedule (166 checkpoints).
-    Measured on 2 CPU cores (~21 ms per step, other work sharing the machine), as
-    (model_seed, data_seed): epoch train accuracy hit 100% / epoch test accuracy first > 95%:
+    Measured on 2 CPU cores, as (model_seed, data_seed): epoch train accuracy hit 100% / epoch test accuracy
+    first > 95%:
 
-    - (0, 0), the default: 96 / 2,160; 129 s in train(), 137 s for the whole process;
-    - (4, 4): 90 / 2,100; 128 s.   (5, 6): 84 / 450; 129 s (an early grokker);
-    - 5,000-epoch runs of the same setting: (1, 1) 90 / 4,000; (2, 2) 95 / 3,400; (3, 0) 95 / 1,950;
-      (0, 3) 95 / 4,250 (the slowest seen, hence 6,000 epochs).
+    - (0, 0), the default, from geostore's own initialisation: 90 / 810 on TransformerLens 4.3
+      (TransformerBridge), 90 / 780 on 3.9 (HookedTransformer): the same initial weights, rounded differently;
+    - with TransformerLens 3.9's own HookedTransformer initialisation (before geostore drew the weights itself):
+      (0, 0) 96 / 2,160 in 129 s (~21 ms per step); (4, 4) 90 / 2,100; (5, 6) 84 / 450 (an early grokker);
+      5,000-epoch runs: (1, 1) 90 / 4,000; (2, 2) 95 / 3,400; (3, 0) 95 / 1,950; (0, 3) 95 / 4,250 (the slowest
+      seen, hence 6,000 epochs).
 
     Test accuracy sits at 10-40% for ~2,000 epochs after memorisation before it jumps. Late in
     the run the float32 loss "slingshots" (train loss ~1e-7, then a spike and a fast recovery);
@@ -163,9 +170,9 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _parameters_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with parameters only (buffers dropped), float32 and contiguous copies."""
+    """The model's parameters as a HookedTransformer state dict (buffers dropped), float32 and contiguous copies."""
     return {key: value.detach().to(torch.float32).contiguous().clone()
-            for key, value in model.state_dict().items() if not is_buffer(key)}
+            for key, value in tl_compat.hooked_state(model).items()}
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -215,15 +222,9 @@ def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int
     train_tokens, train_labels = tokens[is_train], labels[is_train]
     test_labels = labels[~is_train]
 
-    model = modular_addition.MODULAR_ADDITION.model(config).build(seed=spec.model_seed)
+    model = modular_addition.MODULAR_ADDITION.model(config).build(seed=spec.model_seed)  # biases zero and frozen
     model.train()
-    trainable = []
-    for param in model.parameters():
-        if param.requires_grad:
-            trainable.append(param)
-        else:  # biases: frozen at zero, as in the reference implementation
-            with torch.no_grad():
-                param.zero_()
+    trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay, betas=tuple(spec.betas))
 
     run: dict[str, Any] = {

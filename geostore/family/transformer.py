@@ -1,6 +1,10 @@
 """Any TransformerLens HookedTransformer language model (`hooked_transformer`), and the model object that every
 HookedTransformer family shares.
 
+Runs are read in either TransformerLens layout (HookedTransformer's `embed.W_E`, or TransformerBridge's
+`embed.weight`, converted on load) and stored in the HookedTransformer one; the model built is the installed
+version's (`geostore.family.tl_compat`).
+
 The landscape loss of a language model is the mean next-token cross-entropy over a probe of token ids
 `(batch, seq)` that the user gives (`--probe FILE`), equal to TransformerLens'
 `model(tokens, return_type="loss")`; the store keeps the probe, so later analyses need nothing else.
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geostore.errors import SourceError
-from geostore.family import hooked
+from geostore.family import hooked, tl_compat
 from geostore.family.base import Forward, ParameterTable, Probe, RunInfo
 
 if TYPE_CHECKING:
@@ -52,15 +56,33 @@ class HookedModel:
 
     def build(self, params: Mapping[str, np.ndarray] | None = None, *, seed: int | None = None,
               dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """The HookedTransformer holding `params` (stored names), or freshly initialised (seeded when `seed`),
-        computing in `dtype` (default float32)."""
-        module = hooked.build_module(self.config, seed=seed, dtype=dtype)
-        if params is not None:
-            hooked.load_stored(module, self.table, params)
-        frozen = {key for p in self.table.parameters if not p.trainable for key in p.keys}
-        for key, parameter in module.named_parameters():
-            parameter.requires_grad_(key not in frozen)
+        """The installed TransformerLens' model (HookedTransformer on 3.x, TransformerBridge on 4.x) holding
+        `params` (stored names), or geostore's initialisation (`hooked.initial_params`, seeded when `seed`: the
+        same weights on every version), computing in `dtype` (default float32); frozen parameters do not
+        require grad."""
+        if params is None:
+            params = hooked.initial_params(self.table, self.config, seed)
+        module = hooked.build_module(self.config, dtype=dtype)
+        hooked.load_stored(module, self.table, params)
+        tl_compat.set_trainable(module, {key for p in self.table.parameters if not p.trainable for key in p.keys})
         return module
+
+    def module_state(self, module: torch.nn.Module) -> Callable[[Mapping[str, torch.Tensor]], dict]:
+        """How the table's state-dict entries reach a built module: renamed and reshaped to its own attribute
+        paths and layouts (TransformerLens 4's bridge), for `torch.func.functional_call` and in-place copies."""
+        return tl_compat.to_module(module)
+
+    def stored(self, module: torch.nn.Module) -> dict[str, np.ndarray]:
+        """A built module's parameters as stored arrays (float32 copies, this table's names and layout)."""
+        state = {key: value.detach().cpu().numpy().copy() for key, value in tl_compat.hooked_state(module).items()}
+        return self.table.stored(state, "model")
+
+    def checkpoint_state(self, state: Mapping[str, np.ndarray], origin: str) -> dict[str, np.ndarray]:
+        """A checkpoint's parameters in the table's layout: a TransformerBridge state dict converted, a
+        HookedTransformer one without its buffers (attention masks: no version's model needs them loaded)."""
+        if tl_compat.is_bridge_layout(state):
+            return tl_compat.to_hooked(state, int(self.config["n_heads"]), origin)
+        return {key: value for key, value in state.items() if not hooked.is_buffer(key)}
 
     def probe(self, stored: np.ndarray | None = None) -> Probe | None:
         """Final-position models: the grid of `modular_addition.probe`; language models: the stored token ids."""
@@ -127,9 +149,26 @@ def model_of(family: str, config: Mapping[str, Any], *, loss: str,
     return HookedModel(family=family, config=dict(config), table=table, loss=loss)
 
 
+def hooked_shapes(run: RunInfo) -> dict[str, tuple[int, ...]]:
+    """A run's first checkpoint's key -> shape in the HookedTransformer layout (a bridge-layout run converted: its
+    config.json must give `n_heads` or `d_head`, which its flat attention matrices do not tell), buffers left out."""
+    shapes = run.shapes()
+    if not tl_compat.is_bridge_layout(shapes):
+        return {k: tuple(v) for k, v in shapes.items() if not hooked.is_buffer(k)}
+    config = run.config or {}
+    if config.get("n_heads") is not None:
+        n_heads = int(config["n_heads"])
+    elif config.get("d_head") is not None and "blocks.0.attn.q.weight" in shapes:
+        n_heads = shapes["blocks.0.attn.q.weight"][0] // int(config["d_head"])
+    else:
+        raise SourceError(f"{run.origin}: a TransformerBridge-layout checkpoint needs n_heads (or d_head) in its "
+                          "config.json: its flat attention matrices do not tell the heads apart")
+    return tl_compat.to_hooked_shapes(shapes, n_heads, run.origin)
+
+
 def run_architecture(run: RunInfo) -> dict[str, Any]:
     """A run's architecture: its config.json's HookedTransformerConfig fields over what its shapes tell."""
-    inferred = hooked.infer_architecture(run.shapes(), run.origin)
+    inferred = hooked.infer_architecture(hooked_shapes(run), run.origin)
     given = {} if run.config is None else {k: v for k, v in run.config.items() if v is not None
                                            or k == "normalization_type"}
     return hooked.architecture({**inferred, **given}, run.origin)
@@ -137,7 +176,7 @@ def run_architecture(run: RunInfo) -> dict[str, Any]:
 
 def check_fits(model: HookedModel, run: RunInfo) -> None:
     """SourceError when the run's first checkpoint does not hold exactly this model's parameters."""
-    shapes = {k: tuple(v) for k, v in run.shapes().items() if not hooked.is_buffer(k)}
+    shapes = hooked_shapes(run)
     expected = {key: p.key_shape for p in model.table.parameters for key in p.keys}
     for key, shape in expected.items():
         if key not in shapes:
@@ -150,9 +189,11 @@ def check_fits(model: HookedModel, run: RunInfo) -> None:
 
 
 def looks_hooked(run: RunInfo) -> bool:
-    """Whether a run looks like a HookedTransformer: `embed.W_E` in its state dict."""
+    """Whether a run looks like a TransformerLens model: `embed.W_E` (HookedTransformer) or `embed.weight` with
+    TransformerBridge attention (`blocks.0.attn.q.weight`) in its state dict."""
     try:
-        return "embed.W_E" in run.shapes()
+        shapes = run.shapes()
+        return "embed.W_E" in shapes or (tl_compat.is_bridge_layout(shapes) and "blocks.0.attn.q.weight" in shapes)
     except SourceError:
         return False
 

@@ -31,7 +31,7 @@ from geostore.family.base import RunInfo
 from geostore.sources.base import Checkpoint, RunSource
 from geostore.sources.common import as_epoch, finite_float, identify, ordered
 from geostore.sources.safe_load import PICKLE_SUFFIXES, load_pickle
-from geostore.sources.state_dict import arrays, shapes_of
+from geostore.sources.state_dict import arrays, in_model_layout, shapes_of
 
 KIND = "arena-bundle"
 BUNDLE_NAME = "full_run_data.pth"
@@ -129,7 +129,8 @@ def open_arena_bundle(path: str | Path, family: str | None = None) -> RunSource:
     lists = {name: _as_list(bundle.get(key)) for key, name in LOSSES.items()}
     for i, (epoch, sd) in enumerate(zip(epochs, state_dicts, strict=True)):
         origin = f"{file}#state_dicts[{i}]"
-        checkpoints.append(Checkpoint(epoch=epoch, origin=origin, load=partial(convert, sd, origin)))
+        load = in_model_layout(partial(convert, sd, origin), model, origin)
+        checkpoints.append(Checkpoint(epoch=epoch, origin=origin, load=load))
         for name, values in lists.items():
             value = _metric(values, epochs, i) if values else None
             if value is not None:

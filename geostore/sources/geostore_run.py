@@ -66,7 +66,7 @@ def open_geostore_run(path: str | Path, family: str | None = None) -> RunSource:
     entries = data.get("checkpoints")
     if not isinstance(entries, list):
         raise SourceError(f"{run_file}: no checkpoints list")
-    checkpoints = []
+    files: list[tuple[int, Path]] = []
     metrics: dict[str, dict[int, float]] = {}
     for i, entry in enumerate(entries):
         where = f"{run_file}: checkpoints[{i}]"
@@ -74,17 +74,18 @@ def open_geostore_run(path: str | Path, family: str | None = None) -> RunSource:
             raise SourceError(f"{where}: expected an object with 'epoch' and 'file'")
         epoch = as_epoch(entry.get("epoch"), where)
         file = path / entry["file"]
-        checkpoints.append(Checkpoint(epoch=epoch, origin=str(file), load=loader(file)))
+        files.append((epoch, file))
         for name in METRICS:
             value = finite_float(entry.get(name))
             if value is not None:
                 metrics.setdefault(name, {})[epoch] = value
-    if not checkpoints:
+    if not files:
         raise SourceError(f"{path}: no checkpoints found (run.json lists none)")
-    first = min(checkpoints, key=lambda c: c.epoch).origin
+    first = min(files)[1]
     info = RunInfo(path=path, config={**raw_task, **model_config}, shapes=lambda: state_dict_shapes(first),
                    origin=str(run_file))
     found, model, task = identify(info, family if family is not None else data.get("family"))
+    checkpoints = [Checkpoint(epoch=epoch, origin=str(file), load=loader(file, model)) for epoch, file in files]
     task.update({k: v for k, v in raw_task.items() if k != "train_indices"})
     if isinstance(data.get("training"), dict):
         task["training"] = data["training"]

@@ -88,7 +88,7 @@ def open_miscope_variant(path: str | Path, family: str | None = None) -> RunSour
         if metadata.get("num_epochs") is not None:
             task["num_epochs"] = metadata["num_epochs"]
 
-    checkpoints = [Checkpoint(epoch=e, origin=str(f), load=loader(f)) for e, f in files.items()]
+    checkpoints = [Checkpoint(epoch=e, origin=str(f), load=loader(f, model)) for e, f in files.items()]
     return RunSource(
         kind=KIND, path=path, family=found, model=model, task=task,
         checkpoints=ordered(checkpoints, path), metrics=metrics, train_indices=train_indices,

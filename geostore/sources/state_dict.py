@@ -79,6 +79,15 @@ def state_dict_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes_of(read_state_dict(path))
 
 
-def loader(path: str | Path) -> Callable[[], dict[str, np.ndarray]]:
-    """A lazy `Checkpoint.load` for a state-dict file."""
-    return partial(read_state_dict, Path(path))
+def in_model_layout(load: Callable[[], Mapping[str, np.ndarray]], model: object, origin: str
+                    ) -> Callable[[], Mapping[str, np.ndarray]]:
+    """`load`, its state dict in the layout of `model`'s table where the family converts others
+    (`Model.checkpoint_state`: a TransformerBridge checkpoint, or HookedTransformer buffers, for the
+    TransformerLens families)."""
+    convert = getattr(model, "checkpoint_state", None)
+    return load if convert is None else lambda: convert(load(), origin)
+
+
+def loader(path: str | Path, model: object = None) -> Callable[[], Mapping[str, np.ndarray]]:
+    """A lazy `Checkpoint.load` for a state-dict file, in `model`'s layout (`in_model_layout`)."""
+    return in_model_layout(partial(read_state_dict, Path(path)), model, str(path))

@@ -54,6 +54,6 @@ def open_state_dict_dir(path: str | Path, family: str | None = None) -> RunSourc
     info = RunInfo(path=path, config=config, shapes=lambda: state_dict_shapes(first),
                    origin=str(config_file or first))
     found, model, task = identify(info, family)
-    checkpoints = [Checkpoint(epoch=e, origin=str(f), load=loader(f)) for e, f in by_epoch]
+    checkpoints = [Checkpoint(epoch=e, origin=str(f), load=loader(f, model)) for e, f in by_epoch]
     return RunSource(kind=KIND, path=path, family=found, model=model, task=task,
                      checkpoints=ordered(checkpoints, path))
