@@ -230,10 +230,11 @@ def test_fast_losses_equal_the_plain_forward_in_float64(models, which, act_fn):
 @pytest.mark.parametrize("which", ["random", "partial"])
 def test_fast_float32_deltas_match_the_plain_forward(models, which):
     """Per direction, against the float64 forward of the same float32-perturbed weights (the truth): the fast
-    path within 1e-4 relative, with a floor of 1e-8 of the loss (its float32 matmul rounding averages out over
-    the grid: ~1e-9 measured); the float32 reference within 1e-4 relative plus 4 ulp of the loss, since it
-    returns float32 losses (each rounded to 1/2 ulp) reduced in float32 over the grid. Fast and reference then
-    agree within 1e-4 relative plus those 4 ulp."""
+    path within 1e-4 relative, with a floor of one float32 ulp of the loss (its rounding mostly averages out over
+    the grid: ~1e-9 of the loss on the earlier HookedTransformer-initialised weights, 8.6e-8 at one direction of
+    the "partial" model trained from geostore's initialisation on TransformerLens 3.9); the float32 reference
+    within 1e-4 relative plus 4 ulp of the loss, since it returns float32 losses (each rounded to 1/2 ulp) reduced
+    in float32 over the grid. Fast and reference then agree within 1e-4 relative plus those 4 ulp."""
     model = models[which]
     params = named_parameters(model)
     truth = plain_losses64(params, CONFIG, n_directions=8, epsilon=0.1, seed=0)
@@ -242,7 +243,7 @@ def test_fast_float32_deltas_match_the_plain_forward(models, which):
     reference = seed_reference(model, MODEL, n_directions=8, seed=0)
     ulp = float(np.spacing(np.float32(truth[0])))
     assert deltas.dtype == np.float64 and baseline == pytest.approx(truth[0], rel=1e-6)
-    np.testing.assert_allclose(deltas, truth_deltas, rtol=1e-4, atol=1e-8 * truth[0])
+    np.testing.assert_allclose(deltas, truth_deltas, rtol=1e-4, atol=ulp)
     np.testing.assert_allclose(reference["delta_losses"], truth_deltas, rtol=1e-4, atol=4 * ulp)
     np.testing.assert_allclose(deltas, reference["delta_losses"], rtol=1e-4, atol=4 * ulp)
 

@@ -207,20 +207,20 @@ def test_refuses_other_models_and_non_stores_without_writing(tmp_path, tiny_mode
 def test_model_at_rebuilds_the_exact_model(tmp_path, tiny_model):
     import torch
 
-    from geostore.family import hooked
+    from geostore.family import tl_compat
 
     model = tiny_model.build(seed=3)
-    params = tiny_model.table.stored({k: v.numpy() for k, v in model.state_dict().items()}, "model",
-                                     ignore=hooked.is_buffer)
+    params = tiny_model.stored(model)
     path = tmp_path / "s.zarr"
     open_writer(path, tiny_model).append([7], {k: v[None] for k, v in params.items()})
     store = geostore.open_store(path)
     rebuilt = store.model_at(7)
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
-    state = store.state_dict_at(7)  # parameters only, layers unstacked, under the model's own keys
-    assert state.keys() == {k for k, _ in model.named_parameters()}
+    state = store.state_dict_at(7)  # parameters only, layers unstacked, under the table's (HookedTransformer) keys
+    expected = tl_compat.hooked_state(model)  # a TransformerBridge's converted on TransformerLens 4
+    assert state.keys() == expected.keys()
     for key, value in state.items():
-        assert torch.equal(torch.as_tensor(value), model.state_dict()[key]), key
+        assert torch.equal(torch.as_tensor(value), expected[key]), key
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
     tokens = torch.tensor([[1, 2, 7], [3, 4, 7]])
