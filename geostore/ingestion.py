@@ -16,7 +16,7 @@ import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,7 +170,7 @@ def _write_new_epochs(run: RunSource, writer: StoreWriter, progress: bool) -> In
 
     with progress_bar(len(new), "ingest", progress) as bar:
         notes: dict[str, list[int]] = {}
-        buffers = buffer_keys(run.model) if new else frozenset()
+        buffers = buffer_test(run.model) if new else _never
         early_batch = _load(early, run, writer, bar, notes, buffers)  # read and checked before anything is written
         n = stored.size
         chunk = writer.chunk_epochs
@@ -203,12 +203,12 @@ def _report(run: RunSource, notes: Mapping[str, list[int]]) -> None:
                       stacklevel=3)
     if notes.get("nonfinite"):
         warnings.warn(GeostoreWarning(f"{run.path}: {_epochs_text(sorted(notes['nonfinite']))} hold NaN or infinite "
-                                      "weights: stored as they are; flatness and curvature skip them"), stacklevel=3)
+                                      "weights: stored as they are; their landscape values are NaN"), stacklevel=3)
 
 
 def _load(
     checkpoints: list[Checkpoint], run: RunSource, writer: StoreWriter, bar: tqdm, notes: dict[str, list[int]],
-    buffers: frozenset[str],
+    buffers: Callable[[str], bool],
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Load checkpoints into stacked `(k, *shape)` arrays (the store's layout) plus the source's metrics."""
     epochs = np.array([c.epoch for c in checkpoints], dtype=np.int64)
@@ -217,9 +217,9 @@ def _load(
     for checkpoint in checkpoints:
         state = checkpoint.load()
         if any(np.asarray(value).dtype.itemsize > 4 and np.issubdtype(np.asarray(value).dtype, np.floating)
-               for key, value in state.items() if key not in buffers):
+               for key, value in state.items() if not buffers(key)):
             rounded.append(checkpoint.epoch)
-        loaded = writer.table.stored(state, checkpoint.origin, ignore=buffers.__contains__)
+        loaded = writer.table.stored(state, checkpoint.origin, ignore=buffers)
         for name in writer.table.names:
             params[name].append(loaded[name])
         if not all(np.isfinite(loaded[name]).all() for name in writer.table.names):
@@ -234,6 +234,15 @@ def _load(
     return epochs, stacked, metrics
 
 
-def buffer_keys(model: Model) -> frozenset[str]:
-    """State-dict keys of the model's buffers (attention masks, ...): in checkpoints, never stored."""
-    return frozenset(key for key, _ in model.build().named_buffers())
+def buffer_test(model: Model) -> Callable[[str], bool]:
+    """Whether a state-dict key names one of the model's buffers (attention masks, ...: in checkpoints, never
+    stored): the model's own `is_buffer` where it has one (no model built, no TransformerLens import), else
+    the keys of a built model's buffers."""
+    own = getattr(model, "is_buffer", None)
+    if own is not None:
+        return own
+    return frozenset(key for key, _ in model.build().named_buffers()).__contains__
+
+
+def _never(key: str) -> bool:
+    return False

@@ -268,3 +268,16 @@ def test_every_landscape_analysis_runs_through_the_generic_evaluator(tmp_path):
     from viewer.app import main as geoview
 
     assert geoview([str(tmp_path / "s.zarr"), "--screenshot", str(tmp_path / "shot.png"), "--group", "layer1"]) == 0
+
+
+@pytest.mark.parametrize("extra", [*ARCHITECTURES.values(), dict(n_layers=1, normalization_type="RMS"),
+                                   dict(n_layers=1, normalization_type=None, d_mlp=None)])
+def test_plain_shapes_equal_the_installed_transformerlens_models(extra):
+    """The table of a plain architecture comes from its config alone (no TransformerLens import on the CLI's
+    path); it must be exactly the shapes of the model the installed TransformerLens builds."""
+    from geostore.family import hooked
+    from geostore.family.modular_addition import model_config
+
+    config = hooked.architecture({**model_config(7, d_model=16, n_heads=2), **extra}, "test")
+    assert hooked.plain_shapes(config) == hooked.module_shapes(hooked.build_module(config))
+    assert hooked.plain_shapes({**config, "positional_embedding_type": "rotary"}) is None

@@ -191,6 +191,45 @@ def architecture(config: Mapping[str, Any], origin: str) -> dict[str, Any]:
     return out
 
 
+# Fields `plain_shapes` understands; a config with any other field away from its default (rotary, gated MLPs,
+# grouped-query attention, ...) has its shapes read off a built model instead.
+PLAIN_FIELDS = frozenset({"d_model", "d_head", "n_layers", "n_ctx", "n_heads", "d_mlp", "d_vocab", "d_vocab_out",
+                          "act_fn", "normalization_type", "attn_only", "eps"})
+NORM_PARAMETERS = {"LN": ("w", "b"), "RMS": ("w",), "LNPre": (), "RMSPre": (), None: ()}
+
+
+def plain_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """The HookedTransformer parameter shapes of a plain architecture dict (learned positions, LN/RMS/none, ReLU
+    or GELU MLPs, attention-only or not) without importing TransformerLens (seconds), or None for other
+    architectures. Equal to `module_shapes(build_module(config))` where it answers (tests/test_families.py)."""
+    if any(key not in PLAIN_FIELDS and value != ARCHITECTURE_DEFAULTS.get(key, value) for key, value in config.items()):
+        return None
+    norm = config.get("normalization_type", "LN")
+    if norm not in NORM_PARAMETERS:
+        return None
+    d, d_head, n_ctx = int(config["d_model"]), int(config["d_head"]), int(config["n_ctx"])
+    heads = int(config.get("n_heads", -1))
+    heads = d // d_head if heads == -1 else heads
+    vocab = int(config["d_vocab"])
+    vocab_out = vocab if config.get("d_vocab_out") in (-1, None) else int(config["d_vocab_out"])
+    d_mlp = int(config.get("d_mlp") or 4 * d)
+    norms = NORM_PARAMETERS[norm]
+    shapes = {"embed.W_E": (vocab, d), "pos_embed.W_pos": (n_ctx, d)}
+    for layer in range(int(config["n_layers"])):
+        block = f"blocks.{layer}"
+        shapes.update({f"{block}.ln1.{p}": (d,) for p in norms})
+        shapes.update({f"{block}.attn.W_{x}": (heads, d, d_head) for x in "QKV"})
+        shapes.update({f"{block}.attn.b_{x}": (heads, d_head) for x in "QKV"})
+        shapes.update({f"{block}.attn.W_O": (heads, d_head, d), f"{block}.attn.b_O": (d,)})
+        if not config.get("attn_only", False):
+            shapes.update({f"{block}.ln2.{p}": (d,) for p in norms})
+            shapes.update({f"{block}.mlp.W_in": (d, d_mlp), f"{block}.mlp.b_in": (d_mlp,),
+                           f"{block}.mlp.W_out": (d_mlp, d), f"{block}.mlp.b_out": (d,)})
+    shapes.update({f"ln_final.{p}": (d,) for p in norms})
+    shapes.update({"unembed.W_U": (d, vocab_out), "unembed.b_U": (vocab_out,)})
+    return shapes
+
+
 def build_module(config: Mapping[str, Any], *, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A model of an architecture dict from the installed TransformerLens (`tl_compat.build`), weights not loaded."""
     return tl_compat.build(config, ARCHITECTURE_DEFAULTS, dtype=dtype)

@@ -46,6 +46,10 @@ class HookedModel:
     def needs_probe(self) -> bool:
         return self.loss == "next_token"
 
+    def is_buffer(self, key: str) -> bool:
+        """Whether a checkpoint's state-dict key is a HookedTransformer buffer (mask, IGNORE, rotary tables)."""
+        return hooked.is_buffer(key)
+
     def fast_loss(self, frozen: Mapping[str, torch.Tensor], *, for_derivatives: bool = False):
         """Modular addition's exact batched loss where it applies (`modular_addition_fast.supports`), else None."""
         from geostore.family import modular_addition_fast
@@ -135,9 +139,11 @@ def check_probe(tokens: object, config: Mapping[str, Any], origin: str) -> np.nd
 
 @functools.lru_cache(maxsize=8)
 def _table(config_json: str) -> ParameterTable:
-    """The parameter table of an architecture, read off a freshly built HookedTransformer (cached)."""
+    """The parameter table of an architecture (cached): from its config alone where `hooked.plain_shapes` knows it
+    (no TransformerLens import on the CLI's path), else read off a freshly built model."""
     config = json.loads(config_json)
-    return hooked.table_from_shapes(hooked.module_shapes(hooked.build_module(config)), "model config")
+    shapes = hooked.plain_shapes(config) or hooked.module_shapes(hooked.build_module(config))
+    return hooked.table_from_shapes(shapes, "model config")
 
 
 def model_of(family: str, config: Mapping[str, Any], *, loss: str,
