@@ -8,14 +8,13 @@ a worker thread; each caches its result, so asking twice costs nothing.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from geostore import Store, StoreError
 from geostore.analysis.flatness_stats import flatness_summary
+from viewer.epoch_axis import EpochAxis
 
 SCREE_COMPONENTS = 10
 """Principal components asked of the store: three for the projections, the rest for the scree plot."""
@@ -124,68 +123,28 @@ def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     return edges, counts
 
 
-class ViewerData:
+class ViewerData(EpochAxis):
     """What the viewer shows of one store; see the module docstring."""
 
     def __init__(self, store: Store) -> None:
         epochs = np.asarray(store.epochs, dtype=np.int64)
         if epochs.size < 2:
             raise StoreError(f"{store.path}: {epochs.size} epoch(s) stored; the viewer needs at least two")
+        super().__init__(epochs, store.phases())  # {phase: (first epoch, last epoch)} the recorded curves reach
         self.store = store
         self.name = store.name
-        self.epochs = epochs
-        self.x = epochs.astype(np.float64)  # float64 x for pyqtgraph (float32 x is slow with clip-to-view)
         self.metrics = store.metrics()
         self.unit = store.index_unit  # what the epoch axis counts: "epoch" or "step"; labels say so
         self.analyses = store.analyses()
         self.groups = tuple(store.groups)  # `all` first, then the family's groups
-        self.phases = store.phases()  # {phase: (first epoch, last epoch)} the recorded curves reach
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
-        self._lock = threading.Lock()
-        self._cache: dict[tuple, object] = {}  # ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
-
-    # --------------------------------------------------------------------------- epoch axis
-    @property
-    def n_epochs(self) -> int:
-        """Stored epochs."""
-        return int(self.epochs.size)
-
-    def nearest_index(self, epoch: float) -> int:
-        """Index of the stored epoch nearest to `epoch` (any real number)."""
-        right = int(np.searchsorted(self.x, epoch))
-        if right <= 0:
-            return 0
-        if right >= self.n_epochs:
-            return self.n_epochs - 1
-        return right if self.x[right] - epoch < epoch - self.x[right - 1] else right - 1
-
-    def phase_at(self, epoch: float) -> str | None:
-        """The training phase `epoch` lies in (the later one at a boundary), or None."""
-        found = None
-        for phase, (first, last) in self.phases.items():
-            if first <= epoch <= last:
-                found = phase
-        return found
-
-    def index_of(self, epoch: int) -> int:
-        """Index of a stored epoch; StoreError naming the nearest one if `epoch` is not stored."""
-        index = self.nearest_index(epoch)
-        if self.epochs[index] != epoch:
-            raise StoreError(f"epoch {epoch} is not stored (nearest: {self.epochs[index]})")
-        return index
+        # self._cache keys: ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
 
     # ----------------------------------------------------------------------------- analyses
     @property
     def has_flatness(self) -> bool:
         """Whether the store holds flatness."""
         return "flatness" in self.analyses
-
-    def _load(self, key: tuple, compute: Callable[[], object]) -> object:
-        """The cached value of `key`, computed once (by whichever thread asks first) with `compute`."""
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = compute()
-            return self._cache[key]
 
     def trajectory(self, group: str) -> Trajectory | None:
         """The cached PCA of `group`, or None until `load_trajectory` ran."""
