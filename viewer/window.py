@@ -62,22 +62,8 @@ class MainWindow(QMainWindow):
     def __init__(self, data: ViewerData, *, settings: QSettings | None = None, index: int = 0,
                  group: str = "all") -> None:
         super().__init__()
-        QPixmapCache.setCacheLimit(max(QPixmapCache.cacheLimit(), PIXMAP_CACHE_KB))
-        self.collector = GuiThreadCollector(self)  # before any worker thread starts
-        self.data = data
-        self.state = ViewerState(data.n_epochs, data.groups, index=index, group=group)
-        self.jobs = Jobs(self)
-        self.settings = settings
-        self.docks: dict[str, ViewerDock] = {}
+        self._build_frame(data, ViewerState(data.n_epochs, data.groups, index=index, group=group), settings)
         self.setWindowTitle(f"geoview — {data.name}")
-        self.setDockNestingEnabled(True)
-        self.setDockOptions(QMainWindow.DockOption.AnimatedDocks | QMainWindow.DockOption.AllowNestedDocks
-                            | QMainWindow.DockOption.AllowTabbedDocks)
-
-        self.epoch_control = EpochControl(data, self.state)
-        bar = QToolBar("Epoch", objectName="epoch_toolbar", movable=False, floatable=False)
-        bar.addWidget(self.epoch_control)
-        self.addToolBar(Qt.ToolBarArea.BottomToolBarArea, bar)
 
         trajectory = self.add_dock(TrajectoryDock, Qt.DockWidgetArea.LeftDockWidgetArea)
         training = self.add_dock(TrainingDock, Qt.DockWidgetArea.RightDockWidgetArea)
@@ -96,6 +82,23 @@ class MainWindow(QMainWindow):
         self.resize(1500, 940)
         if settings is not None:
             self._sized = self.restore_settings()
+
+    def _build_frame(self, data: ViewerData, state: ViewerState, settings: QSettings | None) -> None:
+        """What a geoview window holds before its docks: data, state, worker thread, settings, the epoch toolbar."""
+        QPixmapCache.setCacheLimit(max(QPixmapCache.cacheLimit(), PIXMAP_CACHE_KB))
+        self.collector = GuiThreadCollector(self)  # before any worker thread starts
+        self.data = data
+        self.state = state
+        self.jobs = Jobs(self)
+        self.settings = settings
+        self.docks: dict[str, ViewerDock] = {}
+        self.setDockNestingEnabled(True)
+        self.setDockOptions(QMainWindow.DockOption.AnimatedDocks | QMainWindow.DockOption.AllowNestedDocks
+                            | QMainWindow.DockOption.AllowTabbedDocks)
+        self.epoch_control = EpochControl(data, self.state)
+        bar = QToolBar("Epoch", objectName="epoch_toolbar", movable=False, floatable=False)
+        bar.addWidget(self.epoch_control)
+        self.addToolBar(Qt.ToolBarArea.BottomToolBarArea, bar)
 
     def add_dock(self, kind: type[ViewerDock], area: Qt.DockWidgetArea, *, below: ViewerDock | None = None,
                  tabify_with: ViewerDock | None = None) -> ViewerDock:
