@@ -1,4 +1,5 @@
-"""`geoview STORE`: the desktop viewer's entry point, on screen or headless (`--screenshot`).
+"""`geoview STORE`: the desktop viewer's entry point, on screen or headless (`--screenshot`); a sweep without
+`--run` opens in comparison mode (all its runs overlaid), `--run NAME` views one of its runs.
 
 Bad input (no such path, not a store, one epoch, an unreadable store, an epoch not stored) is one
 line on stderr, a dialog as well when on screen, and a non-zero exit code — never a traceback.
@@ -11,8 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from geostore import GeostoreError, open_store
+from geostore import GeostoreError, StoreError, open_store, open_sweep
+
+if TYPE_CHECKING:
+    from viewer.data import ViewerData
+    from viewer.sweep_data import SweepViewerData
 
 DEFAULT_SIZE = (1600, 1000)
 
@@ -54,9 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.screenshot is not None:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     try:
-        from viewer.data import ViewerData
-
-        data = ViewerData(open_store(args.store, args.run))
+        data = load_data(args.store, args.run)
         index = 0 if args.epoch is None else data.index_of(args.epoch)
         if args.group not in data.groups:
             raise GeostoreError(f"--group {args.group}: not a group of {args.store} ({', '.join(data.groups)})")
@@ -67,11 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     app = application()
     from viewer import palette
+    from viewer.compare_window import CompareWindow
+    from viewer.sweep_data import SweepViewerData
     from viewer.window import MainWindow, open_settings
 
     palette.apply_theme()
     settings = None if args.screenshot is not None else open_settings(args.settings)
-    window = MainWindow(data, settings=settings, index=index, group=args.group)
+    kind = CompareWindow if isinstance(data, SweepViewerData) else MainWindow
+    window = kind(data, settings=settings, index=index, group=args.group)
     if args.log_epoch:
         window.state.set_log_epoch(True)
     if args.screenshot is not None:
@@ -80,6 +87,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         window.resize(*args.size)
     window.show()
     return app.exec()
+
+
+def load_data(store: str, run: str | None) -> ViewerData | SweepViewerData:
+    """What the viewer shows of `store`: every run of a sweep when `run` is None (comparison mode), else one run."""
+    from viewer.data import ViewerData
+    from viewer.sweep_data import SweepViewerData
+
+    if run is None:
+        try:
+            sweep = open_sweep(store)
+        except StoreError:  # not a sweep (a single store, or nothing: open_store says which)
+            sweep = None
+        if sweep is not None:
+            return SweepViewerData(sweep)
+    return ViewerData(open_store(store, run))
 
 
 def screenshot(window, out: Path, size: tuple[int, int]) -> int:

@@ -76,3 +76,11 @@ def shade_indices(values: np.ndarray, low: float, high: float) -> np.ndarray:
     span = high - low if high > low else 1.0
     scaled = np.nan_to_num((np.asarray(values, dtype=np.float64) - low) / span, nan=0.0)
     return np.clip((scaled * (N_SHADES - 1)).round(), 0, N_SHADES - 1).astype(np.intp)
+# Colours of the runs of a sweep in the comparison viewer, in the sweep's order (Okabe-Ito, yellow left out: it
+# vanishes on white; then two darker ones).
+RUNS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#2b2b2b", "#999999", "#6a3d9a")
+
+
+def run_colour(position: int) -> str:
+    """The colour of the `position`-th run of a sweep."""
+    return RUNS[position % len(RUNS)]
