@@ -411,6 +411,13 @@ class Store:
 
         return weights.spectrum(self, name)
 
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """Parameters with a `spectrum`: two axes or more per layer (weight matrices, per-head ones included)."""
+        from geostore.store import weights
+
+        return weights.matrices(self)
+
     # ---------------------------------------------------------------------------------- protocol
     def close(self) -> None:
         """Release the handle (a no-op for local stores; kept for the context-manager protocol)."""

@@ -29,6 +29,7 @@ from geostore.store.schema import EPOCH_DIM as EPOCH
 if TYPE_CHECKING:
     import xarray as xr
 
+    from geostore.family.base import Parameter
     from geostore.store.reader import Store
 
 HISTOGRAMS = "histograms"
@@ -120,12 +121,21 @@ def matrix_dims(store: Store, name: str) -> tuple[str, ...]:
         store.resolve(name)  # the error naming the choices
         raise StoreError(f"{store.path}: {name!r} is a group; a spectrum needs one parameter")
     parameter = store.table[base]
-    dims = parameter.dims[1:] if layer else parameter.dims
-    per_layer = len(parameter.shape) - (1 if parameter.layered else 0)
-    if per_layer < 2:
+    if not _has_matrix(parameter):
         raise StoreError(f"{store.path}: {name} has shape {parameter.shape}: a spectrum needs a matrix "
                          "(two axes per layer)")
+    dims = parameter.dims[1:] if layer else parameter.dims
     return tuple(BATCH_DIMS.get(d, d) for d in dims[:-2])
+
+
+def _has_matrix(parameter: Parameter) -> bool:
+    """Whether a parameter has two axes or more per layer: a matrix, or a batch of them."""
+    return len(parameter.shape) - (1 if parameter.layered else 0) >= 2
+
+
+def matrices(store: Store) -> tuple[str, ...]:
+    """The parameters that have a spectrum, in the table's order (see `Store.matrices`)."""
+    return tuple(name for name in store.table.names if _has_matrix(store.table[name]))
 
 
 def spectrum(store: Store, name: str) -> xr.Dataset:

@@ -172,6 +172,15 @@ class ViewerDock(QDockWidget):
             if widget is not None:
                 widget.setEnabled(False)
 
+    def set_available(self) -> None:
+        """Undo `set_unavailable`: the plots and the controls back (a dock whose choice changed what it needs)."""
+        self.reason = None
+        self.pages.setCurrentWidget(self.canvas)
+        for i in range(self.toolbar.count()):
+            widget = self.toolbar.itemAt(i).widget()
+            if widget is not None:
+                widget.setEnabled(True)
+
     def _on_epoch_changed(self, index: int) -> None:
         if self.reason is None:
             self.refresh(index)
