@@ -9,7 +9,7 @@ import geostore
 from geostore.analysis.weights import participation_ratio, singular_values
 from geostore.cli import main
 from geostore.errors import StoreError
-from geostore.store import derived
+from geostore.store import derived, weights
 from geostore.store.writer import StoreWriter
 from tests.conftest import random_params
 from tests.test_trajectory import TaskCounter, fresh_copy, write_random_store
@@ -47,6 +47,9 @@ def test_histograms_equal_numpy_and_update_only_new_epochs(tmp_path, tiny_model)
         again = geostore.open_store(path).histograms("attention", bins=16)
     assert counter.count == 0
     np.testing.assert_array_equal(again, first)
+    (cache,) = (path / derived.DERIVED / weights.HISTOGRAMS).glob("16-*.npz")
+    cache.write_bytes(cache.read_bytes()[:200])  # torn: never read, recomputed
+    np.testing.assert_array_equal(geostore.open_store(path).histograms("attention", bins=16), first)
 
     # New epochs inside the cached range: only their rows are read (extremes, then counts) and counted.
     writer = StoreWriter.open(path, model=tiny_model, task=TASK)

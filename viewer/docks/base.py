@@ -155,6 +155,15 @@ class ViewerDock(QDockWidget):
 
         self.jobs.submit(fn, done, failed)
 
+    def run_unless_cached(self, cached: object | None, fn: Callable[[], object],
+                          on_done: Callable[[object], None]) -> None:
+        """`on_done(cached)` at once when the data were loaded before, else `run(fn, on_done)`."""
+        if cached is None:
+            self.run(fn, on_done)
+            return
+        on_done(cached)
+        self.refresh(self.state.index)
+
     def _finish(self) -> None:
         self._running -= 1
         self._show_busy(self._running > 0)

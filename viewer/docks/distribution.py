@@ -128,12 +128,8 @@ class DistributionDock(ViewerDock):
             self.run(self.data.load_flatness, self._draw)
             return
         group = self.weights_group.currentData()
-        cached = self.data.weight_histograms(group)
-        if cached is not None:
-            self._draw_weights(cached)
-            self.refresh(self.state.index)
-        else:
-            self.run(lambda: self.data.load_weight_histograms(group), self._draw_weights)
+        self.run_unless_cached(self.data.weight_histograms(group), lambda: self.data.load_weight_histograms(group),
+                               self._draw_weights)
 
     def _draw_weights(self, found: WeightHistograms) -> None:
         """The heat map of every epoch, and the axes fixed to the run's bins and largest count."""

@@ -37,12 +37,7 @@ class SpectrumDock(ViewerDock):
 
     def load(self) -> None:
         name = self.parameter.currentData()
-        cached = self.data.spectrum(name)
-        if cached is not None:
-            self._draw(cached)
-            self.refresh(self.state.index)
-        else:
-            self.run(lambda: self.data.load_spectrum(name), self._draw)
+        self.run_unless_cached(self.data.spectrum(name), lambda: self.data.load_spectrum(name), self._draw)
 
     def _draw(self, spectrum: Spectrum) -> None:
         """One participation-ratio curve and one spectrum curve per matrix of the parameter."""
