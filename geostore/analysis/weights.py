@@ -68,8 +68,7 @@ def histogram_rows(arrays: Sequence[da.Array], rows: np.ndarray, edges: np.ndarr
 # ----------------------------------------------------------------------------------- spectra
 def singular_values(stack: np.ndarray) -> np.ndarray:
     """Singular values (descending, float64) of the matrices on the last two axes of `stack`."""
-    with threadpool_limits(limits=1, user_api="blas"):
-        return np.linalg.svd(np.asarray(stack, dtype=np.float64), compute_uv=False)
+    return np.linalg.svd(np.asarray(stack, dtype=np.float64), compute_uv=False)
 
 
 def participation_ratio(values: np.ndarray) -> np.ndarray:
@@ -82,11 +81,13 @@ def participation_ratio(values: np.ndarray) -> np.ndarray:
 
 def spectrum(array: da.Array) -> np.ndarray:
     """Singular values `(n, *batch, min(a, b))` of every epoch of `array` `(n, *batch, a, b)`, one task per
-    stored chunk."""
+    stored chunk, one BLAS thread per dask thread (as the trajectory pass)."""
     whole = array.rechunk({axis: -1 for axis in range(1, array.ndim)})
     k = min(array.shape[-2:])
-    return whole.map_blocks(singular_values, drop_axis=array.ndim - 1, chunks=(*whole.chunks[:-2], (k,)),
-                            dtype=np.float64).compute()
+    lazy = whole.map_blocks(singular_values, drop_axis=array.ndim - 1, chunks=(*whole.chunks[:-2], (k,)),
+                            dtype=np.float64)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return lazy.compute()
 
 
 def batch_labels(name: str, sizes: dict[str, int]) -> list[str]:

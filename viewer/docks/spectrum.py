@@ -25,7 +25,7 @@ class SpectrumDock(ViewerDock):
 
     def build(self) -> None:
         self.parameter = self.combo("matrix", {name: name for name in self.data.matrices}, self.load)
-        self.ratio_plot = self.plot(y_label="participation ratio (Σs)² / Σs²")
+        self.ratio_plot = self.plot(y_label="participation ratio")
         self.select_by_x(self.ratio_plot)
         self.line = self.epoch_line(self.ratio_plot)
         self.values_plot = self.plot(row=1, x_label="singular value index", y_label="singular value")
