@@ -40,6 +40,7 @@ class DistributionDock(ViewerDock):
                                                for g in self.data.weight_choices}, self._on_group_changed)
         self.bins = self.combo("bins", BINS, self._on_bins_changed)
         self.histogram_plot = self.plot(x_label="Δloss = L(θ + εd) − L(θ)  (nats)", y_label="directions")
+        self.hover(self.histogram_plot)
         self.histogram = self.histogram_plot.plot(stepMode="center", fillLevel=0, fillOutline=True,
                                                   pen=palette.pen(palette.MEAN, 1.2),
                                                   brush=palette.translucent(palette.HISTOGRAM, 170))
@@ -51,6 +52,7 @@ class DistributionDock(ViewerDock):
         self.caption = pg.LabelItem(justify="right", size="10pt", color=palette.FOREGROUND)
         self.caption.setParentItem(self.histogram_plot.vb)
         self.caption.anchor(itemPos=(1, 0), parentPos=(1, 0), offset=(-8, 4))
+        self.state.threshold_changed.connect(lambda _t: self.refresh(self.state.index))
         self._build_weights()
         self.reason = self._missing()
         self._arrange()
@@ -58,6 +60,7 @@ class DistributionDock(ViewerDock):
     def _build_weights(self) -> None:
         """The weights source's plots: this epoch's histogram above the epoch x value heat map."""
         self.weights_plot = self.plot(row=1, x_label="weight value", y_label="values")
+        self.hover(self.weights_plot)
         self.weights_histogram = self.weights_plot.plot(stepMode="center", fillLevel=0, fillOutline=True,
                                                         pen=palette.pen(palette.MEAN, 1.2),
                                                         brush=palette.translucent(palette.HISTOGRAM, 170))
@@ -178,9 +181,11 @@ class DistributionDock(ViewerDock):
                 line.setValue(summary[key][index])
         self.threshold.setVisible(present)
         if present:
-            self.threshold.setValue(flatness.threshold * summary["baseline_loss"][index])
-            self.caption.setText(f"{self.data.unit} {epoch} · flatness ratio "
-                                 f"<b>{summary['flatness_ratio'][index]:.2f}</b>"
+            threshold = self.state.threshold
+            self.threshold.setValue(threshold * summary["baseline_loss"][index])
+            ratio = self.data.flatness_ratio("one_sided", threshold)[index]
+            self.caption.setText(f"{self.data.unit} {epoch} · flatness ratio (< {threshold:g}× baseline) "
+                                 f"<b>{ratio:.2f}</b>"
                                  f" · ε = {flatness.settings.get('epsilon', float('nan')):g}"
                                  f" · {flatness.deltas.shape[1]} directions")
         else:

@@ -26,10 +26,11 @@ class SpectrumDock(ViewerDock):
     def build(self) -> None:
         self.parameter = self.combo("matrix", {name: name for name in self.data.matrices}, self.load)
         self.ratio_plot = self.plot(y_label="participation ratio")
-        self.select_by_x(self.ratio_plot)
+        self.epoch_axis(self.ratio_plot)
         self.line = self.epoch_line(self.ratio_plot)
         self.values_plot = self.plot(row=1, x_label="singular value index", y_label="singular value")
         self.values_plot.setLogMode(y=True)
+        self.hover(self.values_plot)
         self.ratio_curves: list = []
         self.value_curves: list = []
         if not self.data.matrices:
@@ -47,17 +48,18 @@ class SpectrumDock(ViewerDock):
             for curve in curves:
                 plot.removeItem(curve)
         colours = [SPECTRUM_COLOURS[i % len(SPECTRUM_COLOURS)] for i in range(len(spectrum.labels))]
-        self.ratio_curves = [self.ratio_plot.plot(self.data.x, spectrum.participation_ratio[:, i],
+        self.ratio_curves = [self.ratio_plot.plot(self.data.x, spectrum.participation_ratio[:, i], name=label,
                                                   pen=palette.pen(colour, 1.6), connect="finite")
-                             for i, colour in enumerate(colours)]
+                             for i, (label, colour) in enumerate(zip(spectrum.labels, colours, strict=True))]
         self.static(*self.ratio_curves)
         self.value_curves = [self.values_plot.plot(pen=palette.pen(colour, 1.6), symbol="o", symbolSize=4,
-                                                   symbolPen=None, symbolBrush=colour) for colour in colours]
+                                                   symbolPen=None, symbolBrush=colour, name=label)
+                             for label, colour in zip(spectrum.labels, colours, strict=True)]
         self.set_key(self.ratio_plot, list(zip(spectrum.labels, colours, strict=True)))
-        self.ratio_plot.setXRange(self.data.x[0], self.data.x[-1], padding=0.02)
+        self.fit_epochs(self.ratio_plot)
 
     def refresh(self, index: int) -> None:
-        self.line.setValue(self.data.x[index])
+        self.line.setValue(self.epoch_x(self.data.x[index]))
         spectrum = self.data.spectrum(self.parameter.currentData())
         if spectrum is None or len(self.value_curves) != len(spectrum.labels):
             return
