@@ -648,6 +648,8 @@ def test_weights_distribution_and_spectrum_draw_what_the_store_returns(qtbot, op
         x, y = curve.getOriginalDataset()
         np.testing.assert_array_equal(x, [1, 2, 3, 4, 5, 6, 7, 8])
         np.testing.assert_allclose(y, expected["singular_values"].values[3, 0, head])
+    window.log_epoch_action.setChecked(True)  # an epoch axis like the others
+    assert dock.ratio_plot.getAxis("bottom").logMode and dock.line.value() == pytest.approx(np.log10(EPOCHS[3]))
 
 
 def test_a_store_without_flatness_still_shows_its_weights(qtbot, open_window, bare_store):
