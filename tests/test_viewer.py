@@ -11,6 +11,7 @@ from PySide6.QtGui import QImage, QMouseEvent
 from PySide6.QtWidgets import QApplication
 
 import geostore
+from tests.conftest import random_params
 from tests.test_viewer_data import EPOCHS, make_store
 from viewer import palette
 from viewer.app import main
@@ -511,7 +512,7 @@ def test_hovering_reads_out_the_nearest_point(qtbot, open_window, flat_store):
     values = window.data.velocities(True)["all"]
     velocity.log_y.setChecked(False)
     text = hover(qtbot, velocity, velocity.velocity_plot, EPOCHS[3], values[2])  # step 2 -> 3 is drawn at epoch 3
-    assert text.splitlines() == [f"epoch {EPOCHS[3]}", f"All: {values[2]:.4g}"]
+    assert text.splitlines() == [f"epoch {EPOCHS[3]} · memorisation", f"All: {values[2]:.4g}"]  # and its phase
     velocity.log_y.setChecked(True)  # a log axis: the read-out gives the value, not its log
     assert hover(qtbot, velocity, velocity.velocity_plot, EPOCHS[3], np.log10(values[2])).endswith(f"{values[2]:.4g}")
     (_, right), (_, top) = velocity.velocity_plot.vb.viewRange()
@@ -604,6 +605,31 @@ def test_the_start_label_gives_way_to_the_current_epoch(qtbot, open_window, flat
     assert not start.isVisible() and end.isVisible()
     trajectory.state.set_index(len(EPOCHS) - 1)
     assert start.isVisible() and not end.isVisible()
+
+
+def test_training_phases_are_shaded_on_every_epoch_axis(qtbot, open_window, tmp_path, tiny_model):
+    from geostore.store.writer import StoreWriter
+    from tests.test_phases import EPOCHS as GROK_EPOCHS
+    from tests.test_phases import grokking_curves
+
+    path = tmp_path / "grok.zarr"
+    params = {n: np.cumsum(v, axis=0) for n, v in random_params(tiny_model, range(GROK_EPOCHS.size)).items()}
+    writer = StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7})
+    writer.append(GROK_EPOCHS.tolist(), params, {**grokking_curves(), "test_accuracy": np.zeros(GROK_EPOCHS.size)})
+    writer.close()
+    window = open_window(path)
+    phases = geostore.open_store(path).phases()
+    assert list(phases) == ["memorisation", "plateau", "second_descent", "final"]
+    plots = [*window.docks["training"].plots, window.docks["velocity"].velocity_plot]
+    for plot in plots:
+        regions = window.docks["training" if plot in window.docks["training"].plots else "velocity"].phase_regions[plot]
+        assert [tuple(r.getRegion()) for r in regions] == [tuple(map(float, b)) for b in phases.values()]
+    window.state.set_index(int(np.searchsorted(GROK_EPOCHS, 70)))
+    assert window.epoch_control.position.text().endswith("· second descent")
+    window.log_epoch_action.setChecked(True)  # the bands follow the axis onto a log scale
+    velocity = window.docks["velocity"]
+    first, last = velocity.phase_regions[velocity.velocity_plot][1].getRegion()
+    assert (first, last) == pytest.approx((np.log10(20), np.log10(60)))
 
 
 def choose(qtbot, dock, box, key: str) -> None:

@@ -161,6 +161,7 @@ class ViewerData:
         self.unit = store.index_unit  # what the epoch axis counts: "epoch" or "step"; labels say so
         self.analyses = store.analyses()
         self.groups = tuple(store.groups)  # `all` first, then the family's groups
+        self.phases = store.phases()  # {phase: (first epoch, last epoch)} the recorded curves reach
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
         self.weight_choices = (*self.groups, *store.param_shapes())  # what `Store.histograms` takes
         self.matrices = store.matrices  # what `Store.spectrum` takes
@@ -181,6 +182,14 @@ class ViewerData:
         if right >= self.n_epochs:
             return self.n_epochs - 1
         return right if self.x[right] - epoch < epoch - self.x[right - 1] else right - 1
+
+    def phase_at(self, epoch: float) -> str | None:
+        """The training phase `epoch` lies in (the later one at a boundary), or None."""
+        found = None
+        for phase, (first, last) in self.phases.items():
+            if first <= epoch <= last:
+                found = phase
+        return found
 
     def index_of(self, epoch: int) -> int:
         """Index of a stored epoch; StoreError naming the nearest one if `epoch` is not stored."""
