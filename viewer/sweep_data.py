@@ -124,6 +124,7 @@ class SweepViewerData(EpochAxis):
 
         return self._load(("velocities", per_epoch), compute)
 
+    @property
     def flatness(self) -> dict[str, dict[str, np.ndarray]] | None:
         """The cached flatness summaries, or None until `load_flatness` ran."""
         return self._cache.get(("flatness",))

@@ -34,7 +34,7 @@ class CompareFlatnessDock(CompareDock):
         self.run(self.data.load_flatness, lambda _summaries: self._draw())
 
     def _draw(self) -> None:
-        summaries = self.data.flatness()
+        summaries = self.data.flatness
         if summaries is None:
             return
         self.clear_curves(self.flatness_plot)
