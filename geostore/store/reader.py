@@ -384,6 +384,25 @@ class Store:
 
         return derived.velocities(self, per_epoch=per_epoch, memory_budget=memory_budget)
 
+    def loss_plane(self, group: str | Sequence[str] = "all") -> xr.Dataset:
+        """The stored loss on the plane of a group's PC1 and PC2 through the PCA origin (`geostore plane`).
+
+        A Dataset: `loss` over (`pc1`, `pc2`), the grid's coordinates in the units of the trajectory's PC scores
+        (NaN in rows not computed yet); the trajectory in the same basis, `projections` over (`epoch`,
+        `component`), and the two components' `explained_variance_ratio`; `attrs` the settings (`resolution`,
+        `span`, `dtype`, `fit_epochs`, ...), `complete_rows`, and `stale`: True when epochs were added since
+        the basis was fitted. StoreError, naming the command that adds it, when the store has none.
+        """
+        from geostore.store import plane
+
+        return plane.loss_plane(self, group)
+
+    def planes(self) -> list[str]:
+        """The groups whose loss planes the store holds (`loss_plane`)."""
+        from geostore.store import plane
+
+        return plane.names(self.location)
+
     # ---------------------------------------------------------------------------------- protocol
     def close(self) -> None:
         """Release the handle (a no-op for local stores; kept for the context-manager protocol)."""
