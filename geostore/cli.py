@@ -175,10 +175,14 @@ def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
                            help="Lanczos steps for the top eigenvalue (default: the store's, else 20)")
     parser.add_argument("--recompute", action="store_true",
                         help="replace stored analyses computed with other settings")
+    _add_cluster_options(parser, "flatness")
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="compute flatness on a local Dask cluster of N single-threaded worker processes")
+                        help=f"compute {what} on a local Dask cluster of N single-threaded worker processes")
     parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="compute flatness on an existing Dask cluster (default: $DASK_SCHEDULER_ADDRESS)")
+                        help=f"compute {what} on an existing Dask cluster (default: $DASK_SCHEDULER_ADDRESS)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -418,10 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where losses are evaluated (default: CUDA when present)")
     plane.add_argument("--recompute", action="store_true",
                        help="replace a stored plane of other settings, or one whose basis changed")
-    plane.add_argument("--workers", type=int, metavar="N",
-                       help="compute rows on a local Dask cluster of N single-threaded worker processes")
-    plane.add_argument("--scheduler", metavar="ADDRESS",
-                       help="compute rows on an existing Dask cluster (default: $DASK_SCHEDULER_ADDRESS)")
+    _add_cluster_options(plane, "the rows")
     plane.add_argument("--quiet", action="store_true", help="no progress bar")
     plane.set_defaults(handler=_plane)
     return parser
