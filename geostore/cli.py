@@ -117,9 +117,15 @@ def _flatness(args: argparse.Namespace) -> int:
 def _plane(args: argparse.Namespace) -> int:
     from geostore.api import loss_plane
 
-    report = loss_plane(args.store, _group(args.group), run=args.run, resolution=args.resolution, span=args.span,
-                        dtype="float64" if args.float64 else None, device=args.device, recompute=args.recompute,
-                        workers=args.workers, scheduler=args.scheduler, progress=not args.quiet)
+    try:
+        report = loss_plane(args.store, _group(args.group), run=args.run, resolution=args.resolution,
+                            span=args.span, dtype="float64" if args.float64 else None, device=args.device,
+                            recompute=args.recompute, workers=args.workers, scheduler=args.scheduler,
+                            progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"geostore: interrupted ({args.store} keeps the rows of the plane finished so far: run the same "
+              "command again to compute the rest)", file=sys.stderr)
+        return 130
     n = report.resolution
     rate = f" in {report.seconds:.1f} s" if report.computed else ""
     print(f"{args.store}: loss plane of group {report.group} ({n} x {n} points, span {report.span:g}): "
