@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.landscape import LOSS_DEFINITION, model_params, needs_probe, probe_missing_message, progress_bar
+from geostore.landscape import LOSS_DEFINITION, model_params, needs_probe, progress_bar
 from geostore.store import lock
 from geostore.store import plane as stored_plane
 from geostore.store.location import Location
@@ -72,7 +72,8 @@ def compute_plane(
     name = stored_plane.group_key(opened, group)
     model = opened.model
     if needs_probe(model, opened.probe()):
-        raise StoreError(probe_missing_message(opened.path))
+        raise StoreError(f"{opened.path}: the loss of this model needs a probe (token ids): record one with "
+                         f"`geostore flatness {opened.path} --probe FILE` first")
     if dtype is not None and dtype not in DTYPES:
         raise StoreError(f"`dtype` {dtype!r}: choose from {', '.join(DTYPES)}")
     began = time.perf_counter()
@@ -83,8 +84,7 @@ def compute_plane(
                          dtype=dtype, device=device, recompute=recompute)
         rows = np.flatnonzero(~record.done)
         already = int(record.done.sum())
-        if rows.size:
-            stored_plane.save(location, name, record)  # the settings and axes first: an empty plane, not none
+        if rows.size:  # written from the first finished row on: a recompute stopped before it keeps the old plane
             _fill(opened, model, name, record, rows, device=device, progress=progress, client=client)
     finally:
         lock.release(key)

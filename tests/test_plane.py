@@ -89,13 +89,19 @@ def test_an_interrupted_plane_resumes_with_only_the_missing_rows_and_the_same_va
 
     real, calls = plane_numerics.plane_row, []
 
-    def interrupted(*args, **kwargs):  # Ctrl-C while the third row is being evaluated
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def interrupted_at(row: int):
+        """`plane_row` with Ctrl-C while row `row` (0-based) of a run is being evaluated."""
+        calls.clear()
 
-    monkeypatch.setattr(plane_numerics, "plane_row", interrupted)
+        def row_or_interrupt(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == row + 1:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(plane_numerics, "plane_row", row_or_interrupt)
+
+    interrupted_at(2)
     assert main(["plane", str(store_path), "--resolution", "6", "--quiet", "--device", "cpu"]) == 130
     assert "keeps the rows of the plane finished so far" in capsys.readouterr().err
     monkeypatch.undo()
@@ -107,6 +113,10 @@ def test_an_interrupted_plane_resumes_with_only_the_missing_rows_and_the_same_va
     assert (report.resolution, report.computed, report.already) == (6, 4, 2)
     assert plane_of(store_path)["loss"].values.tobytes() == want.tobytes()
     assert compute(store_path).computed == 0
+    interrupted_at(0)  # a recompute stopped before its first row leaves the complete plane as it was
+    assert main(["plane", str(store_path), "--recompute", "--quiet", "--device", "cpu"]) == 130
+    monkeypatch.undo()
+    assert plane_of(store_path)["loss"].values.tobytes() == want.tobytes()
 
 
 def test_other_settings_and_a_stale_basis_are_refused_unless_recomputed(store_path, tiny_model, capsys):
