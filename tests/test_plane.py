@@ -157,7 +157,7 @@ def test_the_landscape_dock_draws_the_plane_the_path_and_the_current_epoch(qtbot
     assert dock.reason is None and dock.pages.currentWidget() is dock.canvas
     plane = plane_of(store_path)
     image = dock.image.image
-    assert image.shape == (17, 17) and np.isfinite(image).all()
+    assert image.shape == (33, 33) and np.isfinite(image).all()
     levels = np.unique(image)
     assert 2 <= levels.size <= 14  # filled bands of log10 loss, their range that of the plane's losses
     low, high = dock.colour_bar.levels()
@@ -170,7 +170,8 @@ def test_the_landscape_dock_draws_the_plane_the_path_and_the_current_epoch(qtbot
         window.epoch_control.slider.setValue(index)
         marked = np.c_[dock.current.getData()]
         np.testing.assert_allclose(marked.ravel(), plane["projections"].values[index])
-        assert f"epoch {EPOCHS[index]}" in dock.caption.text
+        assert dock.label.textItem.toPlainText() == f"epoch {EPOCHS[index]}"
+        assert (dock.label.pos().x(), dock.label.pos().y()) == tuple(marked.ravel())
     png = dock.export("png", tmp_path / "landscape.png")
     assert png.stat().st_size > 1000
     svg = dock.export("svg", tmp_path / "landscape.svg").read_text()

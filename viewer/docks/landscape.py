@@ -1,11 +1,11 @@
 """Loss landscape: the stored loss plane of a group (`geostore plane`) as filled contours of log₁₀ loss, with the
 trajectory's path on the plane and the current epoch marked.
 
-The grid is interpolated linearly onto a finer one (`UPSAMPLE` times per axis) and its log loss cut into
-`BANDS` equal bands between the plane's lowest and highest values: a banded image (the filled contours) with
-a line at each band edge. The path is the trajectory projected on the plane's own basis, as stored with it, so
-a stale plane (epochs added after its basis was fitted) still draws a consistent path, without the epochs it
-predates; the caption says it is stale.
+The grid is interpolated linearly onto a finer one (`UPSAMPLE` times per axis, so band edges look smooth) and
+its log loss cut into `BANDS` equal bands between the plane's lowest and highest values: a banded image (the
+filled contours) with a line at each band edge. The path is the trajectory projected on the plane's own
+basis, as stored with it, so a stale plane (epochs added after its basis was fitted) still draws a consistent
+path, without the epochs it predates (no marker at those); its title says it is stale.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from viewer.data import Plane, group_label, upsample
 from viewer.docks.base import ViewerDock
 
 BANDS = 14
-UPSAMPLE = 4
+UPSAMPLE = 8
 
 
 class LandscapeDock(ViewerDock):
@@ -47,9 +47,10 @@ class LandscapeDock(ViewerDock):
                                           colorMapMenu=False, width=14, label="log₁₀ loss")
         self.colour_bar.setImageItem(self.image)
         self.canvas.addItem(self.colour_bar, row=0, col=1)
-        self.caption = pg.LabelItem(justify="right", size="10pt", color=palette.FOREGROUND)
-        self.caption.setParentItem(self.plane_plot.vb)
-        self.caption.anchor(itemPos=(1, 0), parentPos=(1, 0), offset=(-8, 4))
+        self.label = pg.TextItem(color=palette.CURRENT, fill=palette.translucent(palette.BACKGROUND, 210),
+                                 anchor=(0, 1.2))
+        self.label.setZValue(31)
+        self.plane_plot.addItem(self.label, ignoreBounds=True)
         self.static(self.image, self.path, *self.edges)
 
     @property
@@ -81,18 +82,20 @@ class LandscapeDock(ViewerDock):
             self.plane_plot.setLabel(axis, f"{name} of {group_label(plane.group).lower()} ({ratio:.0%} of variance)")
         self.plane_plot.setRange(xRange=(plane.pc1[0], plane.pc1[-1]), yRange=(plane.pc2[0], plane.pc2[-1]),
                                  padding=0)
+        self.plane_plot.setTitle(f"stale: fitted on {plane.epochs.size} of {self.data.n_epochs} {self.data.unit}s; "
+                                 f"`geostore plane --recompute` refits it" if plane.stale else None, size="9pt")
 
     def refresh(self, index: int) -> None:
         plane = self.shown
         if plane is None:
             return
         epoch = int(self.data.epochs[index])
-        where = plane.position(epoch)
+        where = plane.position(epoch)  # None: an epoch added after the plane was fitted
         self.current.setData(*([[where[0]], [where[1]]] if where is not None else [[], []]))
-        text = f"{self.data.unit} {epoch}" + ("" if where is not None else " · not on this plane")
-        if plane.stale:
-            text += f" · stale: fitted on {plane.epochs.size} of {self.data.n_epochs} {self.data.unit}s"
-        self.caption.setText(text)
+        self.label.setVisible(where is not None)
+        if where is not None:
+            self.label.setText(f"{self.data.unit} {epoch}")
+            self.label.setPos(*where)
 
     def table(self) -> dict[str, np.ndarray]:
         plane = self.shown
