@@ -19,6 +19,7 @@ from geostore.store.writer import StoreWriter
 from tests.conftest import random_params
 from tests.test_viewer import open_window, private_settings  # noqa: F401 (fixtures)
 from tests.test_viewer_data import EPOCHS, make_store
+from viewer.data import ViewerData
 
 
 @pytest.fixture
@@ -138,6 +139,9 @@ def test_other_settings_and_a_stale_basis_are_refused_unless_recomputed(store_pa
         writer.append([1280], random_params(tiny_model, [0], seed=5))
     stale = plane_of(store_path)
     assert stale.attrs["stale"] is True and stale["epoch"].values.tolist() == EPOCHS
+    shown = ViewerData(geostore.open_store(store_path)).load_plane("all")  # what the Landscape dock draws
+    assert shown.stale and shown.position(1280) is None  # the new epoch has no place on the old plane
+    np.testing.assert_array_equal(shown.position(10), stale["projections"].values[1])
     assert "stale: fitted on 8 epochs, the store holds 9" in geostore.open_store(store_path).describe()
     assert main(["plane", str(store_path), "--quiet"]) != 0
     err = capsys.readouterr().err
@@ -179,11 +183,3 @@ def test_the_landscape_dock_draws_the_plane_the_path_and_the_current_epoch(qtbot
     header, *rows = dock.export("csv", tmp_path / "landscape.csv").read_text().splitlines()
     assert header == "pc1,pc2,loss" and len(rows) == 25
     assert float(rows[6].split(",")[2]) == pytest.approx(plane["loss"].values[1, 1], rel=1e-9)
-
-
-def test_the_landscape_dock_without_a_plane_names_the_command(qtbot, open_window, store_path):  # noqa: F811
-    window = open_window(store_path)
-    dock = window.docks["landscape"]
-    assert dock.pages.currentWidget() is dock.message
-    assert f"geostore plane {store_path}" in dock.message.text() and not dock.export_button.isEnabled()
-    window.epoch_control.slider.setValue(3)  # scrubbing ignores the disabled dock
