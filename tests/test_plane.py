@@ -176,6 +176,9 @@ def test_the_landscape_dock_draws_the_plane_the_path_and_the_current_epoch(qtbot
         np.testing.assert_allclose(marked.ravel(), plane["projections"].values[index])
         assert dock.label.textItem.toPlainText() == f"epoch {EPOCHS[index]}"
         assert (dock.label.pos().x(), dock.label.pos().y()) == tuple(marked.ravel())
+    index = int(np.argmin(np.abs(plane["pc1"].values - x[3]))), int(np.argmin(np.abs(plane["pc2"].values - y[3])))
+    readout = dock.describe(dock.plane_plot, dock.path, 3)  # what hovering over the path's fourth point shows
+    assert readout.startswith(f"epoch {EPOCHS[3]}\n") and f"{plane['loss'].values[index]:.4g}" in readout
     png = dock.export("png", tmp_path / "landscape.png")
     assert png.stat().st_size > 1000
     svg = dock.export("svg", tmp_path / "landscape.svg").read_text()

@@ -52,6 +52,7 @@ class LandscapeDock(ViewerDock):
         self.label.setZValue(31)
         self.plane_plot.addItem(self.label, ignoreBounds=True)
         self.static(self.image, self.path, *self.edges)
+        self.hover(self.plane_plot)
 
     @property
     def shown(self) -> Plane | None:
@@ -96,6 +97,14 @@ class LandscapeDock(ViewerDock):
         if where is not None:
             self.label.setText(f"{self.data.unit} {epoch}")
             self.label.setPos(*where)
+
+    def describe(self, plot: pg.PlotItem, item: pg.PlotDataItem, i: int) -> str:
+        plane = self.shown
+        if plane is None or item is not self.path:
+            return super().describe(plot, item, i)
+        a, b = plane.projections[i]
+        return (f"{self.data.unit} {plane.epochs[i]}\nPC1 {a:.4g}, PC2 {b:.4g}\n"
+                f"loss at the nearest grid point: {plane.loss_near(a, b):.4g}")
 
     def table(self) -> dict[str, np.ndarray]:
         plane = self.shown
