@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.landscape import LOSS_DEFINITION, model_params, needs_probe, progress_bar
+from geostore.landscape import LOSS_DEFINITION, _given, model_params, needs_probe, progress_bar
 from geostore.store import lock
 from geostore.store import plane as stored_plane
 from geostore.store.location import Location
@@ -124,13 +124,6 @@ def _record(store: Store, name: str, group: str | Sequence[str], existing: store
     return stored_plane.PlaneRecord(settings=settings, pc1=pc1, pc2=pc2, loss=np.full((n, n), np.nan),
                                     done=np.zeros(n, dtype=bool), epochs=store.epochs.copy(), projections=projections,
                                     explained=np.asarray(pca["explained_variance_ratio"], dtype=np.float64))
-
-
-def _given(value: object, stored: Mapping, key: str, default: object) -> object:
-    """`value` when given (0 included), else the stored setting, else `default`."""
-    if value is not None:
-        return value
-    return stored.get(key, default)
 
 
 def basis(store: Store, model: Model, group: str | Sequence[str]
