@@ -10,8 +10,9 @@ The Hessian itself is reached through exact Hessian-vector products (`torch.func
 the family's fast loss: Hutchinson's estimator `Tr(H) = E[v'Hv]` over Rademacher vectors `v`, with its
 standard error, and the largest eigenvalue by Lanczos with full reorthogonalisation. The estimators take an
 `hvp` callable, so they are tested on a quadratic with a known Hessian; `hessian_for_params` binds them to an
-epoch's weights. Random vectors come from a CPU `torch.Generator` seeded per call: the same (seed, weights)
-give the same numbers.
+epoch's weights. Restricted to a component group's entries, the same probes' products estimate the trace
+of that group's Hessian block, and Lanczos on the projected operator its top eigenvalue. Random vectors come
+from a CPU `torch.Generator` seeded per call: the same (seed, weights) give the same numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ HESSIAN_DEFINITION = (
     "forward-over-reverse, float32); trace: Hutchinson mean of v'Hv over Rademacher v (torch.randint on a CPU "
     "torch.Generator(seed)), standard error std/sqrt(n_probes); top eigenvalue: largest Ritz value of "
     "`iterations` Lanczos steps with full reorthogonalisation started from the first probe, with its residual"
+)
+
+HESSIAN_GROUPS_DEFINITION = (
+    "per component group g (the groups but `all`, names in `groups`): trace of the Hessian block H_gg, the "
+    "Hutchinson mean of v_g'(Hv)_g over the hessian analysis's Rademacher probes v (the same products), with its "
+    "standard error; top eigenvalue of H_gg: largest Ritz value of `iterations` Lanczos steps of P_g H P_g (P_g "
+    "zeroes the entries outside g) started from the first probe restricted to g, with its residual"
 )
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
@@ -96,10 +104,37 @@ def hutchinson_trace(hvp: Hvp, probes: torch.Tensor) -> tuple[float, float, np.n
     their sample standard deviation over the square root of the probe count (NaN for one probe). For
     Rademacher probes the variance of one form is `2 (||H||_F^2 - sum_i H_ii^2)`: exact for diagonal `H`.
     """
-    forms = np.concatenate([
-        (block.double() * hvp(block).double()).sum(dim=1).numpy()
-        for block in probes.split(PROBE_BLOCK)]) if len(probes) else np.empty(0)
+    forms = hutchinson_forms(hvp, probes)[:, 0]
     return float(forms.mean()), float(standard_error(forms)), forms
+
+
+def hutchinson_forms(hvp: Hvp, probes: torch.Tensor, groups: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """`(n_probes, 1 + len(groups))` float64 quadratic forms of the rows `v` of `probes`: column 0 `v'Hv`,
+    column `1 + g` `v_g'(Hv)_g`, restricted to the indices `groups[g]`.
+
+    For Rademacher `v`, `E[v_g'(Hv)_g] = sum_{i in g} sum_j H_ij E[v_i v_j] = Tr(H_gg)`, the trace of the
+    group's Hessian block: every group's trace comes from the products the whole trace takes, for free.
+    """
+    indices = [torch.as_tensor(np.asarray(g, dtype=np.int64)) for g in groups]
+    rows = []
+    for block in probes.split(PROBE_BLOCK):
+        terms = block.double() * hvp(block).double()
+        rows.append(torch.stack([terms.sum(dim=1), *(terms[:, i].sum(dim=1) for i in indices)], dim=1))
+    return torch.cat(rows).numpy() if rows else np.empty((0, 1 + len(indices)))
+
+
+def group_mask(indices: np.ndarray, n_params: int) -> torch.Tensor:
+    """`(n_params,)` float32: 1 at `indices`, 0 elsewhere (the projection onto a group's entries)."""
+    mask = torch.zeros(n_params)
+    mask[torch.as_tensor(np.asarray(indices, dtype=np.int64))] = 1.0
+    return mask
+
+
+def restricted_hvp(hvp: Hvp, mask: torch.Tensor) -> Hvp:
+    """`hvp` of the Hessian block `H_gg` of a group, embedded in the whole vector: `P H P` with `P` the
+    projection `mask` (see `group_mask`), so the Krylov spaces of a start inside the group stay inside it and
+    the block's eigenvalues are the operator's (other than the zeros outside the group)."""
+    return lambda block: hvp(block * mask) * mask  # 0/1 entries: exact in any precision
 
 
 def lanczos_top_eigenvalue(hvp: Hvp, start: torch.Tensor, iterations: int) -> tuple[float, float]:
@@ -181,15 +216,33 @@ def hessian_for_params(
     iterations: int,
     seed: int,
     device: str = "cpu",
-) -> dict[str, float]:
+    groups: Mapping[str, np.ndarray] | None = None,
+    total: bool = True,
+) -> dict[str, float | np.ndarray]:
     """Hessian trace (Hutchinson, `n_probes` Rademacher probes), its standard error, and the top eigenvalue
     (`iterations` Lanczos steps from the first probe) with its residual, for one epoch's stored parameters.
 
-    Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the loss.
+    With `groups` (name -> indices into the trainable vector, see `ParameterTable.flat_indices`), also the same
+    four numbers of each group's Hessian block as `(n_groups,)` arrays (`group_hessian_trace`, ...): traces from
+    the same probes' products, top eigenvalues from Lanczos on the block, started from the first probe
+    restricted to the group. `total=False` leaves out the whole vector's four (adding the groups to a store
+    that holds them). Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the
+    loss, plus `iterations` per group.
     """
     hvp, n_params = loss_hvp(params, model, probe, device)
     probes = rademacher(n_params, n_probes, seed)
-    trace, stderr, _ = hutchinson_trace(hvp, probes)
-    top, residual = lanczos_top_eigenvalue(hvp, probes[0], iterations)
-    return {"hessian_trace": trace, "hessian_trace_stderr": stderr, "top_eigenvalue": top,
-            "top_eigenvalue_residual": residual}
+    indices = list((groups or {}).values())
+    forms = hutchinson_forms(hvp, probes, indices)
+    out: dict[str, float | np.ndarray] = {}
+    if total:
+        top, residual = lanczos_top_eigenvalue(hvp, probes[0], iterations)
+        out.update(hessian_trace=float(forms[:, 0].mean()), hessian_trace_stderr=float(standard_error(forms[:, 0])),
+                   top_eigenvalue=top, top_eigenvalue_residual=residual)
+    if groups is not None:
+        masks = [group_mask(g, n_params) for g in indices]
+        blocks = [lanczos_top_eigenvalue(restricted_hvp(hvp, m), probes[0] * m, iterations) for m in masks]
+        out.update(group_hessian_trace=forms[:, 1:].mean(axis=0),
+                   group_hessian_trace_stderr=standard_error(forms[:, 1:], axis=0),
+                   group_top_eigenvalue=np.array([b[0] for b in blocks]),
+                   group_top_eigenvalue_residual=np.array([b[1] for b in blocks]))
+    return out

@@ -1,6 +1,7 @@
 """Flatness and curvature over training: one-sided Δloss or antithetic curvature (a statistic over directions,
 with its p10-p90 band), the Hessian trace (Hutchinson, ±2 standard errors, beside the trace the antithetic
-curvature implies) or the top Hessian eigenvalue, and the baseline loss.
+curvature implies) or the top Hessian eigenvalue, of the whole Hessian or of one component group's block (the
+group chooser, for the Hessian measures of stores that hold `hessian_groups`), and the baseline loss.
 
 The baseline loss sits on a secondary (right, log) axis in its own view box, linked in x (pyqtgraph's
 MultiplePlotAxes pattern), so a flat landscape can be read against where the loss itself is. Measures the
@@ -14,7 +15,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 
 from viewer import palette
-from viewer.data import METRIC_LABELS
+from viewer.data import METRIC_LABELS, group_label
 from viewer.docks.base import ViewerDock
 
 MEASURES = {"one_sided": "one-sided Δloss", "antithetic": "antithetic curvature",
@@ -42,6 +43,8 @@ class FlatnessDock(ViewerDock):
             if reason:
                 self.disable_choice(self.measure, key, reason)
         self.statistic = self.combo("statistic", METRIC_LABELS, self._draw)
+        self.group = self.combo("group", {group: group_label(group) for group in self.data.groups}, self._draw)
+        self.group_reason = self.data.missing("hessian_groups")  # None when the store holds the groups' blocks
         self.log_y = self.checkbox("log y", False, self._on_log_changed)
         self.key_entries: list[tuple[str, str]] = []  # the key's entries for what is drawn
         self.flatness_plot = self.plot(y_label="Δloss (nats)")
@@ -92,6 +95,11 @@ class FlatnessDock(ViewerDock):
         """The measure shown: `one_sided`, `antithetic`, `hessian_trace` or `top_eigenvalue`."""
         return self.measure.currentData()
 
+    @property
+    def group_name(self) -> str:
+        """The component group whose Hessian block the Hessian measures show (`all`: the whole Hessian)."""
+        return "all" if self.group_reason else self.group.currentData()
+
     def series(self) -> dict[str, np.ndarray] | None:
         """What the current measure draws, per epoch: `value`, optionally `low`/`high` (the band) and `compare`
         (a second estimate of the same quantity); None until loaded."""
@@ -106,11 +114,12 @@ class FlatnessDock(ViewerDock):
             if self.key in BANDED:
                 out.update(low=summary[f"p10_{suffix}"], high=summary[f"p90_{suffix}"])
             return out
-        hessian = curvature.hessian
+        group = self.group_name
+        hessian = curvature.hessian if group == "all" else curvature.hessian_groups[group]
         if kind == "hessian_trace":
             trace, error = hessian["hessian_trace"], 2 * hessian["hessian_trace_stderr"]
             out = {"value": trace, "low": trace - error, "high": trace + error}
-            if curvature.summary is not None:
+            if curvature.summary is not None and group == "all":  # the antithetic pairs see the whole vector
                 out["compare"] = curvature.summary["trace_estimate"]
             return out
         top, residual = hessian["top_eigenvalue"], hessian["top_eigenvalue_residual"]
@@ -127,6 +136,9 @@ class FlatnessDock(ViewerDock):
             for index in range(self.statistic.count()):
                 self.statistic.setItemText(index, labels[self.statistic.itemData(index)])
         self.statistic.setEnabled(directional)
+        self.group.setEnabled(not directional and not self.group_reason)
+        self.group.setToolTip(self.group_reason or ("Component groups divide the Hessian measures only."
+                                                    if directional else "The Hessian block of one component group."))
         self.curve.setData(x, series["value"])
         banded = "low" in series
         self.band_low.setData(x, series["low"] if banded else [])
@@ -137,7 +149,8 @@ class FlatnessDock(ViewerDock):
         self.compare.setVisible("compare" in series)
         self.baseline.setData(x, self.data.flatness.summary["baseline_loss"])
         ratio = directional and key == "flatness_ratio"
-        name = labels[key] if directional else MEASURES[kind]
+        block = "" if directional or self.group_name == "all" else f" of the {group_label(self.group_name)} block"
+        name = labels[key] if directional else MEASURES[kind] + block
         band = {"one_sided": "p10–p90 band", "antithetic": "p10–p90 band", "hessian_trace": "±2 s.e.",
                 "top_eigenvalue": "± Lanczos residual"}[kind]
         self.key_entries = ([(name, palette.METRIC)] + ([(band, palette.BAND)] if banded else [])
@@ -148,7 +161,7 @@ class FlatnessDock(ViewerDock):
             what = "Δloss" if kind == "one_sided" else "curvature"
             label = f"share of flat directions ({what} < {threshold:g}·baseline)"
         else:
-            label = f"{name} (nats)" if directional else MEASURE_AXES[kind]
+            label = f"{name} (nats)" if directional else MEASURE_AXES[kind] + block
         self.flatness_plot.setLabel("left", label)
         self.log_y.setEnabled(not ratio)
         self._on_log_changed()
@@ -184,7 +197,7 @@ class FlatnessDock(ViewerDock):
                 "baseline_loss": flatness.summary["baseline_loss"]}
 
     def get_settings(self) -> dict:
-        return {"measure": self.kind, "metric": self.key, "log_y": self.log_y.isChecked()}
+        return {"measure": self.kind, "metric": self.key, "log_y": self.log_y.isChecked(), "group": self.group_name}
 
     def set_settings(self, settings: dict) -> None:
         index = self.measure.findData(settings.get("measure"))
@@ -193,4 +206,7 @@ class FlatnessDock(ViewerDock):
         index = self.statistic.findData(settings.get("metric"))
         if index >= 0:
             self.statistic.setCurrentIndex(index)
+        index = self.group.findData(settings.get("group"))
+        if index >= 0:
+            self.group.setCurrentIndex(index)
         self.log_y.setChecked(bool(settings.get("log_y", self.log_y.isChecked())))
