@@ -124,17 +124,11 @@ def hutchinson_forms(hvp: Hvp, probes: torch.Tensor, groups: Sequence[np.ndarray
 
 
 def group_mask(indices: np.ndarray, n_params: int) -> torch.Tensor:
-    """`(n_params,)` float32: 1 at `indices`, 0 elsewhere (the projection onto a group's entries)."""
+    """`(n_params,)` float32: 1 at `indices`, 0 elsewhere (the projection onto a group's entries: exact in any
+    precision)."""
     mask = torch.zeros(n_params)
     mask[torch.as_tensor(np.asarray(indices, dtype=np.int64))] = 1.0
     return mask
-
-
-def restricted_hvp(hvp: Hvp, mask: torch.Tensor) -> Hvp:
-    """`hvp` of the Hessian block `H_gg` of a group, embedded in the whole vector: `P H P` with `P` the
-    projection `mask` (see `group_mask`), so the Krylov spaces of a start inside the group stay inside it and
-    the block's eigenvalues are the operator's (other than the zeros outside the group)."""
-    return lambda block: hvp(block * mask) * mask  # 0/1 entries: exact in any precision
 
 
 def lanczos_top_eigenvalue(hvp: Hvp, start: torch.Tensor, iterations: int) -> tuple[float, float]:
@@ -146,21 +140,48 @@ def lanczos_top_eigenvalue(hvp: Hvp, start: torch.Tensor, iterations: int) -> tu
     of the operator lies within `residual = |beta_k s_k|` of `top` (`s_k` the last entry of its Ritz vector);
     the iteration stops early, with residual 0, when the Krylov space is invariant.
     """
-    q = start.double() / torch.linalg.vector_norm(start.double())
-    basis, alphas, betas = [q], [], []
+    return lanczos_top_eigenvalues(hvp, start[None], iterations)[0]
+
+
+def lanczos_top_eigenvalues(hvp: Hvp, starts: torch.Tensor, iterations: int,
+                            masks: torch.Tensor | None = None) -> list[tuple[float, float]]:
+    """`lanczos_top_eigenvalue` from each row of `starts` `(B, D)`, the runs in lockstep: each step takes the
+    products of every unfinished run together, `PROBE_BLOCK` at a time (vectorised, cheaper than one by one).
+
+    With `masks` `(B, D)` (see `group_mask`), run `i` is of the block `P_i H P_i`: its vectors are multiplied by
+    `masks[i]` before and after the product, so a start inside a group stays inside it and the Ritz values
+    are those of the group's Hessian block.
+    """
+    bases = [[start.double() / torch.linalg.vector_norm(start.double())] for start in starts]
+    alphas: list[list[float]] = [[] for _ in bases]
+    betas: list[list[float]] = [[] for _ in bases]
+    active = list(range(len(bases)))
     for _ in range(iterations):
-        w = hvp(q.to(start.dtype)[None])[0].double()
-        alphas.append(float(torch.dot(q, w)))
-        stacked = torch.stack(basis)
-        for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice
-            w = w - stacked.T @ (stacked @ w)
-        beta = float(torch.linalg.vector_norm(w))
-        if beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas)):
-            betas.append(0.0)
+        if not active:
             break
-        betas.append(beta)
-        q = w / beta
-        basis.append(q)
+        block = torch.stack([bases[i][-1] for i in active]).to(starts.dtype)
+        mask = None if masks is None else masks[active]
+        products = torch.cat([hvp(chunk) for chunk in (block if mask is None else block * mask).split(PROBE_BLOCK)])
+        finished = set()
+        for i, w in zip(active, products if mask is None else products * mask, strict=True):
+            q, w = bases[i][-1], w.double()
+            alphas[i].append(float(torch.dot(q, w)))
+            stacked = torch.stack(bases[i])
+            for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice
+                w = w - stacked.T @ (stacked @ w)
+            beta = float(torch.linalg.vector_norm(w))
+            if beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas[i])):
+                betas[i].append(0.0)
+                finished.add(i)
+                continue
+            betas[i].append(beta)
+            bases[i].append(w / beta)
+        active = [i for i in active if i not in finished]
+    return [_top_ritz_value(a, b) for a, b in zip(alphas, betas, strict=True)]
+
+
+def _top_ritz_value(alphas: list[float], betas: list[float]) -> tuple[float, float]:
+    """`(top, residual)` of a Lanczos tridiagonal: its largest eigenvalue and `|beta_k s_k|`."""
     k = len(alphas)
     tridiagonal = np.diag(alphas) + np.diag(betas[: k - 1], 1) + np.diag(betas[: k - 1], -1)
     values, vectors = np.linalg.eigh(tridiagonal)
@@ -227,7 +248,7 @@ def hessian_for_params(
     the same probes' products, top eigenvalues from Lanczos on the block, started from the first probe
     restricted to the group. `total=False` leaves out the whole vector's four (adding the groups to a store
     that holds them). Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the
-    loss, plus `iterations` per group.
+    loss, plus `iterations` per group (taken together, `PROBE_BLOCK` groups per vectorised product).
     """
     hvp, n_params = loss_hvp(params, model, probe, device)
     probes = rademacher(n_params, n_probes, seed)
@@ -239,8 +260,8 @@ def hessian_for_params(
         out.update(hessian_trace=float(forms[:, 0].mean()), hessian_trace_stderr=float(standard_error(forms[:, 0])),
                    top_eigenvalue=top, top_eigenvalue_residual=residual)
     if groups is not None:
-        masks = [group_mask(g, n_params) for g in indices]
-        blocks = [lanczos_top_eigenvalue(restricted_hvp(hvp, m), probes[0] * m, iterations) for m in masks]
+        masks = torch.stack([group_mask(g, n_params) for g in indices])
+        blocks = lanczos_top_eigenvalues(hvp, probes[0] * masks, iterations, masks)
         out.update(group_hessian_trace=forms[:, 1:].mean(axis=0),
                    group_hessian_trace_stderr=standard_error(forms[:, 1:], axis=0),
                    group_top_eigenvalue=np.array([b[0] for b in blocks]),
