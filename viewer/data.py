@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geostore import Store, StoreError
+from geostore.analysis.flatness_stats import flatness_summary
 
 SCREE_COMPONENTS = 10
 """Principal components asked of the store: three for the projections, the rest for the scree plot."""
@@ -90,13 +91,15 @@ class Flatness:
 class Curvature:
     """The stored curvature analyses, each None when the store lacks it.
 
-    `summary`: `Store.curvature_summary` (antithetic pairs); `hessian`: `hessian_trace`, `hessian_trace_stderr`,
-    `top_eigenvalue`, `top_eigenvalue_residual` per epoch; `profile`: `Store.curvature_profile`; `n_params`:
-    the trainable parameter count D (Tr(H) / D is what the profile's normalised curvature estimates);
-    `hessian_groups`: group -> the same four arrays as `hessian`, of that group's Hessian block.
+    `summary`: `Store.curvature_summary` (antithetic pairs), `values` its per-direction curvatures `(n_epoch,
+    n_dir)`; `hessian`: `hessian_trace`, `hessian_trace_stderr`, `top_eigenvalue`, `top_eigenvalue_residual` per
+    epoch; `profile`: `Store.curvature_profile`; `n_params`: the trainable parameter count D (Tr(H) / D is what the
+    profile's normalised curvature estimates); `hessian_groups`: group -> the same four arrays as `hessian`, of
+    that group's Hessian block.
     """
 
     summary: dict[str, np.ndarray] | None
+    values: np.ndarray | None
     hessian: dict[str, np.ndarray] | None
     profile: dict[str, np.ndarray] | None
     settings: dict[str, dict]
@@ -251,14 +254,24 @@ class ViewerData:
                 groups = {str(group): {name.removeprefix("group_"): np.asarray(stored[name].sel(group=group),
                                                                                 dtype=np.float64)
                                        for name in stored.data_vars} for group in stored["group"].values}
+            antithetic = "antithetic" in present
             return Curvature(
-                summary=store.curvature_summary(FLATNESS_THRESHOLD) if "antithetic" in present else None,
+                summary=store.curvature_summary(FLATNESS_THRESHOLD) if antithetic else None,
+                values=(np.asarray(store.analysis("antithetic")["curvature"].values, dtype=np.float64) if antithetic
+                        else None),
                 hessian=hessian,
                 profile=store.curvature_profile() if "profile" in present else None,
                 settings={name: store.analysis_settings(name) for name in present},
                 n_params=store.n_trainable, hessian_groups=groups)
 
         return self._load(("curvature",), compute)
+
+    def flatness_ratio(self, kind: str, threshold: float) -> np.ndarray:
+        """Per epoch, the share of directions whose one-sided Δloss (`kind` `one_sided`) or antithetic curvature
+        (`antithetic`) stays below `threshold` times the baseline loss; needs `load_flatness` (and
+        `load_curvature`) to have run."""
+        values = self.flatness.deltas if kind == "one_sided" else self.curvature.values
+        return flatness_summary(self.flatness.summary["baseline_loss"], values, threshold)["flatness_ratio"]
 
     def missing(self, needs: str) -> str | None:
         """Why a dock (or a choice in it) that `needs` `metrics` or an analysis (`flatness`, `antithetic`,
