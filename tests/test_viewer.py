@@ -422,10 +422,12 @@ def test_flatness_dock_group_chooser_draws_each_groups_hessian_block(qtbot, open
     window = open_window(grouped_store)
     dock, store = window.docks["flatness"], geostore.open_store(grouped_store)
     groups = store.analysis("hessian_groups")
-    assert [dock.group.itemText(i) for i in range(dock.group.count())] == ["All", "Embedding", "Attention", "MLP"]
-    assert dock.kind == "antithetic" and not dock.group.isEnabled()  # groups divide the Hessian measures only
+    assert [dock.group.itemText(i) for i in range(dock.group.count())] == [
+        "whole Hessian", "Embedding block", "Attention block", "MLP block"]
+    # the chooser takes the statistic's place for the Hessian measures only
+    assert dock.kind == "antithetic" and dock.statistic.isVisibleTo(dock) and not dock.group.isVisibleTo(dock)
     dock.measure.setCurrentIndex(dock.measure.findData("hessian_trace"))
-    assert dock.group.isEnabled()
+    assert dock.group.isVisibleTo(dock) and dock.group.isEnabled() and not dock.statistic.isVisibleTo(dock)
     dock.group.setCurrentIndex(dock.group.findData("attention"))
     trace = groups["group_hessian_trace"].sel(group="attention").values
     np.testing.assert_array_equal(dock.curve.getData()[1], trace)

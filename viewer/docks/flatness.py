@@ -48,8 +48,15 @@ class FlatnessDock(ViewerDock):
         if self.data.missing("antithetic") is None:
             self.measure.setCurrentIndex(self.measure.findData("antithetic"))
         self.statistic = self.combo("statistic", METRIC_LABELS, self._draw)
-        self.group = self.combo("group", {group: group_label(group) for group in self.data.groups}, self._draw)
+        # the Hessian measures have no statistic: the group chooser takes its place (and its label's), so the
+        # toolbar keeps its width
+        self.statistic_label = self.toolbar.itemAt(self.toolbar.indexOf(self.statistic) - 1).widget()
+        self.group = self.combo(None, {group: "whole Hessian" if group == "all" else f"{group_label(group)} block"
+                                       for group in self.data.groups}, self._draw)
         self.group_reason = self.data.missing("hessian_groups")  # None when the store holds the groups' blocks
+        self.group.setToolTip(self.group_reason or "The Hessian of all weights, or one component group's block")
+        self.group.setEnabled(not self.group_reason)
+        self.group.hide()
         self.log_y = self.checkbox("log y", False, self._on_log_changed)
         # shown in the log-y box's place while the flatness ratio (never log) is drawn: the toolbar keeps its width
         self.threshold = QDoubleSpinBox(decimals=3, minimum=0.001, maximum=100.0, singleStep=0.05,
@@ -152,9 +159,9 @@ class FlatnessDock(ViewerDock):
             for index in range(self.statistic.count()):
                 self.statistic.setItemText(index, labels[self.statistic.itemData(index)])
         self.statistic.setEnabled(directional)
-        self.group.setEnabled(not directional and not self.group_reason)
-        self.group.setToolTip(self.group_reason or ("Component groups divide the Hessian measures only."
-                                                    if directional else "The Hessian block of one component group."))
+        for widget in (self.statistic_label, self.statistic):
+            widget.setVisible(directional)
+        self.group.setVisible(not directional)
         block = "" if directional or self.group_name == "all" else f" of the {group_label(self.group_name)} block"
         name = labels[key] if directional else MEASURES[kind] + block
         band = {"one_sided": "p10–p90 band", "antithetic": "p10–p90 band", "hessian_trace": "±2 s.e.",
