@@ -11,10 +11,11 @@ from PySide6.QtGui import QImage, QMouseEvent
 from PySide6.QtWidgets import QApplication
 
 import geostore
+from tests.conftest import random_params
 from tests.test_viewer_data import EPOCHS, make_store
 from viewer import palette
 from viewer.app import main
-from viewer.data import ViewerData
+from viewer.data import WEIGHT_BINS, ViewerData
 from viewer.window import MainWindow
 
 REPAINTS = 2000
@@ -560,7 +561,7 @@ def test_hovering_reads_out_the_nearest_point(qtbot, open_window, flat_store):
     values = window.data.velocities(True)["all"]
     velocity.log_y.setChecked(False)
     text = hover(qtbot, velocity, velocity.velocity_plot, EPOCHS[3], values[2])  # step 2 -> 3 is drawn at epoch 3
-    assert text.splitlines() == [f"epoch {EPOCHS[3]}", f"All: {values[2]:.4g}"]
+    assert text.splitlines() == [f"epoch {EPOCHS[3]} · memorisation", f"All: {values[2]:.4g}"]  # and its phase
     velocity.log_y.setChecked(True)  # a log axis: the read-out gives the value, not its log
     assert hover(qtbot, velocity, velocity.velocity_plot, EPOCHS[3], np.log10(values[2])).endswith(f"{values[2]:.4g}")
     (_, right), (_, top) = velocity.velocity_plot.vb.viewRange()
@@ -653,3 +654,85 @@ def test_the_start_label_gives_way_to_the_current_epoch(qtbot, open_window, flat
     assert not start.isVisible() and end.isVisible()
     trajectory.state.set_index(len(EPOCHS) - 1)
     assert start.isVisible() and not end.isVisible()
+
+
+def test_training_phases_are_shaded_on_every_epoch_axis(qtbot, open_window, tmp_path, tiny_model):
+    from geostore.store.writer import StoreWriter
+    from tests.test_phases import EPOCHS as GROK_EPOCHS
+    from tests.test_phases import grokking_curves
+
+    path = tmp_path / "grok.zarr"
+    params = {n: np.cumsum(v, axis=0) for n, v in random_params(tiny_model, range(GROK_EPOCHS.size)).items()}
+    writer = StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7})
+    writer.append(GROK_EPOCHS.tolist(), params, {**grokking_curves(), "test_accuracy": np.zeros(GROK_EPOCHS.size)})
+    writer.close()
+    window = open_window(path)
+    phases = geostore.open_store(path).phases()
+    assert list(phases) == ["memorisation", "plateau", "second_descent", "final"]
+    plots = [*window.docks["training"].plots, window.docks["velocity"].velocity_plot]
+    for plot in plots:
+        regions = window.docks["training" if plot in window.docks["training"].plots else "velocity"].phase_regions[plot]
+        assert [tuple(r.getRegion()) for r in regions] == [tuple(map(float, b)) for b in phases.values()]
+    window.state.set_index(int(np.searchsorted(GROK_EPOCHS, 70)))
+    assert window.epoch_control.position.text().endswith("· second descent")
+    window.log_epoch_action.setChecked(True)  # the bands follow the axis onto a log scale
+    velocity = window.docks["velocity"]
+    first, last = velocity.phase_regions[velocity.velocity_plot][1].getRegion()
+    assert (first, last) == pytest.approx((np.log10(20), np.log10(60)))
+
+
+def choose(qtbot, dock, box, key: str) -> None:
+    """Pick `key` in a dock's combo box and wait for what it loads."""
+    box.setCurrentIndex(box.findData(key))
+    qtbot.waitUntil(lambda: dock.ready)
+
+
+def test_weights_distribution_and_spectrum_draw_what_the_store_returns(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    dock = window.docks["distribution"]
+    choose(qtbot, dock, dock.source, "weights")
+    choose(qtbot, dock, dock.weights_group, "attention")
+    expected = geostore.open_store(flat_store).histograms("attention", bins=WEIGHT_BINS)
+    assert dock.canvas.ci.items.keys() == {dock.weights_plot, dock.heat_plot}  # the Δloss plot taken out
+    np.testing.assert_allclose(dock.heat_map.image, np.log10(1 + expected.values))
+    assert dock.heat_map.image.shape == (len(EPOCHS), WEIGHT_BINS)
+    for index in (2, 6):
+        window.epoch_control.slider.setValue(index)
+        edges, counts = dock.weights_histogram.getData()
+        np.testing.assert_array_equal(edges, expected.attrs["edges"])
+        np.testing.assert_array_equal(counts, expected[index])
+        assert dock.heat_marker.value() == index
+        assert f"epoch {EPOCHS[index]}" in dock.weights_caption.text
+    choose(qtbot, dock, dock.source, "delta")  # back to today's Δloss histogram
+    assert dock.canvas.ci.items.keys() == {dock.histogram_plot}
+    np.testing.assert_array_equal(dock.histogram.getData()[1], window.data.flatness.histogram(6, same_bins=False)[1])
+
+    # The Spectrum dock (in the same window: a window costs seconds): one ratio curve per head, the spectrum now.
+    dock = window.docks["spectrum"]
+    choose(qtbot, dock, dock.parameter, "W_Q")
+    expected = geostore.open_store(flat_store).spectrum("W_Q")
+    ratio = expected["participation_ratio"].values[:, 0]  # the one layer: (epoch, head)
+    assert len(dock.ratio_curves) == ratio.shape[1] == 2
+    for head, curve in enumerate(dock.ratio_curves):
+        x, y = curve.getData()
+        np.testing.assert_array_equal(x, EPOCHS)
+        np.testing.assert_allclose(y, ratio[:, head])
+    window.epoch_control.slider.setValue(3)
+    assert dock.line.value() == EPOCHS[3] and dock.values_plot.ctrl.logYCheck.isChecked()
+    for head, curve in enumerate(dock.value_curves):
+        x, y = curve.getOriginalDataset()
+        np.testing.assert_array_equal(x, [1, 2, 3, 4, 5, 6, 7, 8])
+        np.testing.assert_allclose(y, expected["singular_values"].values[3, 0, head])
+    window.log_epoch_action.setChecked(True)  # an epoch axis like the others
+    assert dock.ratio_plot.getAxis("bottom").logMode and dock.line.value() == pytest.approx(np.log10(EPOCHS[3]))
+
+
+def test_a_store_without_flatness_still_shows_its_weights(qtbot, open_window, bare_store):
+    window = open_window(bare_store)
+    dock = window.docks["distribution"]
+    assert dock.pages.currentWidget() is dock.message and "weights" in dock.message.text()
+    assert dock.source.isEnabled() and not dock.bins.isEnabled()
+    choose(qtbot, dock, dock.source, "weights")
+    assert dock.pages.currentWidget() is dock.canvas and dock.export_button.isEnabled()
+    np.testing.assert_array_equal(dock.weights_histogram.getData()[1],
+                                  geostore.open_store(bare_store).histograms("all", bins=WEIGHT_BINS)[0])

@@ -21,6 +21,8 @@ SCREE_COMPONENTS = 10
 """Principal components asked of the store: three for the projections, the rest for the scree plot."""
 
 HISTOGRAM_BINS = 48
+WEIGHT_BINS = 64
+"""Bins of the weight histograms (`Store.histograms`), fixed for the run."""
 FLATNESS_THRESHOLD = 0.1
 """`flatness_ratio` counts directions whose loss rises by less than this fraction of the baseline."""
 
@@ -127,6 +129,26 @@ def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     return edges, counts
 
 
+@dataclass(frozen=True)
+class WeightHistograms:
+    """`Store.histograms` of a group or parameter: `counts[i]` of epoch `i` over `edges`, the run's bins."""
+
+    group: str
+    edges: np.ndarray
+    counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """`Store.spectrum` of one parameter, its batch (layers, heads) flattened to `labels`:
+    `participation_ratio` `(n_epoch, n_matrix)`, `singular_values` `(n_epoch, n_matrix, k)`."""
+
+    name: str
+    labels: list[str]
+    participation_ratio: np.ndarray
+    singular_values: np.ndarray
+
+
 class ViewerData:
     """What the viewer shows of one store; see the module docstring."""
 
@@ -142,7 +164,10 @@ class ViewerData:
         self.unit = store.index_unit  # what the epoch axis counts: "epoch" or "step"; labels say so
         self.analyses = store.analyses()
         self.groups = tuple(store.groups)  # `all` first, then the family's groups
+        self.phases = store.phases()  # {phase: (first epoch, last epoch)} the recorded curves reach
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
+        self.weight_choices = (*self.groups, *store.param_shapes())  # what `Store.histograms` takes
+        self.matrices = store.matrices  # what `Store.spectrum` takes
         self._lock = threading.Lock()
         self._cache: dict[tuple, object] = {}  # ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
 
@@ -160,6 +185,14 @@ class ViewerData:
         if right >= self.n_epochs:
             return self.n_epochs - 1
         return right if self.x[right] - epoch < epoch - self.x[right - 1] else right - 1
+
+    def phase_at(self, epoch: float) -> str | None:
+        """The training phase `epoch` lies in (the later one at a boundary), or None."""
+        found = None
+        for phase, (first, last) in self.phases.items():
+            if first <= epoch <= last:
+                found = phase
+        return found
 
     def index_of(self, epoch: int) -> int:
         """Index of a stored epoch; StoreError naming the nearest one if `epoch` is not stored."""
@@ -265,6 +298,39 @@ class ViewerData:
                 n_params=store.n_trainable, hessian_groups=groups)
 
         return self._load(("curvature",), compute)
+
+    def weight_histograms(self, group: str) -> WeightHistograms | None:
+        """The cached histograms of a group's weights, or None until `load_weight_histograms(group)` ran."""
+        return self._cache.get(("weights", group))
+
+    def load_weight_histograms(self, group: str) -> WeightHistograms:
+        """Per-epoch histograms of a group's (or a parameter's) weights over the run's bins."""
+
+        def compute() -> WeightHistograms:
+            found = self.store.histograms(group, bins=WEIGHT_BINS)
+            return WeightHistograms(group=group, edges=np.asarray(found.attrs["edges"], dtype=np.float64),
+                                    counts=np.asarray(found.values, dtype=np.int64))
+
+        return self._load(("weights", group), compute)
+
+    def spectrum(self, name: str) -> Spectrum | None:
+        """The cached spectrum of a parameter, or None until `load_spectrum(name)` ran."""
+        return self._cache.get(("spectrum", name))
+
+    def load_spectrum(self, name: str) -> Spectrum:
+        """Singular values and participation ratio of every matrix of a parameter at every epoch."""
+
+        def compute() -> Spectrum:
+            from geostore.analysis.weights import batch_labels
+
+            found = self.store.spectrum(name)
+            ratio, values = found["participation_ratio"], found["singular_values"].values
+            return Spectrum(name=name, labels=batch_labels(name, dict(zip(ratio.dims[1:], ratio.shape[1:],
+                                                                          strict=True))),
+                            participation_ratio=ratio.values.reshape(self.n_epochs, -1),
+                            singular_values=values.reshape(self.n_epochs, -1, values.shape[-1]))
+
+        return self._load(("spectrum", name), compute)
 
     def flatness_ratio(self, kind: str, threshold: float) -> np.ndarray:
         """Per epoch, the share of directions whose one-sided Δloss (`kind` `one_sided`) or antithetic curvature

@@ -146,6 +146,20 @@ class Store:
                 out[name] = values
         return out
 
+    def phases(self, *, train_loss_threshold: float = 1e-6, test_loss_threshold: float = 1e-6,
+               descent_fraction: float = 0.8) -> dict[str, tuple[int, int]]:
+        """The training phases the recorded curves reach, `{phase: (first epoch, last epoch)}` in order:
+        `memorisation`, `plateau`, `second_descent`, `final` (see `geostore.analysis.phases`); {} when the sources
+        recorded no train and test loss."""
+        from geostore.analysis.phases import training_phases
+
+        metrics = self.metrics()
+        if "train_loss" not in metrics or "test_loss" not in metrics:
+            return {}
+        return training_phases(self.epochs, metrics["train_loss"], metrics["test_loss"],
+                               metrics.get("train_accuracy"), train_loss_threshold=train_loss_threshold,
+                               test_loss_threshold=test_loss_threshold, descent_fraction=descent_fraction)
+
     def train_mask(self) -> np.ndarray | None:
         """The task's train split as a boolean array (dimensions from the family), or None if not recorded."""
         if schema.SPLIT not in self._group:
@@ -387,6 +401,40 @@ class Store:
         from geostore.store import derived
 
         return derived.velocities(self, per_epoch=per_epoch, memory_budget=memory_budget)
+
+    # ------------------------------------------------------------------------------------ weights
+    def histograms(self, name_or_group: str | Sequence[str] = "all", bins: int = 64) -> xr.DataArray:
+        """Per-epoch histograms of a parameter's or a group's values, over `bins` equal bins fixed for the run
+        (spanning the run-wide min and max), so epochs compare bin by bin.
+
+        A DataArray `counts` over (`epoch`, `bin`): `bin` holds the bin centres, `bin_low` and `bin_high` the
+        edges (all `bins + 1` in `attrs["edges"]`); row `i` equals `numpy.histogram(values_i, bins=edges)`.
+        Computed out of core (one pass for the extremes, one to count) and cached in the store: new epochs
+        cost their own rows while they stay inside the cached range (see `geostore.store.weights`).
+        """
+        from geostore.store import weights
+
+        return weights.histograms(self, name_or_group, bins)
+
+    def spectrum(self, name: str) -> xr.Dataset:
+        """Singular values of a weight matrix at every epoch and their participation ratio `(sum s)^2 / sum s^2`
+        (REQ_030's effective dimensionality: 1 at rank 1, n for n equal singular values).
+
+        `name` is a parameter (or `name[l]`, one layer): its last two axes are the matrix, axes before them a
+        batch of matrices (`layer`, `head`). A Dataset with `singular_values` over (`epoch`, *batch,
+        `singular_index`) (descending, 1 the largest) and `participation_ratio` over (`epoch`, *batch).
+        StoreError for a group or a parameter without two axes per layer (biases).
+        """
+        from geostore.store import weights
+
+        return weights.spectrum(self, name)
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """Parameters with a `spectrum`: two axes or more per layer (weight matrices, per-head ones included)."""
+        from geostore.store import weights
+
+        return weights.matrices(self)
 
     # ---------------------------------------------------------------------------------- protocol
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """`ViewerDock`: what every dock shares — toolbar, busy indicator, export menu, the unavailable state,
-epoch axes (click-to-select, linear or log scale), hover read-outs and the current-epoch line.
+epoch axes (click-to-select, linear or log scale, the training phases shaded), hover read-outs and the
+current-epoch line.
 
 A dock builds its plots once (`build`), draws the whole-run data once it is loaded, and on every
 epoch change (`refresh(index)`) moves only its highlight items: that keeps scrubbing fast.
@@ -68,6 +69,7 @@ class ViewerDock(QDockWidget):
         self.reason: str | None = None
         self._running = 0
         self.epoch_plots: list[pg.PlotItem] = []
+        self.phase_regions: dict[pg.PlotItem, list[pg.LinearRegionItem]] = {}
         self.readouts: dict[pg.PlotItem, pg.TextItem] = {}
 
         body = QWidget()
@@ -161,6 +163,15 @@ class ViewerDock(QDockWidget):
 
         self.jobs.submit(fn, done, failed)
 
+    def run_unless_cached(self, cached: object | None, fn: Callable[[], object],
+                          on_done: Callable[[object], None]) -> None:
+        """`on_done(cached)` at once when the data were loaded before, else `run(fn, on_done)`."""
+        if cached is None:
+            self.run(fn, on_done)
+            return
+        on_done(cached)
+        self.refresh(self.state.index)
+
     def _finish(self) -> None:
         self._running -= 1
         self._show_busy(self._running > 0)
@@ -177,6 +188,15 @@ class ViewerDock(QDockWidget):
             widget = self.toolbar.itemAt(i).widget()
             if widget is not None:
                 widget.setEnabled(False)
+
+    def set_available(self) -> None:
+        """Undo `set_unavailable`: the plots and the controls back (a dock whose choice changed what it needs)."""
+        self.reason = None
+        self.pages.setCurrentWidget(self.canvas)
+        for i in range(self.toolbar.count()):
+            widget = self.toolbar.itemAt(i).widget()
+            if widget is not None:
+                widget.setEnabled(True)
 
     def _on_epoch_changed(self, index: int) -> None:
         if self.reason is None:
@@ -259,8 +279,25 @@ class ViewerDock(QDockWidget):
         self.canvas.scene().sigMouseClicked.connect(clicked)
         self.epoch_plots.append(plot)
         self.hover(plot)
+        self.phase_regions[plot] = [self._phase_region(plot, phase) for phase in self.data.phases]
         if self.state.log_epoch:
             plot.setLogMode(x=True)
+            self._place_phases()
+
+    def _phase_region(self, plot: pg.PlotItem, phase: str) -> pg.LinearRegionItem:
+        """A faint band behind `plot` over the epochs of training phase `phase` (`Store.phases`)."""
+        region = pg.LinearRegionItem(orientation="vertical", movable=False, pen=pg.mkPen(None),
+                                     brush=palette.translucent(palette.PHASES[phase], palette.PHASE_ALPHA))
+        region.setZValue(-100)
+        region.setToolTip(phase.replace("_", " "))
+        region.setRegion([self.epoch_x(e) for e in self.data.phases[phase]])
+        plot.addItem(region, ignoreBounds=True)
+        return region
+
+    def _place_phases(self) -> None:
+        for regions in self.phase_regions.values():
+            for region, phase in zip(regions, self.data.phases, strict=True):
+                region.setRegion([self.epoch_x(e) for e in self.data.phases[phase]])
 
     def epoch_x(self, epochs: float | np.ndarray) -> float | np.ndarray:
         """Where `epochs` lie in the epoch axes' view coordinates, for items that a plot's log mode does not move
@@ -300,6 +337,7 @@ class ViewerDock(QDockWidget):
         for plot in self.epoch_plots:
             plot.setLogMode(x=log)
             self.fit_epochs(plot)
+        self._place_phases()
         self.epoch_axis_changed(log)
         if self.reason is None:
             self.refresh(self.state.index)
@@ -321,8 +359,9 @@ class ViewerDock(QDockWidget):
         label) and value; subclasses override it where their points mean more."""
         x, y = (values[i] for values in self.points_of(item))
         name = item.name() or plot.getAxis("left").labelText
-        where = (f"{self.data.unit} {x:g}" if plot in self.epoch_plots
-                 else f"{plot.getAxis('bottom').labelText} {x:.4g}")
+        phase = self.data.phase_at(x) if plot in self.epoch_plots else None
+        where = (f"{self.data.unit} {x:g}" + (f" · {phase.replace('_', ' ')}" if phase else "")
+                 if plot in self.epoch_plots else f"{plot.getAxis('bottom').labelText} {x:.4g}")
         return f"{where}\n{name}: {y:.4g}"
 
     def _on_mouse_moved(self, position) -> None:
