@@ -30,6 +30,7 @@ ANALYSIS_HELP = {
     "antithetic": ("antithetic curvature", " --antithetic"),
     "profile": ("curvature profile", " --profile-epsilons 0.01,0.03,0.1,0.3"),
     "hessian": ("Hessian trace or eigenvalue", " --hessian"),
+    "hessian_groups": ("Hessian by component group", " --hessian"),
 }
 """What each analysis is called in messages, and the `geostore flatness` option that adds it."""
 
@@ -94,7 +95,8 @@ class Curvature:
     `summary`: `Store.curvature_summary` (antithetic pairs), `values` its per-direction curvatures `(n_epoch,
     n_dir)`; `hessian`: `hessian_trace`, `hessian_trace_stderr`, `top_eigenvalue`, `top_eigenvalue_residual` per
     epoch; `profile`: `Store.curvature_profile`; `n_params`: the trainable parameter count D (Tr(H) / D is what the
-    profile's normalised curvature estimates).
+    profile's normalised curvature estimates); `hessian_groups`: group -> the same four arrays as `hessian`, of
+    that group's Hessian block.
     """
 
     summary: dict[str, np.ndarray] | None
@@ -103,6 +105,47 @@ class Curvature:
     profile: dict[str, np.ndarray] | None
     settings: dict[str, dict]
     n_params: int
+    hessian_groups: dict[str, dict[str, np.ndarray]] | None = None
+
+
+@dataclass(frozen=True)
+class Plane:
+    """A group's stored loss plane (`Store.loss_plane`): `loss` `(len(pc1), len(pc2))` on the grid `pc1` x `pc2`,
+    NaN in rows not computed; the trajectory's `projections` `(len(epochs), 2)` in the plane's basis and the two
+    components' `explained` variance ratios; `stale` when epochs were added after its basis was fitted."""
+
+    group: str
+    pc1: np.ndarray
+    pc2: np.ndarray
+    loss: np.ndarray
+    epochs: np.ndarray
+    projections: np.ndarray
+    explained: np.ndarray
+    stale: bool
+
+    def position(self, epoch: int) -> np.ndarray | None:
+        """`(pc1, pc2)` of a stored epoch on the plane, or None when the plane's basis predates it."""
+        index = int(np.searchsorted(self.epochs, epoch))
+        if index < self.epochs.size and self.epochs[index] == epoch:
+            return self.projections[index]
+        return None
+
+    def loss_near(self, a: float, b: float) -> float:
+        """The loss at the grid point nearest `(pc1, pc2)` = `(a, b)`."""
+        return float(self.loss[np.abs(self.pc1 - a).argmin(), np.abs(self.pc2 - b).argmin()])
+
+
+def upsample(values: np.ndarray, factor: int) -> np.ndarray:
+    """`values` `(n, m)` linearly interpolated onto a grid `factor` times finer along both axes (same corners):
+    smooth contours from a coarse grid. NaN spreads to the points it touches."""
+    out = values
+    for axis in (0, 1):
+        n = out.shape[axis]
+        fine = np.linspace(0, n - 1, (n - 1) * factor + 1)
+        low = np.minimum(np.floor(fine).astype(np.intp), n - 2)
+        weight = (fine - low).reshape((-1, 1) if axis == 0 else (1, -1))
+        out = np.take(out, low, axis=axis) * (1 - weight) + np.take(out, low + 1, axis=axis) * weight
+    return out
 
 
 def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +280,12 @@ class ViewerData(EpochAxis):
             if "hessian" in present:
                 stored = store.analysis("hessian").compute()
                 hessian = {name: np.asarray(stored[name], dtype=np.float64) for name in stored.data_vars}
+            groups = None
+            if "hessian_groups" in present:  # `group_top_eigenvalue` over (epoch, group) -> `top_eigenvalue` by group
+                stored = store.analysis("hessian_groups").compute()
+                groups = {str(group): {name.removeprefix("group_"): np.asarray(stored[name].sel(group=group),
+                                                                                dtype=np.float64)
+                                       for name in stored.data_vars} for group in stored["group"].values}
             antithetic = "antithetic" in present
             return Curvature(
                 summary=store.curvature_summary(FLATNESS_THRESHOLD) if antithetic else None,
@@ -245,7 +294,7 @@ class ViewerData(EpochAxis):
                 hessian=hessian,
                 profile=store.curvature_profile() if "profile" in present else None,
                 settings={name: store.analysis_settings(name) for name in present},
-                n_params=store.n_trainable)
+                n_params=store.n_trainable, hessian_groups=groups)
 
         return self._load(("curvature",), compute)
 
@@ -289,11 +338,36 @@ class ViewerData(EpochAxis):
         values = self.flatness.deltas if kind == "one_sided" else self.curvature.values
         return flatness_summary(self.flatness.summary["baseline_loss"], values, threshold)["flatness_ratio"]
 
+    @property
+    def planes(self) -> list[str]:
+        """The groups whose loss planes the store holds (listed once)."""
+        return self._load(("planes",), self.store.planes)
+
+    def plane(self, group: str) -> Plane | None:
+        """The cached loss plane of `group`, or None until `load_plane` ran."""
+        return self._cache.get(("plane", group))
+
+    def load_plane(self, group: str) -> Plane:
+        """A group's stored loss plane, through `Store.loss_plane` (a small file: read at once)."""
+
+        def compute() -> Plane:
+            plane = self.store.loss_plane(group)
+            return Plane(group=group, pc1=plane["pc1"].values, pc2=plane["pc2"].values,
+                         loss=np.asarray(plane["loss"], dtype=np.float64), epochs=plane["epoch"].values,
+                         projections=np.asarray(plane["projections"], dtype=np.float64),
+                         explained=np.asarray(plane["explained_variance_ratio"], dtype=np.float64),
+                         stale=bool(plane.attrs["stale"]))
+
+        return self._load(("plane", group), compute)
+
     def missing(self, needs: str) -> str | None:
-        """Why a dock (or a choice in it) that `needs` `metrics` or an analysis (`flatness`, `antithetic`,
-        `profile`, `hessian`) cannot show this store, or None."""
+        """Why a dock (or a choice in it) that `needs` `metrics`, a loss `plane` or an analysis (`flatness`,
+        `antithetic`, `profile`, `hessian`, `hessian_groups`) cannot show this store, or None."""
         if needs == "metrics":
             return None if self.metrics else "No training metrics recorded by this store's sources."
+        if needs == "plane":
+            return None if self.planes else (f"No loss plane stored — run `geostore plane {self.store.path}` "
+                                             "to add it.")
         if needs in self.analyses:
             return None
         what, option = ANALYSIS_HELP[needs]

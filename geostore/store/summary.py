@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from geostore.store.plane import describe as describe_planes
+
 if TYPE_CHECKING:
     from geostore.store.reader import Store
 
@@ -26,6 +28,8 @@ def _describe_settings(analysis: str, settings: dict) -> str:
         scale = " x the weight norm" if settings["relative"] else ""
         values = ", ".join(f"{e:g}" for e in settings["epsilons"])
         return f"epsilon {values}{scale}, {settings['n_directions']} directions"
+    if analysis == "hessian_groups":
+        return f"trace and top eigenvalue of the Hessian block of {', '.join(settings['groups'])}"
     return (f"Hutchinson trace ({settings['n_probes']} probes), top eigenvalue ({settings['iterations']} Lanczos "
             f"steps), seed {settings['seed']}")
 
@@ -69,6 +73,7 @@ def describe(store: Store) -> str:
         done = f"{store.analysis_epochs(name).size} of {store.epochs.size} epochs complete"
         lines.append(f"{name:<11} {_describe_settings(name, settings)}: {done}")
     lines.append(f"analyses    {', '.join(analyses) if analyses else 'none stored yet'}")
+    lines.extend(describe_planes(store))
     return "\n".join(lines)
 
 
