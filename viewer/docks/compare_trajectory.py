@@ -22,7 +22,6 @@ class CompareTrajectoryDock(CompareDock, TrajectoryDock):
     """Every run's 2D path in the shared PCA basis of a component group; the group and PC choices are
     `TrajectoryDock`'s."""
 
-    NAME = "trajectory"
     TITLE = "Trajectories (shared basis)"
 
     def build(self) -> None:

@@ -11,10 +11,7 @@ from viewer.docks.velocity import MODES, VelocityDock
 
 class CompareVelocityDock(CompareDock, VelocityDock):
     """`‖θ(i+1) − θ(i)‖` of all weights, one curve per run; loading, the rate and log-y choices and settings are
-    `VelocityDock`'s."""
-
-    NAME = "velocity"
-    TITLE = "Velocity"
+    `VelocityDock`'s, as are its name and title."""
 
     def build(self) -> None:
         self.mode = self.combo("rate", MODES, self.load)
