@@ -21,6 +21,7 @@ from viewer.app import load_data, main
 from viewer.compare_window import CompareWindow
 from viewer.data import ViewerData
 from viewer.sweep_data import SweepViewerData
+from viewer.sweep_state import SweepState
 
 RUNS = {"seed0": [0, 10, 20, 40, 80], "seed1": [0, 10, 20, 40, 80, 160], "seed2": [5, 10, 20, 40, 80]}
 FLAT = ("seed0", "seed1")
@@ -138,3 +139,20 @@ def test_geoview_opens_a_sweep_in_comparison_mode_and_one_run_with_run(sweep_pat
     assert main([str(sweep_path), "--epoch", "7", "--screenshot", str(tmp_path / "bad.png")]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "epoch 7 is not stored (nearest: 5)" in err
+
+
+def test_the_run_selection_emits_only_real_changes_and_refuses_unknown_runs():
+    state = SweepState(4, ("all",), ("a", "b", "c"))
+    seen = []
+    state.selection_changed.connect(seen.append)
+    state.reference_changed.connect(seen.append)
+    state.set_shown("b", False)
+    state.set_selected(["c", "a"])  # the same runs: no event; kept in the sweep's order
+    state.set_reference("b")  # the reference need not be shown
+    state.set_reference("b")
+    assert seen == [("a", "c"), "b"] and state.selected == ("a", "c")
+    with pytest.raises(ValueError, match="unknown run 'd'"):
+        state.set_selected(["a", "d"])
+    with pytest.raises(ValueError, match="unknown run 'd'"):
+        state.set_reference("d")
+    assert state.selected == ("a", "c") and state.reference == "b"
