@@ -385,6 +385,12 @@ class Store:
         return derived.velocities(self, per_epoch=per_epoch, memory_budget=memory_budget)
 
     # ---------------------------------------------------------------------------------- protocol
+    def reopen(self) -> Store:
+        """A new handle on the store's latest commit; this one keeps reading the commit it opened. How a follower
+        (`geoview --follow`, `geostore flatness --follow`) sees the epochs written since: one read of the root
+        `zarr.json` and of the epoch axis."""
+        return type(self)(self.location, families=self._families)
+
     def close(self) -> None:
         """Release the handle (a no-op for local stores; kept for the context-manager protocol)."""
 
