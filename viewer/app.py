@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--screenshot", metavar="OUT.png", type=Path,
                         help="render the whole window offscreen into this image and exit")
     parser.add_argument("--epoch", type=int, help="open at this stored epoch (default: the first)")
+    parser.add_argument("--follow", action="store_true",
+                        help="show new epochs as a run records them into the store (`geostore train --store`); "
+                             "opens at the newest epoch and follows it unless you move the slider away")
     parser.add_argument("--group", default="all", metavar="G",
                         help="component group of the trajectory (the store's groups; default all)")
     parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, metavar="WxH",
@@ -54,8 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from viewer.data import ViewerData
 
-        data = ViewerData(open_store(args.store, args.run))
-        index = 0 if args.epoch is None else data.index_of(args.epoch)
+        store = open_store(args.store, args.run)
+        if args.follow:
+            store = wait_for_epochs(store)
+        data = ViewerData(store)
+        index = (data.n_epochs - 1 if args.follow else 0) if args.epoch is None else data.index_of(args.epoch)
         if args.group not in data.groups:
             raise GeostoreError(f"--group {args.group}: not a group of {args.store} ({', '.join(data.groups)})")
     except GeostoreError as exc:
@@ -69,13 +76,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     palette.apply_theme()
     settings = None if args.screenshot is not None else open_settings(args.settings)
-    window = MainWindow(data, settings=settings, index=index, group=args.group)
+    window = MainWindow(data, settings=settings, index=index, group=args.group, follow=args.follow)
     if args.screenshot is not None:
         return screenshot(window, args.screenshot, args.size)
     if settings is None or settings.value("window/geometry") is None:
         window.resize(*args.size)
     window.show()
     return app.exec()
+
+
+def wait_for_epochs(store, needed: int = 2, poll: float = 1.0):
+    """`store`, or its first commit holding the `needed` epochs the viewer draws (a run that just began recording
+    into it), saying once on stderr that it waits."""
+    if store.epochs.size < needed:
+        print(f"geoview: {store.path} holds {store.epochs.size} epoch(s); waiting for {needed}", file=sys.stderr)
+    while store.epochs.size < needed:
+        time.sleep(poll)
+        store = store.reopen()
+    return store
 
 
 def screenshot(window, out: Path, size: tuple[int, int]) -> int:

@@ -8,13 +8,14 @@ a worker thread; each caches its result, so asking twice costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from geostore import Store, StoreError
+from geostore import GeostoreError, Store, StoreError
 
 SCREE_COMPONENTS = 10
 """Principal components asked of the store: three for the projections, the rest for the scree plot."""
@@ -101,6 +102,12 @@ class Curvature:
     n_params: int
 
 
+def _signature(store: Store) -> tuple:
+    """What the viewer shows of a store changes with: its epochs and the epochs each analysis completed."""
+    return (tuple(store.epochs.tolist()),
+            tuple((name, store.analysis_epochs(name).size) for name in store.analyses()))
+
+
 def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Histograms of every row of `values` `(n, m)` over one set of `bins` edges spanning all finite values.
 
@@ -139,6 +146,21 @@ class ViewerData:
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
         self._lock = threading.Lock()
         self._cache: dict[tuple, object] = {}  # ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
+
+    # ----------------------------------------------------------------------------- following
+    def follow(self) -> ViewerData | None:
+        """The store's latest commit as new data when it changed (epochs, analyses or their completed epochs: a
+        run recording into it, `geostore flatness --follow`), else None. The new data comes with what this one
+        has loaded (PCA, velocities, flatness, ...) loaded again, so the docks swap to it at once; the store's
+        caches make that cost only the new epochs. Slow: call it on the worker thread."""
+        store = self.store.reopen()
+        if _signature(store) == _signature(self.store):
+            return None
+        data = ViewerData(store)
+        for key in list(self._cache):
+            with contextlib.suppress(GeostoreError):  # the dock that asks again shows the error
+                getattr(data, f"load_{key[0]}")(*key[1:])
+        return data
 
     # --------------------------------------------------------------------------- epoch axis
     @property

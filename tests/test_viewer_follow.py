@@ -1,0 +1,75 @@
+"""`geoview --follow` on a real store that a Recorder extends while the window is open (pytest-qt, offscreen)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from test_follow import _recorder, _state
+
+import geostore
+from tests.conftest import random_params
+from tests.test_viewer import open_window, private_settings  # noqa: F401 (fixtures)
+
+EPOCHS = [0, 5, 10, 20, 40, 80]
+
+
+def _pca_ratio(store, k):
+    """PC variance ratios of the flattened trainable weights by numpy's SVD (independent of `Store.pca`)."""
+    x = np.asarray(store.flatten("all").compute(), dtype=np.float64)
+    s = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)
+    return (s**2 / (s**2).sum())[:k]
+
+
+def test_a_followed_window_shows_new_epochs_and_follows_the_newest_unless_moved(
+        qtbot, open_window, tmp_path, tiny_model, tiny_config):  # noqa: F811
+    path = tmp_path / "live.zarr"
+    params = random_params(tiny_model, EPOCHS, seed=5)
+    recorder = _recorder(path, tiny_model, tiny_config)
+
+    def record(i):
+        recorder.record(EPOCHS[i], _state(tiny_model, params, i), {"train_loss": 1.0 / (i + 1)})
+
+    for i in range(3):
+        record(i)
+    window = open_window(path, index=2, follow=True)
+    window.follow_timer.setInterval(50)
+    control, training = window.epoch_control, window.docks["training"]
+
+    def shows(n):
+        def check():
+            assert control.slider.maximum() == n - 1 and not window.jobs.busy
+        qtbot.waitUntil(check, timeout=20_000)
+        assert window.data.n_epochs == n
+        np.testing.assert_array_equal(window.data.epochs, EPOCHS[:n])
+        marks = [item for item in training.rug.items if isinstance(item, pg.ScatterPlotItem)]
+        np.testing.assert_array_equal(marks[0].getData()[0], EPOCHS[:n])  # the rug extended
+
+    record(3)
+    shows(4)
+    assert window.state.index == 3 and control.spin.value() == EPOCHS[3]  # it followed the newest epoch
+    assert control.position.text() == "checkpoint 4 / 4"
+    trajectory = window.data.trajectory("all")
+    assert trajectory.projections.shape[0] == 4  # refitted on the new epochs, drawn by the dock
+    assert len(window.docks["trajectory"].points.data) == 4
+    np.testing.assert_allclose(trajectory.explained_variance_ratio[:3],
+                               _pca_ratio(geostore.open_store(path), 3), rtol=1e-6)
+    np.testing.assert_array_equal(training.loss_plot.listDataItems()[0].yData, [1, 1 / 2, 1 / 3, 1 / 4])
+
+    control.slider.setValue(1)  # the user moves away from the newest epoch: new epochs do not move it
+    record(4)
+    shows(5)
+    assert window.state.index == 1 and control.spin.value() == EPOCHS[1]
+    assert control.position.text() == "checkpoint 2 / 5"
+
+    qtbot.keyClick(control, Qt.Key.Key_End)  # back at the newest: following again
+    assert window.state.index == 4
+    record(5)
+    shows(6)
+    assert window.state.index == 5 and control.spin.value() == EPOCHS[5]
+    assert window.docks["flatness"].reason is not None  # no flatness yet
+
+    geostore.compute(path, n_directions=2, progress=False)  # an analysis added while the window follows
+    qtbot.waitUntil(lambda: window.docks["flatness"].reason is None and not window.jobs.busy, timeout=20_000)
+    np.testing.assert_array_equal(window.data.flatness.complete, [True] * 6)
+    assert window.state.index == 5
