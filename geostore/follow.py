@@ -1,6 +1,6 @@
 """Keep a store's landscape analyses complete while epochs arrive: `geostore flatness STORE --follow`.
 
-A follower polls the store's commit record (`Store.reopen`: the root `zarr.json` and the epoch axis, no lock) and
+A follower polls the store's commit record (`Store.changed`: one read of the root `zarr.json`, no lock) and
 runs one `geostore.compute` pass whenever the epochs changed. Each pass is an ordinary writer session: it holds
 the store's lock only while it computes and writes the new epochs, so a `Recorder` training into the store waits
 for one pass at most, and every pass that finished stays in the store when the follower is stopped.
@@ -59,4 +59,5 @@ def follow_compute(
         else:
             left = None if until_idle is None else until_idle - (time.monotonic() - changed_at)
             time.sleep(poll if left is None else min(poll, max(left, 0.0)))
-        handle = handle.reopen()
+        if handle.changed():
+            handle = handle.reopen()

@@ -153,6 +153,8 @@ class ViewerData:
         run recording into it, `geostore flatness --follow`), else None. The new data comes with what this one
         has loaded (PCA, velocities, flatness, ...) loaded again, so the docks swap to it at once; the store's
         caches make that cost only the new epochs. Slow: call it on the worker thread."""
+        if not self.store.changed():
+            return None
         store = self.store.reopen()
         if _signature(store) == _signature(self.store):
             return None

@@ -385,6 +385,14 @@ class Store:
         return derived.velocities(self, per_epoch=per_epoch, memory_budget=memory_budget)
 
     # ---------------------------------------------------------------------------------- protocol
+    def changed(self) -> bool:
+        """Whether the store holds a newer commit than the one this handle reads: one read of the root `zarr.json`,
+        what a follower does each time before it pays for `reopen`."""
+        try:
+            return self.location.read_bytes(layout.ROOT_META) != self._group.store.root_bytes
+        except FileNotFoundError:
+            return True
+
     def reopen(self) -> Store:
         """A new handle on the store's latest commit; this one keeps reading the commit it opened. How a follower
         (`geoview --follow`, `geostore flatness --follow`) sees the epochs written since: one read of the root
