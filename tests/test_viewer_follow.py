@@ -70,3 +70,21 @@ def test_a_followed_window_shows_new_epochs_and_follows_the_newest_unless_moved(
 
     qtbot.keyClick(control, Qt.Key.Key_End)  # back at the newest epoch, where new ones will be followed again
     assert window.state.index == 4 and control.spin.value() == EPOCHS[4]
+
+
+def test_geoview_follow_waits_for_a_store_that_holds_too_few_epochs(tmp_path, tiny_model, tiny_config, capsys):
+    """A run that has just begun recording holds one epoch: `--follow` waits (saying so once) for the second."""
+    import threading
+
+    from viewer.app import wait_for_epochs
+
+    path = tmp_path / "new.zarr"
+    params = random_params(tiny_model, range(2), seed=6)
+    recorder = _recorder(path, tiny_model, tiny_config)
+    recorder.record(0, _state(tiny_model, params, 0))
+    later = threading.Timer(0.3, lambda: recorder.record(7, _state(tiny_model, params, 1)))
+    later.start()
+    store = wait_for_epochs(geostore.open_store(path), poll=0.05)
+    later.join()
+    np.testing.assert_array_equal(store.epochs, [0, 7])
+    assert capsys.readouterr().err == f"geoview: {path} holds 1 epoch(s); waiting for 2\n"
