@@ -38,9 +38,10 @@ def test_a_followed_window_shows_new_epochs_and_follows_the_newest_unless_moved(
     window.follow_timer.setInterval(50)
     control, training = window.epoch_control, window.docks["training"]
 
-    def shows(n):
-        def check():
+    def shows(n, analysed=0):
+        def check():  # the window caught up with the store: every epoch, and the analysed ones, loaded and drawn
             assert control.slider.maximum() == n - 1 and not window.jobs.busy
+            assert analysed == 0 or window.data.store.analysis_epochs("flatness").size == analysed
         qtbot.waitUntil(check, timeout=20_000)
         assert window.data.n_epochs == n
         np.testing.assert_array_equal(window.data.epochs, EPOCHS[:n])
@@ -62,7 +63,7 @@ def test_a_followed_window_shows_new_epochs_and_follows_the_newest_unless_moved(
     assert window.docks["flatness"].reason is not None  # no flatness stored yet
     record(4)
     geostore.compute(path, n_directions=2, progress=False)  # an analysis added while the window follows
-    shows(5)
+    shows(5, analysed=5)
     assert window.state.index == 1 and control.spin.value() == EPOCHS[1]
     assert control.position.text() == "checkpoint 2 / 5"
     assert window.docks["flatness"].reason is None
