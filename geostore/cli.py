@@ -8,6 +8,7 @@ and a non-zero exit code; no traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -276,7 +277,18 @@ def _fresh(read, attempts: int = 3):
 
 
 def _pca(args: argparse.Namespace) -> int:
+    if args.shared and args.run is not None:
+        raise GeostoreError("--shared fits one basis on several runs of a sweep: use --runs, not --run")
+    if args.runs is not None and not args.shared:
+        raise GeostoreError("--runs chooses the runs of a shared basis: add --shared")
+
     def read():
+        if args.shared:
+            from geostore import open_sweep
+
+            runs = None if args.runs is None else [r for r in args.runs.split(",") if r]
+            return open_sweep(args.store).pca(_group(args.group), args.components, runs=runs,
+                                              fit_epochs=args.fit_epochs)
         with open_store_or_run(args.store, args.run) as store:
             return store.pca(_group(args.group), args.components, fit_epochs=args.fit_epochs)
 
@@ -286,8 +298,16 @@ def _pca(args: argparse.Namespace) -> int:
                                                                       strict=True))
     print(f"{args.store}: group {args.group}, explained variance ratio {ratios}", file=sys.stderr)
     projections = result["projections"]
-    rows = [[int(e), *map(float, p)] for e, p in zip(projections["epoch"].values, projections.values, strict=True)]
-    _write_table(["epoch", *(f"PC{int(c)}" for c in result["component"].values)], rows, args.csv)
+    header = ["epoch", *(f"PC{int(c)}" for c in result["component"].values)]
+    if args.shared:  # one row per run and epoch it holds
+        rows = [[str(run), int(e), *map(float, p)] for run in projections["run"].values
+                for e, p in zip(projections["epoch"].values, projections.sel(run=run).values, strict=True)
+                if all(math.isfinite(v) for v in p)]
+        header = ["run", *header]
+    else:
+        rows = [[int(e), *map(float, p)] for e, p in zip(projections["epoch"].values, projections.values,
+                                                         strict=True)]
+    _write_table(header, rows, args.csv)
     return 0
 
 
@@ -405,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     pca.add_argument("--components", type=int, default=3, metavar="K", help="principal components (default 3)")
     pca.add_argument("--fit-epochs", type=_epoch_range, metavar="A:B",
                      help="fit the basis on epochs A..B (inclusive) only")
+    pca.add_argument("--shared", action="store_true",
+                     help="STORE is a sweep: one basis fitted on all its runs' epochs, every run projected on it "
+                          "(rows: run, epoch, PC1..)")
+    pca.add_argument("--runs", metavar="A,B", help="with --shared, the runs to include (default all)")
     pca.set_defaults(handler=_pca)
 
     velocity = sub.add_parser("velocity", help="distance moved in weight space between checkpoints",

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QPointF, QSettings, Qt
-from PySide6.QtGui import QImage
+from PySide6.QtCore import QEvent, QPointF, QSettings, Qt
+from PySide6.QtGui import QImage, QMouseEvent
+from PySide6.QtWidgets import QApplication
 
 import geostore
+from tests.conftest import random_params
 from tests.test_viewer_data import EPOCHS, make_store
 from viewer import palette
 from viewer.app import main
@@ -488,3 +490,143 @@ def test_points_are_coloured_by_test_loss_by_default_and_every_choice_fills_the_
     bare = open_window(make_store(tmp_path / "nometrics.zarr", tiny_model, metrics=False)).docks["trajectory"]
     assert bare.colour.currentData() == "log_epoch"
     assert not bare.colour.model().item(bare.colour.findData("test_loss")).isEnabled()
+
+
+# ------------------------------------------------------------------------------- read-outs, epoch axes, threshold
+def hover(qtbot, dock, plot, x: float, y: float) -> str:
+    """Move the mouse (a real move event to the plot's widget) over view point (x, y) of `plot`; the read-out it
+    shows ("" when hidden)."""
+    qtbot.wait(20)  # let the plot apply a pending range change
+    viewport = dock.canvas.viewport()
+    pos = QPointF(dock.canvas.mapFromScene(plot.vb.mapViewToScene(QPointF(x, y))))
+    QApplication.sendEvent(viewport, QMouseEvent(QEvent.Type.MouseMove, pos, QPointF(viewport.mapToGlobal(pos)),
+                                                 Qt.MouseButton.NoButton, Qt.MouseButton.NoButton,
+                                                 Qt.KeyboardModifier.NoModifier))
+    text = dock.readouts[plot]
+    return text.toPlainText() if text.isVisible() else ""
+
+
+def test_hovering_reads_out_the_nearest_point(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    velocity = window.docks["velocity"]
+    values = window.data.velocities(True)["all"]
+    velocity.log_y.setChecked(False)
+    text = hover(qtbot, velocity, velocity.velocity_plot, EPOCHS[3], values[2])  # step 2 -> 3 is drawn at epoch 3
+    assert text.splitlines() == [f"epoch {EPOCHS[3]} · memorisation", f"All: {values[2]:.4g}"]  # and its phase
+    velocity.log_y.setChecked(True)  # a log axis: the read-out gives the value, not its log
+    assert hover(qtbot, velocity, velocity.velocity_plot, EPOCHS[3], np.log10(values[2])).endswith(f"{values[2]:.4g}")
+    (_, right), (_, top) = velocity.velocity_plot.vb.viewRange()
+    assert hover(qtbot, velocity, velocity.velocity_plot, right, top) == ""  # nothing within reach (fast, late): hidden
+
+    trajectory = window.docks["trajectory"]
+    xy = window.data.trajectory("all").projections[5, :2]
+    lines = hover(qtbot, trajectory, trajectory.trajectory_plot, *xy).splitlines()
+    test_loss = window.data.metrics["test_loss"][5]
+    assert lines == [f"epoch {EPOCHS[5]}", f"PC1 {xy[0]:.4g}, PC2 {xy[1]:.4g}",
+                     f"log₁₀ test loss (nats): {np.log10(test_loss):.4g}"]
+
+
+def test_log_epoch_axes_spread_the_early_epochs(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    velocity, training, flatness = (window.docks[n] for n in ("velocity", "training", "flatness"))
+    window.epoch_control.slider.setValue(2)
+    window.log_epoch_action.setChecked(True)
+    assert window.state.log_epoch
+    for plot in (velocity.velocity_plot, *training.plots, flatness.flatness_plot):
+        assert plot.getAxis("bottom").logMode
+        low, high = plot.vb.viewRange()[0]
+        assert low <= np.log10(EPOCHS[1]) and high >= np.log10(EPOCHS[-1]) and high - low < 3  # not from epoch 0
+    assert velocity.line.value() == pytest.approx(np.log10(EPOCHS[2]))
+    np.testing.assert_allclose(training.rug_marks.data["x"][1:], np.log10(EPOCHS[1:]))
+    assert flatness.baseline.opts["logMode"] == [True, True]  # in its own view box, moved along
+    assert flatness.flatness_plot.getAxis("right").logMode  # the baseline's log axis survives the switch
+    window.epoch_control.slider.setValue(0)  # epoch 0 sits at the left end of a log axis
+    assert velocity.line.value() == pytest.approx(np.log10(EPOCHS[1]))
+    click(qtbot, velocity, velocity.velocity_plot, np.log10(EPOCHS[6]) + 0.01, 0)
+    assert window.state.index == 6
+    window.close()
+    again = open_window(flat_store)  # the choice is remembered
+    assert again.log_epoch_action.isChecked() and again.docks["velocity"].velocity_plot.getAxis("bottom").logMode
+    again.log_epoch_action.setChecked(False)
+    assert again.docks["velocity"].line.value() == EPOCHS[0]
+
+
+def test_a_short_log_axis_labels_only_what_fits(qtbot):
+    from viewer.axes import LABEL_ROOM_PX, Axis, log_tick_labels
+
+    decades = np.arange(-6, 1.0)
+    assert [t for t in log_tick_labels(decades, -6, 0, max_labels=3) if t] == ["10⁻⁶", "10⁻³", "10⁰"]
+    assert [t for t in log_tick_labels(decades, -6, 0, max_labels=0) if t] == ["10⁰"]  # one label, never none
+    within = np.log10([1, 2, 3, 5, 8])  # less than two decades: 1, 2, 5, then 1 and 5, then 1
+    for room, labels in ((3, ["1", "2", "5"]), (2, ["1", "5"]), (1, ["1"])):
+        assert [t for t in log_tick_labels(within, 0, 0.95, max_labels=room) if t] == labels
+    axis = Axis("left")
+    axis.setLogMode(False, True)
+    axis.setRange(-6, 0)
+    for height in (60, 400):
+        axis.setGeometry(0, 0, 60, height)
+        # every tick level pyqtgraph draws (a position may recur in several), in one style
+        labels = {(round(v, 6), t) for _, values in axis.tickValues(-6, 0, height)
+                  for v, t in zip(values, axis.tickStrings(values, 1, 1), strict=True) if t}
+        assert 1 <= len(labels) <= max(1, height // LABEL_ROOM_PX["vertical"])
+        assert all(t.startswith("10") for _, t in labels)
+    assert len(labels) == 7  # a tall axis labels every decade
+
+
+def test_the_flatness_threshold_is_adjustable_and_shared(qtbot, open_window, curved_store):
+    from geostore.analysis.flatness_stats import flatness_summary
+
+    window = open_window(curved_store)
+    flatness, distribution = window.docks["flatness"], window.docks["distribution"]
+    assert flatness.kind == "antithetic"  # the most telling measure, when stored, by default
+    assert not flatness.threshold.isVisible()
+    flatness.statistic.setCurrentIndex(flatness.statistic.findData("flatness_ratio"))
+    assert flatness.threshold.isVisible() and not flatness.log_y.isVisible()
+    flatness.threshold.setValue(0.5)
+    store = geostore.open_store(curved_store)
+    baseline = store.analysis("flatness")["baseline_loss"].values
+    curvature = store.analysis("antithetic")["curvature"].values
+    np.testing.assert_array_equal(flatness.curve.getData()[1], flatness_summary(baseline, curvature, 0.5)[
+        "flatness_ratio"])
+    assert "0.5·baseline" in flatness.flatness_plot.getAxis("left").labelText
+    window.epoch_control.slider.setValue(4)
+    assert distribution.threshold.value() == pytest.approx(0.5 * baseline[4])
+    deltas = store.analysis("flatness")["delta_losses"].values
+    ratio = flatness_summary(baseline, deltas, 0.5)["flatness_ratio"][4]
+    assert f"<b>{ratio:.2f}</b>" in distribution.caption.text
+    window.close()
+    assert open_window(curved_store).state.threshold == 0.5  # remembered
+
+
+def test_the_start_label_gives_way_to_the_current_epoch(qtbot, open_window, flat_store):
+    trajectory = open_window(flat_store).docks["trajectory"]
+    start, end = trajectory.ends
+    trajectory.state.set_index(0)
+    assert not start.isVisible() and end.isVisible()
+    trajectory.state.set_index(len(EPOCHS) - 1)
+    assert start.isVisible() and not end.isVisible()
+
+
+def test_training_phases_are_shaded_on_every_epoch_axis(qtbot, open_window, tmp_path, tiny_model):
+    from geostore.store.writer import StoreWriter
+    from tests.test_phases import EPOCHS as GROK_EPOCHS
+    from tests.test_phases import grokking_curves
+
+    path = tmp_path / "grok.zarr"
+    params = {n: np.cumsum(v, axis=0) for n, v in random_params(tiny_model, range(GROK_EPOCHS.size)).items()}
+    writer = StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7})
+    writer.append(GROK_EPOCHS.tolist(), params, {**grokking_curves(), "test_accuracy": np.zeros(GROK_EPOCHS.size)})
+    writer.close()
+    window = open_window(path)
+    phases = geostore.open_store(path).phases()
+    assert list(phases) == ["memorisation", "plateau", "second_descent", "final"]
+    plots = [*window.docks["training"].plots, window.docks["velocity"].velocity_plot]
+    for plot in plots:
+        regions = window.docks["training" if plot in window.docks["training"].plots else "velocity"].phase_regions[plot]
+        assert [tuple(r.getRegion()) for r in regions] == [tuple(map(float, b)) for b in phases.values()]
+    window.state.set_index(int(np.searchsorted(GROK_EPOCHS, 70)))
+    assert window.epoch_control.position.text().endswith("· second descent")
+    window.log_epoch_action.setChecked(True)  # the bands follow the axis onto a log scale
+    velocity = window.docks["velocity"]
+    first, last = velocity.phase_regions[velocity.velocity_plot][1].getRegion()
+    assert (first, last) == pytest.approx((np.log10(20), np.log10(60)))

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "opens at the newest epoch and follows it unless you move the slider away")
     parser.add_argument("--group", default="all", metavar="G",
                         help="component group of the trajectory (the store's groups; default all)")
+    parser.add_argument("--log-epoch", action="store_true",
+                        help="draw epoch axes on a log scale (View > Log epoch axis; spreads the early epochs)")
     parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, metavar="WxH",
                         help=f"window size (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]})")
     parser.add_argument("--settings", metavar="FILE.ini",
@@ -77,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     palette.apply_theme()
     settings = None if args.screenshot is not None else open_settings(args.settings)
     window = MainWindow(data, settings=settings, index=index, group=args.group, follow=args.follow)
+    if args.log_epoch:
+        window.state.set_log_epoch(True)
     if args.screenshot is not None:
         return screenshot(window, args.screenshot, args.size)
     if settings is None or settings.value("window/geometry") is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geostore import GeostoreError, Store, StoreError
+from geostore.analysis.flatness_stats import flatness_summary
 
 SCREE_COMPONENTS = 10
 """Principal components asked of the store: three for the projections, the rest for the scree plot."""
@@ -90,12 +91,14 @@ class Flatness:
 class Curvature:
     """The stored curvature analyses, each None when the store lacks it.
 
-    `summary`: `Store.curvature_summary` (antithetic pairs); `hessian`: `hessian_trace`, `hessian_trace_stderr`,
-    `top_eigenvalue`, `top_eigenvalue_residual` per epoch; `profile`: `Store.curvature_profile`; `n_params`:
-    the trainable parameter count D (Tr(H) / D is what the profile's normalised curvature estimates).
+    `summary`: `Store.curvature_summary` (antithetic pairs), `values` its per-direction curvatures `(n_epoch,
+    n_dir)`; `hessian`: `hessian_trace`, `hessian_trace_stderr`, `top_eigenvalue`, `top_eigenvalue_residual` per
+    epoch; `profile`: `Store.curvature_profile`; `n_params`: the trainable parameter count D (Tr(H) / D is what the
+    profile's normalised curvature estimates).
     """
 
     summary: dict[str, np.ndarray] | None
+    values: np.ndarray | None
     hessian: dict[str, np.ndarray] | None
     profile: dict[str, np.ndarray] | None
     settings: dict[str, dict]
@@ -143,6 +146,7 @@ class ViewerData:
         self.unit = store.index_unit  # what the epoch axis counts: "epoch" or "step"; labels say so
         self.analyses = store.analyses()
         self.groups = tuple(store.groups)  # `all` first, then the family's groups
+        self.phases = store.phases()  # {phase: (first epoch, last epoch)} the recorded curves reach
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
         self._lock = threading.Lock()
         self._cache: dict[tuple, object] = {}  # ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
@@ -178,6 +182,14 @@ class ViewerData:
         if right >= self.n_epochs:
             return self.n_epochs - 1
         return right if self.x[right] - epoch < epoch - self.x[right - 1] else right - 1
+
+    def phase_at(self, epoch: float) -> str | None:
+        """The training phase `epoch` lies in (the later one at a boundary), or None."""
+        found = None
+        for phase, (first, last) in self.phases.items():
+            if first <= epoch <= last:
+                found = phase
+        return found
 
     def index_of(self, epoch: int) -> int:
         """Index of a stored epoch; StoreError naming the nearest one if `epoch` is not stored."""
@@ -266,14 +278,24 @@ class ViewerData:
             if "hessian" in present:
                 stored = store.analysis("hessian").compute()
                 hessian = {name: np.asarray(stored[name], dtype=np.float64) for name in stored.data_vars}
+            antithetic = "antithetic" in present
             return Curvature(
-                summary=store.curvature_summary(FLATNESS_THRESHOLD) if "antithetic" in present else None,
+                summary=store.curvature_summary(FLATNESS_THRESHOLD) if antithetic else None,
+                values=(np.asarray(store.analysis("antithetic")["curvature"].values, dtype=np.float64) if antithetic
+                        else None),
                 hessian=hessian,
                 profile=store.curvature_profile() if "profile" in present else None,
                 settings={name: store.analysis_settings(name) for name in present},
                 n_params=store.n_trainable)
 
         return self._load(("curvature",), compute)
+
+    def flatness_ratio(self, kind: str, threshold: float) -> np.ndarray:
+        """Per epoch, the share of directions whose one-sided Δloss (`kind` `one_sided`) or antithetic curvature
+        (`antithetic`) stays below `threshold` times the baseline loss; needs `load_flatness` (and
+        `load_curvature`) to have run."""
+        values = self.flatness.deltas if kind == "one_sided" else self.curvature.values
+        return flatness_summary(self.flatness.summary["baseline_loss"], values, threshold)["flatness_ratio"]
 
     def missing(self, needs: str) -> str | None:
         """Why a dock (or a choice in it) that `needs` `metrics` or an analysis (`flatness`, `antithetic`,

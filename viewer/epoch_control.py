@@ -119,7 +119,9 @@ class EpochControl(QWidget):
             widget.blockSignals(True)
             widget.setValue(value)
             widget.blockSignals(False)
-        self.position.setText(f"checkpoint {index + 1} / {self._data.n_epochs}")
+        phase = self._data.phase_at(self._data.epochs[index])
+        self.position.setText(f"checkpoint {index + 1} / {self._data.n_epochs}"
+                              + (f" · {phase.replace('_', ' ')}" if phase else ""))
 
     def _on_spin_changed(self, epoch: int) -> None:
         index = self._data.nearest_index(epoch)

@@ -34,6 +34,9 @@ MEDIAN = "#009E73"
 THRESHOLD = "#7f7f7f"
 CURRENT = "#CC1D5B"
 RUG = "#7f7f7f"
+# Training phases shaded behind every epoch axis (`Store.phases`): faint, so curves stay what the eye reads first.
+PHASES = {"memorisation": "#56B4E9", "plateau": "#F0E442", "second_descent": "#009E73", "final": "#999999"}
+PHASE_ALPHA = 34
 
 EPOCH_MAP = "viridis"
 LOSS_MAP = "plasma"

@@ -1,4 +1,6 @@
-"""The viewer's shared state, free of Qt: the current epoch and component group (of the store's groups).
+"""The viewer's shared state, free of Qt: the current epoch, the component group (of the store's groups) and
+whether epoch axes are logarithmic, and the flatness threshold (a direction is flat when its Δloss, or curvature,
+stays below that multiple of the baseline loss).
 
 Docks read it and change it only through `set_index`/`set_group`; listeners run only on a real
 change (as napari's `Dims`), so a dock that echoes the state back cannot start a loop.
@@ -28,17 +30,22 @@ class Event:
 
 
 class ViewerState:
-    """Position on the epoch axis (an index into the stored epochs) and the selected component group."""
+    """Position on the epoch axis (an index into the stored epochs), the selected component group and the epoch
+    axes' scale (log spreads the early, memorising epochs that a linear axis squeezes into its first percent)."""
 
     def __init__(self, n_epochs: int, groups: Sequence[str] = ("all",), *, index: int = 0,
-                 group: str = "all") -> None:
+                 group: str = "all", threshold: float = 0.1) -> None:
         self.n_epochs = n_epochs
         self.groups = tuple(groups)
         self.index = min(max(index, 0), n_epochs - 1)
         self.group = group
         self._check(group)
+        self.log_epoch = False
+        self.threshold = float(threshold)
         self.epoch_changed = Event()
         self.group_changed = Event()
+        self.epoch_axis_changed = Event()
+        self.threshold_changed = Event()
 
     def set_index(self, index: int) -> None:
         """Move to stored epoch number `index` (clamped to the stored range)."""
@@ -64,6 +71,20 @@ class ViewerState:
         if group != self.group:
             self.group = group
             self.group_changed.emit(group)
+
+    def set_log_epoch(self, log: bool) -> None:
+        """Draw every epoch axis on a log scale (True) or a linear one."""
+        if bool(log) != self.log_epoch:
+            self.log_epoch = bool(log)
+            self.epoch_axis_changed.emit(self.log_epoch)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Call a direction flat when it raises the loss by less than `threshold` times the baseline (> 0)."""
+        if not threshold > 0:
+            raise ValueError(f"flatness threshold must be > 0, got {threshold}")
+        if float(threshold) != self.threshold:
+            self.threshold = float(threshold)
+            self.threshold_changed.emit(self.threshold)
 
     def _check(self, group: str) -> None:
         if group not in self.groups:

@@ -45,6 +45,8 @@ Space &nbsp; play / pause<br><br>
 <b>Mouse</b><br>
 click a plot &nbsp; select the nearest epoch (trajectory: the nearest point)<br>
 drag the red line &nbsp; scrub<br>
+hover &nbsp; read out the nearest point<br>
+Ctrl+L &nbsp; log epoch axis<br>
 wheel / right-drag &nbsp; zoom; double-click a dock title to float it"""
 
 
@@ -130,6 +132,12 @@ class MainWindow(QMainWindow):
         for dock in self.docks.values():
             view_menu.addAction(dock.toggleViewAction())
         view_menu.addSeparator()
+        self.log_epoch_action = QAction("Log epoch axis", self, checkable=True, shortcut=QKeySequence("Ctrl+L"),
+                                        toolTip="Epoch axes on a log scale: the early epochs get room "
+                                                "(epochs ≤ 0 sit at the left end)")
+        self.log_epoch_action.toggled.connect(self.state.set_log_epoch)
+        self.state.epoch_axis_changed.connect(self.log_epoch_action.setChecked)
+        view_menu.addAction(self.log_epoch_action)
         view_menu.addAction("Reset layout", self.reset_layout)
         help_menu = self.menuBar().addMenu("&Help")
         help_menu.addAction("Keys and mouse", lambda: QMessageBox.information(self, "geoview", KEYS_HELP))
@@ -216,6 +224,7 @@ class MainWindow(QMainWindow):
             return
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.setValue("window/layout", self.saveState(LAYOUT_VERSION))
+        self.settings.setValue("window/log_epoch", self.state.log_epoch)
         self.settings.setValue("docks", json.dumps({name: d.get_settings() for name, d in self.docks.items()}))
         self.settings.sync()
 
@@ -233,6 +242,7 @@ class MainWindow(QMainWindow):
         for name, dock in self.docks.items():
             if isinstance(saved.get(name), dict):
                 dock.set_settings(saved[name])
+        self.state.set_log_epoch(str(self.settings.value("window/log_epoch", False)).lower() == "true")
         return layout is not None
 
     def closeEvent(self, event) -> None:

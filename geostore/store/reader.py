@@ -146,6 +146,20 @@ class Store:
                 out[name] = values
         return out
 
+    def phases(self, *, train_loss_threshold: float = 1e-6, test_loss_threshold: float = 1e-6,
+               descent_fraction: float = 0.8) -> dict[str, tuple[int, int]]:
+        """The training phases the recorded curves reach, `{phase: (first epoch, last epoch)}` in order:
+        `memorisation`, `plateau`, `second_descent`, `final` (see `geostore.analysis.phases`); {} when the sources
+        recorded no train and test loss."""
+        from geostore.analysis.phases import training_phases
+
+        metrics = self.metrics()
+        if "train_loss" not in metrics or "test_loss" not in metrics:
+            return {}
+        return training_phases(self.epochs, metrics["train_loss"], metrics["test_loss"],
+                               metrics.get("train_accuracy"), train_loss_threshold=train_loss_threshold,
+                               test_loss_threshold=test_loss_threshold, descent_fraction=descent_fraction)
+
     def train_mask(self) -> np.ndarray | None:
         """The task's train split as a boolean array (dimensions from the family), or None if not recorded."""
         if schema.SPLIT not in self._group:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from geostore.errors import StoreError
@@ -21,6 +21,8 @@ from geostore.store.location import Location
 from geostore.store.reader import Store
 
 if TYPE_CHECKING:
+    import xarray as xr
+
     from geostore.family.base import Family
 
 SWEEP_ATTR = "geostore_sweep"
@@ -113,6 +115,31 @@ class Sweep:
         """`(name, Store)` of every run."""
         for name in self.runs:
             yield name, self[name]
+
+    def pca(self, group: str | Sequence[str] = "all", n_components: int = 3, *, runs: Sequence[str] | None = None,
+            fit_runs: Sequence[str] | None = None, fit_epochs: tuple[int, int] | Sequence[int] | None = None,
+            memory_budget: int | None = None) -> xr.Dataset:
+        """The runs' trajectories in one PCA basis fitted on all their epochs: `projections` over (`run`, `epoch`,
+        `component`), NaN where a run lacks an epoch (see `geostore.store.comparison.shared_pca`)."""
+        from geostore.store.comparison import shared_pca
+
+        return shared_pca(self, group, n_components, runs=runs, fit_runs=fit_runs, fit_epochs=fit_epochs,
+                          memory_budget=memory_budget)
+
+    def divergence(self, run_a: str, run_b: str, group: str | Sequence[str] = "all", *,
+                   per_parameter: bool = False) -> xr.Dataset:
+        """How far two runs are apart at each epoch both hold, absolute and relative to run_a's norm (see
+        `geostore.store.comparison.divergence`)."""
+        from geostore.store.comparison import divergence
+
+        return divergence(self, run_a, run_b, group, per_parameter=per_parameter)
+
+    def distances(self, epoch: int, group: str | Sequence[str] = "all", *,
+                  runs: Sequence[str] | None = None) -> xr.DataArray:
+        """The distance between every two runs at `epoch` (see `geostore.store.comparison.distances`)."""
+        from geostore.store.comparison import distances
+
+        return distances(self, epoch, group, runs=runs)
 
     def describe(self) -> str:
         """One line per run: epochs and flatness."""

@@ -1,5 +1,6 @@
 """`ViewerDock`: what every dock shares — toolbar, busy indicator, export menu, the unavailable state,
-click-to-select and the current-epoch line.
+epoch axes (click-to-select, linear or log scale, the training phases shaded), hover read-outs and the
+current-epoch line.
 
 A dock builds its plots once (`build`), draws the whole-run data once it is loaded, and on every
 epoch change (`refresh(index)`) moves only its highlight items: that keeps scrubbing fast.
@@ -43,6 +44,8 @@ EXPORTS = {"png": "PNG image (*.png)", "svg": "SVG vector image (*.svg)", "csv":
 
 COMBO_CHARACTERS = 7
 """Characters a toolbar combo box keeps visible when the window is narrow."""
+HOVER_RADIUS_PX = 24
+"""The hover read-out names the nearest drawn point within this many pixels of the pointer."""
 
 
 class ViewerDock(QDockWidget):
@@ -81,6 +84,7 @@ class ViewerDock(QDockWidget):
         self.corner.addWidget(self.busy_bar)
         self._build_page()
         state.epoch_changed.connect(self._on_epoch_changed)
+        state.epoch_axis_changed.connect(self._on_epoch_axis_changed)
 
     def _build_page(self) -> None:
         """The dock's page on `data`: its toolbar of controls and plots (`build`), or the reason it is unavailable."""
@@ -101,6 +105,9 @@ class ViewerDock(QDockWidget):
         self.pages.addWidget(self.message)
         layout.addWidget(self.pages, stretch=1)
 
+        self.epoch_plots: list[pg.PlotItem] = []  # filled by `plot`, for this page's plots
+        self.phase_regions: dict[pg.PlotItem, list[pg.LinearRegionItem]] = {}
+        self.readouts: dict[pg.PlotItem, pg.TextItem] = {}
         self.reason = self.data.missing(self.NEEDS) if self.NEEDS else None
         self.build()
         self.toolbar.addStretch(1)
@@ -109,6 +116,7 @@ class ViewerDock(QDockWidget):
         self._show_busy(False)
         if self.reason:
             self.set_unavailable(self.reason)
+        self.canvas.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.setWidget(body)
 
     def renew(self, data: ViewerData) -> None:
@@ -256,23 +264,143 @@ class ViewerDock(QDockWidget):
         plot.setTitle("&nbsp;&nbsp;&nbsp;".join(f"<span style='color:{colour}'>━━</span>&nbsp;{text}"
                                                 for text, colour in entries), size="9pt")
 
-    def select_by_x(self, plot: pg.PlotItem) -> None:
-        """Clicking inside `plot` selects the stored epoch nearest the clicked x (an epoch axis)."""
+    # ------------------------------------------------------------------------- epoch axes
+    def epoch_axis(self, plot: pg.PlotItem) -> None:
+        """Make `plot`'s x axis an epoch axis: clicking selects the nearest stored epoch, the window's log-epoch
+        setting applies to it, hovering reads out the nearest point."""
 
         def clicked(event) -> None:
             if event.button() == Qt.MouseButton.LeftButton and plot.vb.sceneBoundingRect().contains(event.scenePos()):
-                self.state.set_index(self.data.nearest_index(plot.vb.mapSceneToView(event.scenePos()).x()))
+                self.state.set_index(self.nearest_index(plot.vb.mapSceneToView(event.scenePos()).x()))
 
         self.canvas.scene().sigMouseClicked.connect(clicked)
+        self.epoch_plots.append(plot)
+        self.hover(plot)
+        self.phase_regions[plot] = [self._phase_region(plot, phase) for phase in self.data.phases]
+        if self.state.log_epoch:
+            plot.setLogMode(x=True)
+            self._place_phases()
+
+    def _phase_region(self, plot: pg.PlotItem, phase: str) -> pg.LinearRegionItem:
+        """A faint band behind `plot` over the epochs of training phase `phase` (`Store.phases`)."""
+        region = pg.LinearRegionItem(orientation="vertical", movable=False, pen=pg.mkPen(None),
+                                     brush=palette.translucent(palette.PHASES[phase], palette.PHASE_ALPHA))
+        region.setZValue(-100)
+        region.setToolTip(phase.replace("_", " "))
+        region.setRegion([self.epoch_x(e) for e in self.data.phases[phase]])
+        plot.addItem(region, ignoreBounds=True)
+        return region
+
+    def _place_phases(self) -> None:
+        for regions in self.phase_regions.values():
+            for region, phase in zip(regions, self.data.phases, strict=True):
+                region.setRegion([self.epoch_x(e) for e in self.data.phases[phase]])
+
+    def epoch_x(self, epochs: float | np.ndarray) -> float | np.ndarray:
+        """Where `epochs` lie in the epoch axes' view coordinates, for items that a plot's log mode does not move
+        (lines, scatter items): log10 on a log axis, where epochs <= 0 sit at the axis' left end."""
+        if not self.state.log_epoch:
+            return epochs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.where(np.asarray(epochs) > 0, np.log10(epochs), self._log_range()[0])
+        return float(x) if x.ndim == 0 else x
+
+    def nearest_index(self, x: float) -> int:
+        """The stored epoch nearest view coordinate `x` of an epoch axis."""
+        return self.data.nearest_index(10.0 ** x if self.state.log_epoch else x)
+
+    def _log_range(self) -> tuple[float, float]:
+        positive = self.data.x[self.data.x > 0]
+        if not positive.size:
+            return 0.0, 1.0
+        return float(np.log10(positive[0])), float(np.log10(positive[-1]))
+
+    def fit_epochs(self, plot: pg.PlotItem) -> None:
+        """Show the whole run on `plot`'s epoch axis."""
+        x = self.data.x
+        low, high = self._log_range() if self.state.log_epoch else (x[0], x[-1])
+        plot.setXRange(low, high, padding=0.02)
 
     def epoch_line(self, plot: pg.PlotItem) -> pg.InfiniteLine:
         """The current-epoch line of `plot`; dragging it scrubs."""
         line = pg.InfiniteLine(angle=90, movable=True, pen=palette.pen(palette.CURRENT, 1.5),
                                hoverPen=palette.pen(palette.CURRENT, 3))
         line.setZValue(20)
-        line.sigDragged.connect(lambda item: self.state.set_index(self.data.nearest_index(item.value())))
+        line.sigDragged.connect(lambda item: self.state.set_index(self.nearest_index(item.value())))
         plot.addItem(line, ignoreBounds=True)
         return line
+
+    def _on_epoch_axis_changed(self, log: bool) -> None:
+        for plot in self.epoch_plots:
+            plot.setLogMode(x=log)
+            self.fit_epochs(plot)
+        self._place_phases()
+        self.epoch_axis_changed(log)
+        if self.reason is None:
+            self.refresh(self.state.index)
+
+    def epoch_axis_changed(self, log: bool) -> None:
+        """Subclass hook: redo what `PlotItem.setLogMode` does not (items outside the plot, axes it reset)."""
+
+    # -------------------------------------------------------------------------- read-outs
+    def hover(self, plot: pg.PlotItem) -> None:
+        """Read out the drawn point nearest the pointer in `plot` (its curve's name, x and y) beside it."""
+        text = pg.TextItem(color=palette.FOREGROUND, fill=palette.translucent("w", 220), anchor=(-0.05, 1.1))
+        text.setZValue(40)
+        text.hide()
+        plot.addItem(text, ignoreBounds=True)
+        self.readouts[plot] = text
+
+    def describe(self, plot: pg.PlotItem, item: pg.PlotDataItem, i: int) -> str:
+        """The read-out of point `i` of `item`: on an epoch axis the epoch, then the curve's name (else the y axis'
+        label) and value; subclasses override it where their points mean more."""
+        x, y = (values[i] for values in self.points_of(item))
+        name = item.name() or plot.getAxis("left").labelText
+        phase = self.data.phase_at(x) if plot in self.epoch_plots else None
+        where = (f"{self.data.unit} {x:g}" + (f" · {phase.replace('_', ' ')}" if phase else "")
+                 if plot in self.epoch_plots else f"{plot.getAxis('bottom').labelText} {x:.4g}")
+        return f"{where}\n{name}: {y:.4g}"
+
+    def _on_mouse_moved(self, position) -> None:
+        for plot, text in self.readouts.items():
+            found = self._nearest_point(plot, position) if plot.vb.sceneBoundingRect().contains(position) else None
+            if found is None:
+                text.hide()
+                continue
+            item, i, view_x, view_y = found
+            text.setText(self.describe(plot, item, i))
+            text.setPos(view_x, view_y)
+            text.show()
+
+    @staticmethod
+    def points_of(item: pg.PlotDataItem) -> tuple[np.ndarray, np.ndarray]:
+        """The data coordinates of `item`'s points (a step histogram's bin centres)."""
+        x, y = np.asarray(item.xData, dtype=float), np.asarray(item.yData, dtype=float)
+        if x.size == y.size + 1:
+            x = (x[:-1] + x[1:]) / 2
+        return x, y
+
+    @classmethod
+    def _nearest_point(cls, plot: pg.PlotItem, position) -> tuple[pg.PlotDataItem, int, float, float] | None:
+        """The drawn point nearest scene `position` within `HOVER_RADIUS_PX`: (item, its index, view x, view y)."""
+        where = plot.vb.mapSceneToView(position)
+        width, height = plot.vb.viewPixelSize()
+        best, best_distance = None, HOVER_RADIUS_PX
+        for item in plot.listDataItems():
+            if not isinstance(item, pg.PlotDataItem) or not item.isVisible() or item.xData is None:
+                continue
+            x, y = cls.points_of(item)
+            log_x, log_y = item.opts["logMode"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                view_x = np.log10(x) if log_x else x
+                view_y = np.log10(y) if log_y else y
+            distance = np.hypot((view_x - where.x()) / width, (view_y - where.y()) / height)
+            distance[~np.isfinite(distance)] = np.inf
+            if distance.size and distance.min() <= best_distance:
+                i = int(np.argmin(distance))
+                best_distance = distance[i]
+                best = (item, i, float(view_x[i]), float(view_y[i]))
+        return best
 
     # ----------------------------------------------------------------------------- export
     def export(self, kind: str, path: str | os.PathLike) -> Path:

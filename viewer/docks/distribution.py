@@ -29,6 +29,7 @@ class DistributionDock(ViewerDock):
     def build(self) -> None:
         self.bins = self.combo("bins", BINS, self._on_bins_changed)
         self.histogram_plot = self.plot(x_label="Δloss = L(θ + εd) − L(θ)  (nats)", y_label="directions")
+        self.hover(self.histogram_plot)
         self.histogram = self.histogram_plot.plot(stepMode="center", fillLevel=0, fillOutline=True,
                                                   pen=palette.pen(palette.MEAN, 1.2),
                                                   brush=palette.translucent(palette.HISTOGRAM, 170))
@@ -40,6 +41,11 @@ class DistributionDock(ViewerDock):
         self.caption = pg.LabelItem(justify="right", size="10pt", color=palette.FOREGROUND)
         self.caption.setParentItem(self.histogram_plot.vb)
         self.caption.anchor(itemPos=(1, 0), parentPos=(1, 0), offset=(-8, 4))
+        self.state.threshold_changed.connect(self._on_threshold_changed)  # a method: connected once however often
+        # the page is built (`renew`)
+
+    def _on_threshold_changed(self, _threshold: float) -> None:
+        self.refresh(self.state.index)
 
     def _marker(self, color: str, style: Qt.PenStyle) -> pg.InfiniteLine:
         line = pg.InfiniteLine(angle=90, pen=palette.pen(color, 2, style))
@@ -82,9 +88,11 @@ class DistributionDock(ViewerDock):
                 line.setValue(summary[key][index])
         self.threshold.setVisible(present)
         if present:
-            self.threshold.setValue(flatness.threshold * summary["baseline_loss"][index])
-            self.caption.setText(f"{self.data.unit} {epoch} · flatness ratio "
-                                 f"<b>{summary['flatness_ratio'][index]:.2f}</b>"
+            threshold = self.state.threshold
+            self.threshold.setValue(threshold * summary["baseline_loss"][index])
+            ratio = self.data.flatness_ratio("one_sided", threshold)[index]
+            self.caption.setText(f"{self.data.unit} {epoch} · flatness ratio (< {threshold:g}× baseline) "
+                                 f"<b>{ratio:.2f}</b>"
                                  f" · ε = {flatness.settings.get('epsilon', float('nan')):g}"
                                  f" · {flatness.deltas.shape[1]} directions")
         else:

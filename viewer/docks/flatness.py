@@ -4,7 +4,9 @@ curvature implies) or the top Hessian eigenvalue, and the baseline loss.
 
 The baseline loss sits on a secondary (right, log) axis in its own view box, linked in x (pyqtgraph's
 MultiplePlotAxes pattern), so a flat landscape can be read against where the loss itself is. Measures the
-store lacks stay in the selector, greyed out, their tooltip saying how to add them.
+store lacks stay in the selector, greyed out, their tooltip saying how to add them. Antithetic curvature, when
+stored, is the default measure (it cancels the gradient's first-order term that dominates one-sided Δloss away
+from a minimum). The flatness ratio's threshold (a multiple of the baseline loss) is the window's, set here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QDoubleSpinBox
 
 from viewer import palette
 from viewer.data import METRIC_LABELS
@@ -41,8 +44,20 @@ class FlatnessDock(ViewerDock):
             reason = self.data.missing(analysis)
             if reason:
                 self.disable_choice(self.measure, key, reason)
+        if self.data.missing("antithetic") is None:
+            self.measure.setCurrentIndex(self.measure.findData("antithetic"))
         self.statistic = self.combo("statistic", METRIC_LABELS, self._draw)
         self.log_y = self.checkbox("log y", False, self._on_log_changed)
+        # shown in the log-y box's place while the flatness ratio (never log) is drawn: the toolbar keeps its width
+        self.threshold = QDoubleSpinBox(decimals=3, minimum=0.001, maximum=100.0, singleStep=0.05,
+                                        value=self.state.threshold, prefix="< ", suffix="× base",
+                                        toolTip="A direction is flat when its Δloss (or curvature) stays below this "
+                                                "multiple of the baseline loss")
+        self.threshold.setKeyboardTracking(False)
+        self.threshold.valueChanged.connect(self.state.set_threshold)
+        self.state.threshold_changed.connect(self._on_threshold_changed)
+        self.add_control(self.threshold)
+        self.threshold.hide()
         self.key_entries: list[tuple[str, str]] = []  # the key's entries for what is drawn
         self.flatness_plot = self.plot(y_label="Δloss (nats)")
         edge = pg.mkPen(palette.BAND, width=1)  # FillBetweenItem fills between drawn curves only
@@ -68,11 +83,11 @@ class FlatnessDock(ViewerDock):
         right.setLogMode(False, True)
         self.baseline_view.setXLink(self.flatness_plot)
         self.baseline = pg.PlotDataItem(pen=palette.pen(palette.BASELINE, 1.6, Qt.PenStyle.DashLine), connect="finite")
-        self.baseline.setLogMode(False, True)
+        self.baseline.setLogMode(self.state.log_epoch, True)
         self.baseline_view.addItem(self.baseline)
         self.static(self.band_low, self.band_high, self.band, self.curve, self.compare, self.baseline)
         self.flatness_plot.vb.sigResized.connect(self._sync_views)
-        self.select_by_x(self.flatness_plot)
+        self.epoch_axis(self.flatness_plot)
         self.line = self.epoch_line(self.flatness_plot)
 
     def _sync_views(self) -> None:
@@ -102,7 +117,8 @@ class FlatnessDock(ViewerDock):
             summary, suffix = ((flatness.summary, "delta_loss") if kind == "one_sided"
                                else (curvature.summary, "curvature"))
             key = self.key.replace("delta_loss", suffix)
-            out = {"value": summary[key]}
+            out = {"value": (self.data.flatness_ratio(kind, self.state.threshold) if key == "flatness_ratio"
+                             else summary[key])}
             if self.key in BANDED:
                 out.update(low=summary[f"p10_{suffix}"], high=summary[f"p90_{suffix}"])
             return out
@@ -127,40 +143,54 @@ class FlatnessDock(ViewerDock):
             for index in range(self.statistic.count()):
                 self.statistic.setItemText(index, labels[self.statistic.itemData(index)])
         self.statistic.setEnabled(directional)
-        self.curve.setData(x, series["value"])
-        banded = "low" in series
-        self.band_low.setData(x, series["low"] if banded else [])
-        self.band_high.setData(x, series["high"] if banded else [])
-        for item in (self.band, self.band_low, self.band_high):
-            item.setVisible(banded)
-        self.compare.setData(x, series.get("compare", []))
-        self.compare.setVisible("compare" in series)
-        self.baseline.setData(x, self.data.flatness.summary["baseline_loss"])
-        ratio = directional and key == "flatness_ratio"
         name = labels[key] if directional else MEASURES[kind]
         band = {"one_sided": "p10–p90 band", "antithetic": "p10–p90 band", "hessian_trace": "±2 s.e.",
                 "top_eigenvalue": "± Lanczos residual"}[kind]
+        compare = "2D/ε² × mean antithetic curvature"
+        self.curve.setData(x, series["value"], name=name)
+        banded = "low" in series
+        self.band_low.setData(x, series["low"] if banded else [], name=f"{band}, low")
+        self.band_high.setData(x, series["high"] if banded else [], name=f"{band}, high")
+        for item in (self.band, self.band_low, self.band_high):
+            item.setVisible(banded)
+        self.compare.setData(x, series.get("compare", []), name=compare)
+        self.compare.setVisible("compare" in series)
+        self.baseline.setData(x, self.data.flatness.summary["baseline_loss"])
+        ratio = directional and key == "flatness_ratio"
         self.key_entries = ([(name, palette.METRIC)] + ([(band, palette.BAND)] if banded else [])
-                            + ([("2D/ε² × mean antithetic curvature", palette.MEDIAN)] if "compare" in series else [])
+                            + ([(compare, palette.MEDIAN)] if "compare" in series else [])
                             + [("baseline loss (right axis)", palette.BASELINE)])
         if ratio:
-            threshold = self.data.flatness.threshold
+            threshold = self.state.threshold
             what = "Δloss" if kind == "one_sided" else "curvature"
             label = f"share of flat directions ({what} < {threshold:g}·baseline)"
         else:
             label = f"{name} (nats)" if directional else MEASURE_AXES[kind]
         self.flatness_plot.setLabel("left", label)
         self.log_y.setEnabled(not ratio)
+        self.log_y.setVisible(not ratio)
+        self.threshold.setVisible(ratio)
         self._on_log_changed()
-        self.flatness_plot.setXRange(x[0], x[-1], padding=0.02)
+        self.fit_epochs(self.flatness_plot)
         self.refresh(self.state.index)
 
     def refresh(self, index: int) -> None:
-        self.line.setValue(self.data.x[index])
+        self.line.setValue(self.epoch_x(self.data.x[index]))
         series = self.series()
         if series is not None:
             value = series["value"][index]
             self.marker.setData(*(([self.data.x[index]], [value]) if np.isfinite(value) else ([], [])))
+
+    def _on_threshold_changed(self, threshold: float) -> None:
+        self.threshold.blockSignals(True)
+        self.threshold.setValue(threshold)
+        self.threshold.blockSignals(False)
+        self._draw()
+
+    def epoch_axis_changed(self, log: bool) -> None:
+        self.baseline.setLogMode(log, True)  # in its own view box: the plot's log mode does not reach it
+        self.flatness_plot.getAxis("right").setLogMode(False, True)
+        self.band.updatePath()
 
     def _on_log_changed(self) -> None:
         log = self.log_y.isChecked() and self.log_y.isEnabled()
@@ -184,7 +214,8 @@ class FlatnessDock(ViewerDock):
                 "baseline_loss": flatness.summary["baseline_loss"]}
 
     def get_settings(self) -> dict:
-        return {"measure": self.kind, "metric": self.key, "log_y": self.log_y.isChecked()}
+        return {"measure": self.kind, "metric": self.key, "log_y": self.log_y.isChecked(),
+                "threshold": self.state.threshold}
 
     def set_settings(self, settings: dict) -> None:
         index = self.measure.findData(settings.get("measure"))
@@ -194,3 +225,6 @@ class FlatnessDock(ViewerDock):
         if index >= 0:
             self.statistic.setCurrentIndex(index)
         self.log_y.setChecked(bool(settings.get("log_y", self.log_y.isChecked())))
+        threshold = settings.get("threshold")
+        if isinstance(threshold, int | float) and threshold > 0:
+            self.state.set_threshold(float(threshold))

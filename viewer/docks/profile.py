@@ -31,6 +31,7 @@ class ProfileDock(ViewerDock):
         self.quantity = self.combo("show", QUANTITIES, self._on_quantity_changed)
         self.y_range = self.combo("y range", RANGES, self._on_quantity_changed)
         self.profile_plot = self.plot(x_label="ε (perturbation length)", y_label=QUANTITIES["normalised"])
+        self.hover(self.profile_plot)
         self.profile_plot.setLogMode(x=True)
         self.errors = pg.ErrorBarItem(pen=palette.pen(palette.BAND, 1.5), beam=0)
         self.profile_plot.addItem(self.errors)

@@ -52,28 +52,35 @@ class TrainingDock(ViewerDock):
                 plot.getAxis("bottom").setHeight(4)
             plot.setXLink(self.loss_plot)
             plot.getAxis("left").setWidth(58)
-            self.select_by_x(plot)
+            self.epoch_axis(plot)
         self.lines = [self.epoch_line(plot) for plot in self.plots]
 
     def load(self) -> None:
         x = self.data.x
         for name, values in self.data.metrics.items():
             if name == "learning_rate":
-                self.static(self.rate_plot.plot(x, values, pen=palette.pen(palette.TRAIN, 1.8), connect="finite"))
+                self.static(self.rate_plot.plot(x, values, pen=palette.pen(palette.TRAIN, 1.8), connect="finite",
+                                                name="learning rate"))
             elif name in CURVES:  # the fractional training epoch of a step-indexed run is in the table only
                 target = self.loss_plot if name.endswith("loss") else self.accuracy_plot
-                self.static(target.plot(x, values, pen=palette.pen(CURVES[name], 1.8), connect="finite"))
-        rug = pg.ScatterPlotItem(x, np.full(x.size, 0.5), symbol="|", size=16, pen=None, brush=palette.RUG)
-        self.static(rug)
-        self.rug.addItem(rug)
+                self.static(target.plot(x, values, pen=palette.pen(CURVES[name], 1.8), connect="finite",
+                                        name=name.replace("_", " ")))
+        self.rug_marks = pg.ScatterPlotItem(symbol="|", size=16, pen=None, brush=palette.RUG)
+        self.static(self.rug_marks)
+        self.rug.addItem(self.rug_marks)
+        self.epoch_axis_changed(self.state.log_epoch)
         self._on_log_changed()
-        self.loss_plot.setXRange(x[0], x[-1], padding=0.02)
+        self.fit_epochs(self.loss_plot)
         self.refresh(self.state.index)
 
     def refresh(self, index: int) -> None:
-        epoch = self.data.x[index]
+        epoch = self.epoch_x(self.data.x[index])
         for line in self.lines:
             line.setValue(epoch)
+
+    def epoch_axis_changed(self, log: bool) -> None:
+        if hasattr(self, "rug_marks"):  # a scatter item: the plot's log mode does not move it
+            self.rug_marks.setData(self.epoch_x(self.data.x), np.full(self.data.n_epochs, 0.5))
 
     def _on_log_changed(self) -> None:
         self.loss_plot.setLogMode(y=self.log_y.isChecked())

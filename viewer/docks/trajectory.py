@@ -22,6 +22,8 @@ COLOURS = {"test_loss": "test loss", "test_accuracy": "test accuracy", "log_epoc
            "baseline": "baseline loss"}
 CLICK_RADIUS_PX = 14
 """A click selects the nearest point within this many pixels."""
+END_LABEL_ROOM_PX = (90, 40)
+"""A "start"/"end" label hides while the current point is within this many pixels (x, y) of its point."""
 
 
 class TrajectoryDock(ViewerDock):
@@ -55,7 +57,8 @@ class TrajectoryDock(ViewerDock):
         for z, ring in enumerate((self.halo, self.current)):
             ring.setZValue(29 + z)
             self.trajectory_plot.addItem(ring, ignoreBounds=True)
-        self.current_label = pg.TextItem(color=palette.CURRENT, anchor=(0, 1.2))
+        # below-right of the current point, the start/end labels above theirs: never on top of each other
+        self.current_label = pg.TextItem(color=palette.CURRENT, anchor=(-0.1, -0.1))
         self.current_label.setZValue(31)
         self.trajectory_plot.addItem(self.current_label, ignoreBounds=True)
         self.ends = [pg.TextItem(text, color=palette.FOREGROUND, anchor=(0.5, 1.3)) for text in ("start", "end")]
@@ -70,7 +73,9 @@ class TrajectoryDock(ViewerDock):
         self.scree_bars = pg.BarGraphItem(x=[], height=[], width=0.65)
         self.scree.addItem(self.scree_bars)
         self.cumulative = self.scree.plot(pen=palette.pen(palette.FOREGROUND, 1.2), symbol="o", symbolSize=5,
-                                          symbolBrush=palette.FOREGROUND)
+                                          symbolBrush=palette.FOREGROUND, name="cumulative variance (%)")
+        self.hover(self.trajectory_plot)
+        self.hover(self.scree)
         self.scree.setYRange(0, 100, padding=0.02)
         self.static(self.path, self.points, self.scree_bars, self.cumulative)
         self.canvas.ci.setContentsMargins(4, 4, 18, 4)  # room for the scree's last tick label
@@ -173,6 +178,19 @@ class TrajectoryDock(ViewerDock):
         self.halo.setData([x], [y])
         self.current_label.setText(f"{self.data.unit} {self.data.epochs[index]}")
         self.current_label.setPos(x, y)
+        # an end's label gives way to the current epoch's when the two points are close on screen
+        width, height = self.trajectory_plot.vb.viewPixelSize()
+        for item, end in zip(self.ends, (0, -1), strict=True):
+            dx, dy = (self._xy[end] - (x, y)) / (width, height)
+            item.setVisible(not (abs(dx) < END_LABEL_ROOM_PX[0] and abs(dy) < END_LABEL_ROOM_PX[1]))
+
+    def describe(self, plot: pg.PlotItem, item: pg.PlotDataItem, i: int) -> str:
+        if plot is not self.trajectory_plot:
+            return super().describe(plot, item, i)
+        a, b = self.components
+        values, label, _cmap = self.colour_values()
+        pcs = f"PC{a + 1} {self._xy[i, 0]:.4g}, PC{b + 1} {self._xy[i, 1]:.4g}"
+        return f"{self.data.unit} {self.data.epochs[i]}\n{pcs}\n{label}: {values[i]:.4g}"
 
     # ---------------------------------------------------------------------------- clicking
     def _on_clicked(self, event) -> None:

@@ -29,10 +29,10 @@ class VelocityDock(ViewerDock):
         colours = {g: palette.group_colour(g, i) for i, g in enumerate(groups)}
         self.set_key(self.velocity_plot, [(group_label(g), colours[g]) for g in groups])
         self.curves = {group: self.velocity_plot.plot(pen=palette.pen(colours[group], 2.2 if group == "all" else 1.5),
-                                                      connect="finite")
+                                                      connect="finite", name=group_label(group))
                        for group in groups}
         self.static(*self.curves.values())
-        self.select_by_x(self.velocity_plot)
+        self.epoch_axis(self.velocity_plot)
         self.line = self.epoch_line(self.velocity_plot)
         self._on_log_changed()
 
@@ -53,10 +53,10 @@ class VelocityDock(ViewerDock):
     def _draw(self, velocities: dict[str, np.ndarray]) -> None:
         for group, curve in self.curves.items():
             curve.setData(self.data.x[1:], velocities[group])
-        self.velocity_plot.setXRange(self.data.x[0], self.data.x[-1], padding=0.02)
+        self.fit_epochs(self.velocity_plot)
 
     def refresh(self, index: int) -> None:
-        self.line.setValue(self.data.x[index])
+        self.line.setValue(self.epoch_x(self.data.x[index]))
 
     def _on_log_changed(self) -> None:
         self.velocity_plot.setLogMode(y=self.log_y.isChecked())
