@@ -41,8 +41,8 @@ class DistributionDock(ViewerDock):
         self.caption = pg.LabelItem(justify="right", size="10pt", color=palette.FOREGROUND)
         self.caption.setParentItem(self.histogram_plot.vb)
         self.caption.anchor(itemPos=(1, 0), parentPos=(1, 0), offset=(-8, 4))
-        self.state.threshold_changed.connect(self._on_threshold_changed)  # a method: connected once however often
-        # the page is built (`renew`)
+        # a method, not a lambda: connected once however often the page is built (`renew`)
+        self.state.threshold_changed.connect(self._on_threshold_changed)
 
     def _on_threshold_changed(self, _threshold: float) -> None:
         self.refresh(self.state.index)
