@@ -179,9 +179,9 @@ class MainWindow(QMainWindow):
         self._polling = False
         if data is None or self.jobs.busy:
             return
-        self.data = data
         for dock in self.docks.values():
             dock.renew(data)
+        self.data = data  # only now: a renewal that failed is tried again at the next poll
         self.epoch_control.set_data(data)
         self.summary.setText(self._summary_text())
 
