@@ -323,6 +323,20 @@ def _velocity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spectrum(args: argparse.Namespace) -> int:
+    from geostore.analysis.weights import batch_labels
+
+    def read():
+        with open_store_or_run(args.store, args.run) as store:
+            return store.spectrum(args.name)
+
+    ratio = _fresh(read)["participation_ratio"]
+    labels = batch_labels(args.name, dict(zip(ratio.dims[1:], ratio.shape[1:], strict=True)))
+    rows = [[int(e), *map(float, r.ravel())] for e, r in zip(ratio["epoch"].values, ratio.values, strict=True)]
+    _write_table(["epoch", *labels], rows, args.csv)
+    return 0
+
+
 def _add_run_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--run", metavar="NAME", help=f"in a sweep, {what}")
 
@@ -442,6 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     per.add_argument("--per-checkpoint", action="store_true",
                      help="step lengths, not divided by the gap (the default; kept for older scripts)")
     velocity.set_defaults(handler=_velocity)
+
+    spectrum = sub.add_parser("spectrum", help="effective dimensionality of a weight matrix per epoch",
+                              description="The participation ratio (sum s)^2 / sum s^2 of the singular values s "
+                                          "of a parameter's matrices (last two axes; one column per layer and "
+                                          "head) at every stored epoch (REQ_030).")
+    spectrum.add_argument("store", metavar="STORE", help="a store (local path or URL) or a sweep with --run")
+    spectrum.add_argument("name", metavar="NAME", help="a parameter, e.g. W_Q, or one layer of it, W_in[0]")
+    _add_run_option(spectrum, "the run to analyse")
+    spectrum.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
+    spectrum.set_defaults(handler=_spectrum)
     return parser
 
 

@@ -204,12 +204,26 @@ def resolve_settings(
 
 
 def resolve_device(name: str) -> str:
-    """A torch device name: `auto` is CUDA when a GPU is present, the CPU otherwise; others as given."""
-    if name != "auto":
-        return name
+    """A torch device name: `auto` is CUDA when a GPU is present, the CPU otherwise; `cpu`, `cuda` or `cuda:N` as
+    given when this machine has it (StoreError naming `device` otherwise, before any work starts)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise StoreError(f"`device` {name!r}: choose auto, cpu or cuda (cuda:N for one GPU)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise StoreError(f"`device` {name}: no CUDA GPU here (torch.cuda.is_available() is False); use auto "
+                             "or cpu")
+        if device.index is not None and device.index >= count:
+            raise StoreError(f"`device` {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise StoreError(f"`device` {name!r}: choose auto, cpu or cuda (cuda:N for one GPU)")
+    return name
 
 
 def _given(value: object, stored: Mapping | None, key: str, default: object) -> object:

@@ -55,9 +55,17 @@ def test_errors_name_arguments_and_the_cli_names_flags(sources, tmp_path, capsys
         geostore.ingest(sources / "a", path, analyses=[], lanczos_steps=0)
     with pytest.raises(geostore.GeostoreError, match="`workers` must be at least 1, got 0"):
         geostore.compute(path, workers=0)
+    with pytest.raises(geostore.GeostoreError, match="`device` 'tpu': choose auto, cpu or cuda"):
+        geostore.compute(path, device="tpu", progress=False)
     assert geostore.open_store(path).analyses() == []
     assert main(["flatness", str(path), "--directions", "0"]) == geostore.StoreError.exit_code
     assert capsys.readouterr().err == "geostore: error: --directions must be at least 1, got 0\n"
+    import torch
+
+    if not torch.cuda.is_available():  # asking for a GPU the machine lacks: one line before any work
+        assert main(["flatness", str(path), "--device", "cuda"]) == geostore.StoreError.exit_code
+        assert capsys.readouterr().err.startswith("geostore: error: --device cuda: no CUDA GPU here")
+        assert geostore.open_store(path).analyses() == []
 
 
 def test_a_list_of_sources_makes_a_sweep_and_compute_covers_every_run_or_one(sources, tmp_path):

@@ -15,7 +15,7 @@ from tests.conftest import random_params
 from tests.test_viewer_data import EPOCHS, make_store
 from viewer import palette
 from viewer.app import main
-from viewer.data import ViewerData
+from viewer.data import WEIGHT_BINS, ViewerData
 from viewer.window import MainWindow
 
 REPAINTS = 2000
@@ -630,3 +630,60 @@ def test_training_phases_are_shaded_on_every_epoch_axis(qtbot, open_window, tmp_
     velocity = window.docks["velocity"]
     first, last = velocity.phase_regions[velocity.velocity_plot][1].getRegion()
     assert (first, last) == pytest.approx((np.log10(20), np.log10(60)))
+
+
+def choose(qtbot, dock, box, key: str) -> None:
+    """Pick `key` in a dock's combo box and wait for what it loads."""
+    box.setCurrentIndex(box.findData(key))
+    qtbot.waitUntil(lambda: dock.ready)
+
+
+def test_weights_distribution_and_spectrum_draw_what_the_store_returns(qtbot, open_window, flat_store):
+    window = open_window(flat_store)
+    dock = window.docks["distribution"]
+    choose(qtbot, dock, dock.source, "weights")
+    choose(qtbot, dock, dock.weights_group, "attention")
+    expected = geostore.open_store(flat_store).histograms("attention", bins=WEIGHT_BINS)
+    assert dock.canvas.ci.items.keys() == {dock.weights_plot, dock.heat_plot}  # the Δloss plot taken out
+    np.testing.assert_allclose(dock.heat_map.image, np.log10(1 + expected.values))
+    assert dock.heat_map.image.shape == (len(EPOCHS), WEIGHT_BINS)
+    for index in (2, 6):
+        window.epoch_control.slider.setValue(index)
+        edges, counts = dock.weights_histogram.getData()
+        np.testing.assert_array_equal(edges, expected.attrs["edges"])
+        np.testing.assert_array_equal(counts, expected[index])
+        assert dock.heat_marker.value() == index
+        assert f"epoch {EPOCHS[index]}" in dock.weights_caption.text
+    choose(qtbot, dock, dock.source, "delta")  # back to today's Δloss histogram
+    assert dock.canvas.ci.items.keys() == {dock.histogram_plot}
+    np.testing.assert_array_equal(dock.histogram.getData()[1], window.data.flatness.histogram(6, same_bins=False)[1])
+
+    # The Spectrum dock (in the same window: a window costs seconds): one ratio curve per head, the spectrum now.
+    dock = window.docks["spectrum"]
+    choose(qtbot, dock, dock.parameter, "W_Q")
+    expected = geostore.open_store(flat_store).spectrum("W_Q")
+    ratio = expected["participation_ratio"].values[:, 0]  # the one layer: (epoch, head)
+    assert len(dock.ratio_curves) == ratio.shape[1] == 2
+    for head, curve in enumerate(dock.ratio_curves):
+        x, y = curve.getData()
+        np.testing.assert_array_equal(x, EPOCHS)
+        np.testing.assert_allclose(y, ratio[:, head])
+    window.epoch_control.slider.setValue(3)
+    assert dock.line.value() == EPOCHS[3] and dock.values_plot.ctrl.logYCheck.isChecked()
+    for head, curve in enumerate(dock.value_curves):
+        x, y = curve.getOriginalDataset()
+        np.testing.assert_array_equal(x, [1, 2, 3, 4, 5, 6, 7, 8])
+        np.testing.assert_allclose(y, expected["singular_values"].values[3, 0, head])
+    window.log_epoch_action.setChecked(True)  # an epoch axis like the others
+    assert dock.ratio_plot.getAxis("bottom").logMode and dock.line.value() == pytest.approx(np.log10(EPOCHS[3]))
+
+
+def test_a_store_without_flatness_still_shows_its_weights(qtbot, open_window, bare_store):
+    window = open_window(bare_store)
+    dock = window.docks["distribution"]
+    assert dock.pages.currentWidget() is dock.message and "weights" in dock.message.text()
+    assert dock.source.isEnabled() and not dock.bins.isEnabled()
+    choose(qtbot, dock, dock.source, "weights")
+    assert dock.pages.currentWidget() is dock.canvas and dock.export_button.isEnabled()
+    np.testing.assert_array_equal(dock.weights_histogram.getData()[1],
+                                  geostore.open_store(bare_store).histograms("all", bins=WEIGHT_BINS)[0])

@@ -22,6 +22,8 @@ SCREE_COMPONENTS = 10
 """Principal components asked of the store: three for the projections, the rest for the scree plot."""
 
 HISTOGRAM_BINS = 48
+WEIGHT_BINS = 64
+"""Bins of the weight histograms (`Store.histograms`), fixed for the run."""
 FLATNESS_THRESHOLD = 0.1
 """`flatness_ratio` counts directions whose loss rises by less than this fraction of the baseline."""
 
@@ -105,6 +107,11 @@ class Curvature:
     n_params: int
 
 
+LOADERS = {"trajectory": "load_trajectory", "velocities": "load_velocities", "flatness": "load_flatness",
+           "curvature": "load_curvature", "weights": "load_weight_histograms", "spectrum": "load_spectrum"}
+"""The `load_*` method of each cache key's first part: what `ViewerData.follow` loads again on a newer commit."""
+
+
 def _signature(store: Store) -> tuple:
     """What the viewer shows of a store changes with: its epochs and the epochs each analysis completed."""
     return (tuple(store.epochs.tolist()),
@@ -131,6 +138,26 @@ def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     return edges, counts
 
 
+@dataclass(frozen=True)
+class WeightHistograms:
+    """`Store.histograms` of a group or parameter: `counts[i]` of epoch `i` over `edges`, the run's bins."""
+
+    group: str
+    edges: np.ndarray
+    counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """`Store.spectrum` of one parameter, its batch (layers, heads) flattened to `labels`:
+    `participation_ratio` `(n_epoch, n_matrix)`, `singular_values` `(n_epoch, n_matrix, k)`."""
+
+    name: str
+    labels: list[str]
+    participation_ratio: np.ndarray
+    singular_values: np.ndarray
+
+
 class ViewerData:
     """What the viewer shows of one store; see the module docstring."""
 
@@ -148,6 +175,8 @@ class ViewerData:
         self.groups = tuple(store.groups)  # `all` first, then the family's groups
         self.phases = store.phases()  # {phase: (first epoch, last epoch)} the recorded curves reach
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
+        self.weight_choices = (*self.groups, *store.param_shapes())  # what `Store.histograms` takes
+        self.matrices = store.matrices  # what `Store.spectrum` takes
         self._lock = threading.Lock()
         self._cache: dict[tuple, object] = {}  # ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
 
@@ -164,8 +193,10 @@ class ViewerData:
             return None
         data = ViewerData(store)
         for key in list(self._cache):
+            loader = LOADERS.get(key[0])  # a cache without a loader here is loaded by its dock, as on opening
             with contextlib.suppress(GeostoreError):  # the dock that asks again shows the error
-                getattr(data, f"load_{key[0]}")(*key[1:])
+                if loader is not None:
+                    getattr(data, loader)(*key[1:])
         return data
 
     # --------------------------------------------------------------------------- epoch axis
@@ -289,6 +320,39 @@ class ViewerData:
                 n_params=store.n_trainable)
 
         return self._load(("curvature",), compute)
+
+    def weight_histograms(self, group: str) -> WeightHistograms | None:
+        """The cached histograms of a group's weights, or None until `load_weight_histograms(group)` ran."""
+        return self._cache.get(("weights", group))
+
+    def load_weight_histograms(self, group: str) -> WeightHistograms:
+        """Per-epoch histograms of a group's (or a parameter's) weights over the run's bins."""
+
+        def compute() -> WeightHistograms:
+            found = self.store.histograms(group, bins=WEIGHT_BINS)
+            return WeightHistograms(group=group, edges=np.asarray(found.attrs["edges"], dtype=np.float64),
+                                    counts=np.asarray(found.values, dtype=np.int64))
+
+        return self._load(("weights", group), compute)
+
+    def spectrum(self, name: str) -> Spectrum | None:
+        """The cached spectrum of a parameter, or None until `load_spectrum(name)` ran."""
+        return self._cache.get(("spectrum", name))
+
+    def load_spectrum(self, name: str) -> Spectrum:
+        """Singular values and participation ratio of every matrix of a parameter at every epoch."""
+
+        def compute() -> Spectrum:
+            from geostore.analysis.weights import batch_labels
+
+            found = self.store.spectrum(name)
+            ratio, values = found["participation_ratio"], found["singular_values"].values
+            return Spectrum(name=name, labels=batch_labels(name, dict(zip(ratio.dims[1:], ratio.shape[1:],
+                                                                          strict=True))),
+                            participation_ratio=ratio.values.reshape(self.n_epochs, -1),
+                            singular_values=values.reshape(self.n_epochs, -1, values.shape[-1]))
+
+        return self._load(("spectrum", name), compute)
 
     def flatness_ratio(self, kind: str, threshold: float) -> np.ndarray:
         """Per epoch, the share of directions whose one-sided Δloss (`kind` `one_sided`) or antithetic curvature

@@ -398,6 +398,40 @@ class Store:
 
         return derived.velocities(self, per_epoch=per_epoch, memory_budget=memory_budget)
 
+    # ------------------------------------------------------------------------------------ weights
+    def histograms(self, name_or_group: str | Sequence[str] = "all", bins: int = 64) -> xr.DataArray:
+        """Per-epoch histograms of a parameter's or a group's values, over `bins` equal bins fixed for the run
+        (spanning the run-wide min and max), so epochs compare bin by bin.
+
+        A DataArray `counts` over (`epoch`, `bin`): `bin` holds the bin centres, `bin_low` and `bin_high` the
+        edges (all `bins + 1` in `attrs["edges"]`); row `i` equals `numpy.histogram(values_i, bins=edges)`.
+        Computed out of core (one pass for the extremes, one to count) and cached in the store: new epochs
+        cost their own rows while they stay inside the cached range (see `geostore.store.weights`).
+        """
+        from geostore.store import weights
+
+        return weights.histograms(self, name_or_group, bins)
+
+    def spectrum(self, name: str) -> xr.Dataset:
+        """Singular values of a weight matrix at every epoch and their participation ratio `(sum s)^2 / sum s^2`
+        (REQ_030's effective dimensionality: 1 at rank 1, n for n equal singular values).
+
+        `name` is a parameter (or `name[l]`, one layer): its last two axes are the matrix, axes before them a
+        batch of matrices (`layer`, `head`). A Dataset with `singular_values` over (`epoch`, *batch,
+        `singular_index`) (descending, 1 the largest) and `participation_ratio` over (`epoch`, *batch).
+        StoreError for a group or a parameter without two axes per layer (biases).
+        """
+        from geostore.store import weights
+
+        return weights.spectrum(self, name)
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """Parameters with a `spectrum`: two axes or more per layer (weight matrices, per-head ones included)."""
+        from geostore.store import weights
+
+        return weights.matrices(self)
+
     # ---------------------------------------------------------------------------------- protocol
     def changed(self) -> bool:
         """Whether the store holds a newer commit than the one this handle reads: one read of the root `zarr.json`,

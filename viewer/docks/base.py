@@ -178,6 +178,15 @@ class ViewerDock(QDockWidget):
 
         self.jobs.submit(fn, done, failed)
 
+    def run_unless_cached(self, cached: object | None, fn: Callable[[], object],
+                          on_done: Callable[[object], None]) -> None:
+        """`on_done(cached)` at once when the data were loaded before, else `run(fn, on_done)`."""
+        if cached is None:
+            self.run(fn, on_done)
+            return
+        on_done(cached)
+        self.refresh(self.state.index)
+
     def _finish(self) -> None:
         self._running -= 1
         self._show_busy(self._running > 0)
@@ -194,6 +203,15 @@ class ViewerDock(QDockWidget):
             widget = self.toolbar.itemAt(i).widget()
             if widget is not None:
                 widget.setEnabled(False)
+
+    def set_available(self) -> None:
+        """Undo `set_unavailable`: the plots and the controls back (a dock whose choice changed what it needs)."""
+        self.reason = None
+        self.pages.setCurrentWidget(self.canvas)
+        for i in range(self.toolbar.count()):
+            widget = self.toolbar.itemAt(i).widget()
+            if widget is not None:
+                widget.setEnabled(True)
 
     def _on_epoch_changed(self, index: int) -> None:
         if self.reason is None:
