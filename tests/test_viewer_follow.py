@@ -90,3 +90,30 @@ def test_geoview_follow_waits_for_a_store_that_holds_too_few_epochs(tmp_path, ti
     later.join()
     np.testing.assert_array_equal(store.epochs, [0, 7])
     assert capsys.readouterr().err == f"geoview: {path} holds 1 epoch(s); waiting for 2\n"
+
+
+def test_a_newer_commit_comes_with_everything_the_old_data_had_loaded(tmp_path, tiny_model):
+    """`ViewerData.follow` loads again every cache the docks filled (trajectory, velocities, flatness, curvature,
+    weight histograms, spectra), over the new epochs: equal to what fresh data of the store loads."""
+    from geostore.store.writer import StoreWriter
+    from tests.test_viewer_data import EPOCHS as STORED
+    from tests.test_viewer_data import make_store
+    from viewer.data import ViewerData
+
+    path = make_store(tmp_path / "run.zarr", tiny_model)
+    data = ViewerData(geostore.open_store(path))
+    data.load_trajectory("all")
+    data.load_velocities(True)
+    data.load_flatness()
+    data.load_curvature()
+    data.load_weight_histograms("all")
+    data.load_spectrum(data.matrices[0])
+    assert data.follow() is None  # nothing new
+    with StoreWriter.open(path, model=tiny_model, task={"family": "modular_addition", "p": 7}) as writer:
+        writer.append([STORED[-1] + 10], random_params(tiny_model, [0], seed=9))
+    new = data.follow()
+    assert new.n_epochs == len(STORED) + 1 and set(new._cache) == set(data._cache)
+    fresh = ViewerData(geostore.open_store(path))
+    np.testing.assert_allclose(new._cache[("trajectory", "all")].projections,
+                               fresh.load_trajectory("all").projections)
+    np.testing.assert_array_equal(new._cache[("velocities", True)]["all"], fresh.load_velocities(True)["all"])
