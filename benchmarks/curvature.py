@@ -9,7 +9,9 @@ repeats of what ingest runs per epoch (`geostore.landscape.epoch_landscape`):
 - the multi-epsilon profile (`--profile-epsilons`, +-epsilon each) and its cost per epsilon;
 - one loss evaluation, one exact Hessian-vector product (a Lanczos step) and one Hutchinson probe (products
   taken in blocks of `PROBE_BLOCK`, vectorised);
-- the Hessian at the `--hessian` defaults (32 probes, 20 Lanczos steps), measured once.
+- the Hessian at the `--hessian` defaults (32 probes, 20 Lanczos steps), measured once: the total alone, with
+  every component group's block beside it (what `--hessian` computes: the groups' traces from the same probe
+  products, a Lanczos run per group), and the groups' blocks added later to a store holding the total.
 
 Run with `.venv/bin/python benchmarks/curvature.py` on an otherwise idle machine, with `OMP_WAIT_POLICY=PASSIVE`
 in the environment when other processes share the cores (see benchmarks/flatness.py).
@@ -25,7 +27,7 @@ from timing import timed
 from geostore.analysis.curvature import PROBE_BLOCK, hessian_for_params, loss_hvp, rademacher
 from geostore.analysis.evaluator import batched_loss
 from geostore.family import modular_addition as fam
-from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings, epoch_landscape
+from geostore.landscape import FlatnessSettings, HessianSettings, ProfileSettings, epoch_landscape, hessian_groups
 
 
 def main() -> None:
@@ -66,8 +68,12 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike
         for name, fn in runs.items():
             best[name] = min(best[name], timed(fn))
-    hessian_s = timed(lambda: hessian_for_params(params, model, n_probes=defaults.n_probes,
-                                                 iterations=defaults.iterations, seed=0))
+    def hessian(**options: object) -> float:
+        return timed(lambda: hessian_for_params(params, model, n_probes=defaults.n_probes,
+                                                iterations=defaults.iterations, seed=0, **options))
+
+    groups = {group: model.table.flat_indices(group) for group in hessian_groups(model.table)}
+    hessian_s, grouped_s, later_s = hessian(), hessian(groups=groups), hessian(groups=groups, total=False)
 
     unit = best["flatness"]
     k = len(profile.epsilons)
@@ -81,6 +87,8 @@ def main() -> None:
         ("one Hessian-vector product = one Lanczos step", best["hvp"]),
         (f"one Hutchinson probe (in blocks of {PROBE_BLOCK})", best["probe block"] / PROBE_BLOCK),
         (f"--hessian defaults ({defaults.n_probes} probes + {defaults.iterations} Lanczos steps), once", hessian_s),
+        (f"  with the blocks of {', '.join(groups)}, once", grouped_s),
+        ("  the blocks alone, added later, once", later_s),
     ]
     print(f"curvature cost per checkpoint: p={args.p} d_model={args.d_model} (D={n_params:,}), "
           f"{args.directions} directions, epsilon {args.epsilon}, {args.threads} torch threads, "
@@ -90,7 +98,7 @@ def main() -> None:
     for label, seconds in rows:
         print(f"  {label:<{width}}  {seconds:8.3f}  {seconds / unit:11.2f}")
     print(f"  one Hessian-vector product = {best['hvp'] / best['loss']:.1f} loss evaluations; one-sided flatness = "
-          f"{unit / best['loss']:.1f}")
+          f"{unit / best['loss']:.1f}; the groups' blocks cost {grouped_s / hessian_s:.2f}x --hessian without them")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
                            help="profile epsilons are fractions of each epoch's weight norm")
     curvature.add_argument("--hessian", action="store_true",
                            help="Hutchinson estimate of the Hessian trace and the top eigenvalue (Lanczos), by "
-                                "exact Hessian-vector products (each about 12 loss evaluations)")
+                                "exact Hessian-vector products (each about 12 loss evaluations); the same for each "
+                                "component group's Hessian block")
     curvature.add_argument("--hessian-probes", type=int, metavar="N",
                            help="Rademacher probes for the trace (default: the store's, else 32)")
     curvature.add_argument("--lanczos-steps", type=int, metavar="K",

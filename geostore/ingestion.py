@@ -105,7 +105,7 @@ def ingest(
         if flatness is not None and needs_probe(checkpoints.model, probe if probe is not None else writer.probe()):
             flatness, note = None, probe_missing_message(source) + "; the weights are stored"
         if flatness is not None:
-            writer.enable_analyses(flatness.analyses(), recompute=recompute_flatness)
+            writer.enable_analyses(flatness.analyses(writer.table), recompute=recompute_flatness)
         report = dataclasses.replace(_write_new_epochs(checkpoints, writer, progress), note=note,
                                      unit=checkpoints.index_unit)
         if flatness is not None:

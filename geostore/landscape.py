@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from geostore.errors import GeostoreError, StoreError
+from geostore.family.base import ALL
 from geostore.store import schema
 from geostore.store.location import Location
 from geostore.store.writer import StoreWriter
@@ -29,7 +30,7 @@ from geostore.store.writer import StoreWriter
 if TYPE_CHECKING:
     from distributed import Client
 
-    from geostore.family.base import Model
+    from geostore.family.base import Model, ParameterTable
     from geostore.store.reader import Store
 
 LOSS_DEFINITION = "the model family's loss on its probe: mean of float32 per-example losses, summed in float64"
@@ -107,8 +108,9 @@ class FlatnessSettings:
             "loss": LOSS_DEFINITION, "directions": DIRECTIONS_DEFINITION, "device": self.device,
         }
 
-    def analyses(self) -> dict[str, dict[str, object]]:
-        """Every analysis these settings compute (`schema.ANALYSES` names) with its recorded settings."""
+    def analyses(self, table: ParameterTable | None = None) -> dict[str, dict[str, object]]:
+        """Every analysis these settings compute (`schema.ANALYSES` names) with its recorded settings; with the
+        store's parameter `table`, the Hessian comes with its component groups' blocks (`hessian_groups`)."""
         from geostore.analysis import curvature
 
         directions = {"n_directions": int(self.n_directions), "seed": int(self.seed)}
@@ -124,7 +126,17 @@ class FlatnessSettings:
             out["hessian"] = {"n_probes": int(self.hessian.n_probes), "iterations": int(self.hessian.iterations),
                               "seed": int(self.hessian.seed), "definition": curvature.HESSIAN_DEFINITION,
                               "device": self.device}
+            groups = hessian_groups(table) if table is not None else []
+            if groups:
+                out["hessian_groups"] = {**out["hessian"], "groups": groups,
+                                         "definition": curvature.HESSIAN_GROUPS_DEFINITION}
         return out
+
+
+def hessian_groups(table: ParameterTable) -> list[str]:
+    """The component groups whose Hessian blocks `hessian_groups` measures: every group but `all` (the whole
+    vector, the `hessian` analysis itself)."""
+    return [group for group in table.groups if group != ALL]
 
 
 DEFAULT_FLATNESS = FlatnessSettings()
@@ -289,10 +301,15 @@ def epoch_landscape(params: Mapping[str, np.ndarray], model: Model, probe: np.nd
             rows["profile"] = {**profile_row(baseline, np.stack([at[e] for e in profile]),
                                              np.stack([at[-e] for e in profile]), PROFILE_THRESHOLD),
                                "profile_epsilon": np.array(profile)}
-    if "hessian" in analyses:
+    if {"hessian", "hessian_groups"} & set(analyses):  # one pass: the groups' traces reuse the total's products
         hessian = settings.hessian
-        rows["hessian"] = hessian_for_params(params, model, probe_data, n_probes=hessian.n_probes,
-                                             iterations=hessian.iterations, seed=hessian.seed, device=settings.device)
+        groups = ({g: model.table.flat_indices(g) for g in hessian_groups(model.table)}
+                  if "hessian_groups" in analyses else None)
+        values = hessian_for_params(params, model, probe_data, n_probes=hessian.n_probes,
+                                    iterations=hessian.iterations, seed=hessian.seed, device=settings.device,
+                                    groups=groups, total="hessian" in analyses)
+        rows.update({name: {array: values[array] for array in schema.ANALYSES[name]}
+                     for name in ("hessian", "hessian_groups") if name in analyses})
     return rows
 
 
@@ -308,7 +325,7 @@ def fill_missing(
     from geostore import open_store
 
     began = time.perf_counter()
-    names = tuple(settings.analyses())
+    names = tuple(settings.analyses(writer.table))
     missing = {name: set(writer.missing(name).tolist()) for name in names}
     epochs = np.array(sorted(set().union(*missing.values())), dtype=np.int64)
     already = int(writer.epochs.size - epochs.size)
@@ -463,7 +480,7 @@ def compute_store_flatness(
     check_memory(settings, model, opened.chunk_epochs)
     writer = StoreWriter.open(store, model=model, task=opened.task, probe=probe)
     with writer:  # any exception rolls back what this run enabled (its settings too), then unlocks
-        writer.enable_analyses(settings.analyses(), recompute=recompute)
+        writer.enable_analyses(settings.analyses(writer.table), recompute=recompute)
         return fill_missing(writer, settings, progress=progress, client=client)
 
 

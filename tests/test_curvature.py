@@ -134,20 +134,31 @@ def checkpoint(run, index: int):
     return model, model.table.stored(load_file(file), str(file), ignore=hooked.is_buffer)
 
 
-def plain_hvp64(params: dict[str, np.ndarray], model, vector: torch.Tensor) -> torch.Tensor:
-    """`Hv` of the plain float64 loss of the installed TransformerLens' model by double backward (the definition),
-    with respect to the stored weights (the model's own layout may differ: TransformerBridge on 4.x)."""
+def plain_loss64(params: dict[str, np.ndarray], model):
+    """`(loss, theta)`: the plain float64 loss of the installed TransformerLens' model as a function of the flat
+    trainable vector (table order), and that vector at `params` (the model's own layout may differ:
+    TransformerBridge on 4.x)."""
     p = fam.prime_of(model.config)
     table = model.table
     module = model.build({name: value.astype(np.float64) for name, value in params.items()}, dtype=torch.float64)
-    weights = [torch.as_tensor(params[name], dtype=torch.float64).requires_grad_(True) for name in table.trainable]
+    sizes, shapes = [table[name].size for name in table.trainable], [table[name].shape for name in table.trainable]
     tokens, labels = fam.probe(p)
-    state = model.module_state(module)(table.state_dict(dict(zip(table.trainable, weights, strict=True))))
-    loss = F.cross_entropy(functional_call(module, state, (tokens,), tie_weights=False)[:, -1, :p], labels)
-    grads = torch.autograd.grad(loss, weights, create_graph=True)
-    dot = sum((g.reshape(-1) * part).sum() for g, part in zip(grads, vector.split([w.numel() for w in weights]),
-                                                              strict=True))
-    return torch.cat([h.reshape(-1) for h in torch.autograd.grad(dot, weights)])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        weights = [part.reshape(shape) for part, shape in zip(theta.split(sizes), shapes, strict=True)]
+        state = model.module_state(module)(table.state_dict(dict(zip(table.trainable, weights, strict=True))))
+        return F.cross_entropy(functional_call(module, state, (tokens,), tie_weights=False)[:, -1, :p], labels)
+
+    theta = torch.cat([torch.as_tensor(params[name], dtype=torch.float64).reshape(-1) for name in table.trainable])
+    return loss, theta
+
+
+def plain_hvp64(params: dict[str, np.ndarray], model, vector: torch.Tensor) -> torch.Tensor:
+    """`Hv` of the plain float64 loss (`plain_loss64`) by double backward (the definition)."""
+    loss, theta = plain_loss64(params, model)
+    theta.requires_grad_(True)
+    (grads,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
+    return torch.autograd.grad((grads * vector).sum(), theta)[0]
 
 
 def test_hessian_vector_products_are_those_of_the_plain_model(trained_run):

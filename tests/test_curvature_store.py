@@ -48,7 +48,7 @@ def test_ingest_stores_every_curvature_analysis_and_leaves_one_sided_flatness_al
     plain = tmp_path / "plain.zarr"
     ingest(trained_run, plain, flatness=FLATNESS, progress=False)
     store, one_sided = geostore.open_store(curvature_store), geostore.open_store(plain)
-    assert store.analyses() == ["flatness", "antithetic", "profile", "hessian"]
+    assert store.analyses() == ["flatness", "antithetic", "profile", "hessian", "hessian_groups"]
     for name in ("baseline_loss", "delta_losses"):  # the +eps evaluations are the one-sided ones, bit for bit
         assert arrays_of(curvature_store)[name] == arrays_of(plain)[name]
     n = store.epochs.size
@@ -92,10 +92,10 @@ def test_curvature_added_later_from_the_store_alone_is_bit_identical(trained_run
     ingest(trained_run, later, flatness=FLATNESS, progress=False)
     # directions, epsilon and seed come from the store's flatness settings
     assert main(["flatness", str(later), *CURVATURE_ARGS, "--quiet"]) == 0
-    assert "flatness, antithetic, profile, hessian computed for 9 epochs" in capsys.readouterr().out
+    assert "flatness, antithetic, profile, hessian, hessian_groups computed for 9 epochs" in capsys.readouterr().out
     assert arrays_of(later) == arrays_of(curvature_store)
     assert main(["flatness", str(later), "--quiet"]) == 0  # stored analyses are kept complete, nothing to do
-    assert "hessian computed for 0 epochs (9 already complete)" in capsys.readouterr().out
+    assert "hessian_groups computed for 0 epochs (9 already complete)" in capsys.readouterr().out
 
 
 def test_curvature_is_bit_identical_however_epochs_arrive(tmp_path):

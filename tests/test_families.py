@@ -233,8 +233,16 @@ def test_every_landscape_analysis_runs_through_the_generic_evaluator(tmp_path):
                                 hessian=HessianSettings(n_probes=2, iterations=3))
     ingest(run, tmp_path / "s.zarr", probe=probe, flatness=settings, progress=False)
     store = geostore.open_store(tmp_path / "s.zarr")
-    assert store.analyses() == ["flatness", "antithetic", "profile", "hessian"]
+    assert store.analyses() == ["flatness", "antithetic", "profile", "hessian", "hessian_groups"]
     assert np.isfinite(store.analysis("hessian")["hessian_trace"]).all()
+    groups = store.analysis("hessian_groups")  # layers `W_Q[l]` too: the blocks of the groups that split `all` add up
+    assert list(groups["group"].values) == [g for g in store.groups if g != "all"]
+    partition = groups["group_hessian_trace"].sel(group=list(store.table.partition())).sum("group")
+    np.testing.assert_allclose(partition, store.analysis("hessian")["hessian_trace"], rtol=1e-9)
+    theta = store.flatten("all")[-1].compute()  # a layer's positions in the vector hold what the store's layer holds
+    for group in ("layer1", "attention"):
+        assert np.array_equal(np.sort(theta[store.table.flat_indices(group)]),
+                              np.sort(store.flatten(group)[-1].compute()))
     assert np.isfinite(store.analysis("antithetic")["curvature"]).all()
     np.testing.assert_allclose(store.curvature_profile()["epsilon"], [[0.05, 0.2]] * len(STEPS))
 

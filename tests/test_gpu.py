@@ -41,6 +41,10 @@ def test_the_gpu_computes_what_the_cpu_computes(run, tmp_path):
     for name in ("hessian_trace", "top_eigenvalue"):
         np.testing.assert_allclose(gpu.analysis("hessian")[name].values, cpu.analysis("hessian")[name].values,
                                    rtol=1e-3)
+    for name in ("group_hessian_trace", "group_top_eigenvalue"):  # each component group's block likewise
+        total = np.abs(cpu.analysis("hessian")[name.removeprefix("group_")].values).max()
+        np.testing.assert_allclose(gpu.analysis("hessian_groups")[name].values,
+                                   cpu.analysis("hessian_groups")[name].values, rtol=1e-3, atol=1e-4 * total)
 
 
 def test_a_named_gpu_adds_an_analysis_to_a_stored_run(run, tmp_path):

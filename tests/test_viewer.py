@@ -382,6 +382,7 @@ def test_flatness_dock_switches_between_one_sided_antithetic_hessian_trace_and_t
     assert "curvature <" in dock.flatness_plot.getAxis("left").labelText and not dock.band.isVisible()
 
     dock.measure.setCurrentIndex(dock.measure.findData("hessian_trace"))
+    assert not dock.group.isEnabled() and "--hessian" in dock.group.toolTip()  # no group blocks stored
     hessian = store.analysis("hessian")
     trace, stderr = hessian["hessian_trace"].values, hessian["hessian_trace_stderr"].values
     np.testing.assert_array_equal(dock.curve.getData()[1], trace)
@@ -398,6 +399,54 @@ def test_flatness_dock_switches_between_one_sided_antithetic_hessian_trace_and_t
     window.close()
     again = open_window(curved_store)
     assert again.docks["flatness"].kind == "top_eigenvalue"  # the measure is remembered
+
+
+@pytest.fixture
+def grouped_store(curved_store, tiny_model):
+    """`curved_store` plus synthetic Hessian rows of each component group's block, for every epoch but the first."""
+    from geostore.landscape import FlatnessSettings, HessianSettings
+    from geostore.store.writer import StoreWriter
+
+    settings = FlatnessSettings(n_directions=16, epsilon=0.1, seed=0, hessian=HessianSettings(
+        n_probes=4, iterations=4, seed=0)).analyses(tiny_model.table)["hessian_groups"]
+    epochs = EPOCHS[1:]
+    trace = np.linspace(50.0, 5.0, len(epochs))[:, None] * [0.5, 0.3, 0.2]  # embedding, attention, mlp
+    with StoreWriter.open(curved_store, model=tiny_model, task={"family": "modular_addition", "p": 7}) as writer:
+        writer.enable_analyses({"hessian_groups": settings})
+        writer.write_analysis("hessian_groups", epochs, {
+            "group_hessian_trace": trace, "group_hessian_trace_stderr": trace / 10,
+            "group_top_eigenvalue": trace / 4 + [0, 1, 2], "group_top_eigenvalue_residual": trace / 100})
+    return curved_store
+
+
+def test_flatness_dock_group_chooser_draws_each_groups_hessian_block(qtbot, open_window, grouped_store):
+    window = open_window(grouped_store)
+    dock, store = window.docks["flatness"], geostore.open_store(grouped_store)
+    groups = store.analysis("hessian_groups")
+    assert [dock.group.itemText(i) for i in range(dock.group.count())] == [
+        "whole Hessian", "Embedding block", "Attention block", "MLP block"]
+    # the chooser takes the statistic's place for the Hessian measures only
+    assert dock.kind == "antithetic" and dock.statistic.isVisibleTo(dock) and not dock.group.isVisibleTo(dock)
+    dock.measure.setCurrentIndex(dock.measure.findData("hessian_trace"))
+    assert dock.group.isVisibleTo(dock) and dock.group.isEnabled() and not dock.statistic.isVisibleTo(dock)
+    dock.group.setCurrentIndex(dock.group.findData("attention"))
+    trace = groups["group_hessian_trace"].sel(group="attention").values
+    np.testing.assert_array_equal(dock.curve.getData()[1], trace)
+    np.testing.assert_array_equal(dock.band_high.getData()[1],
+                                  trace + 2 * groups["group_hessian_trace_stderr"].sel(group="attention").values)
+    assert not dock.compare.isVisible()  # the antithetic estimate is of the whole Hessian only
+    assert "Attention block" in dock.flatness_plot.getAxis("left").labelText
+    dock.measure.setCurrentIndex(dock.measure.findData("top_eigenvalue"))
+    np.testing.assert_array_equal(dock.curve.getData()[1], groups["group_top_eigenvalue"].sel(group="attention"))
+    window.epoch_control.slider.setValue(4)
+    assert dock.marker.getData()[1][0] == groups["group_top_eigenvalue"].values[4, 1]
+    dock.group.setCurrentIndex(dock.group.findData("all"))
+    np.testing.assert_array_equal(dock.curve.getData()[1], store.analysis("hessian")["top_eigenvalue"])
+    dock.group.setCurrentIndex(dock.group.findData("mlp"))
+    row = dock.export("csv", window.settings.fileName() + ".csv").read_text().splitlines()[5]  # epoch index 4
+    assert float(row.split(",")[1]) == groups["group_top_eigenvalue"].values[4, 2]
+    window.close()
+    assert open_window(grouped_store).docks["flatness"].group_name == "mlp"  # the group is remembered
 
 
 def test_profile_dock_shows_curvature_against_epsilon_at_the_current_epoch(qtbot, open_window, curved_store):

@@ -32,6 +32,7 @@ ANALYSIS_HELP = {
     "antithetic": ("antithetic curvature", " --antithetic"),
     "profile": ("curvature profile", " --profile-epsilons 0.01,0.03,0.1,0.3"),
     "hessian": ("Hessian trace or eigenvalue", " --hessian"),
+    "hessian_groups": ("Hessian by component group", " --hessian"),
 }
 """What each analysis is called in messages, and the `geostore flatness` option that adds it."""
 
@@ -96,7 +97,8 @@ class Curvature:
     `summary`: `Store.curvature_summary` (antithetic pairs), `values` its per-direction curvatures `(n_epoch,
     n_dir)`; `hessian`: `hessian_trace`, `hessian_trace_stderr`, `top_eigenvalue`, `top_eigenvalue_residual` per
     epoch; `profile`: `Store.curvature_profile`; `n_params`: the trainable parameter count D (Tr(H) / D is what the
-    profile's normalised curvature estimates).
+    profile's normalised curvature estimates); `hessian_groups`: group -> the same four arrays as `hessian`, of
+    that group's Hessian block.
     """
 
     summary: dict[str, np.ndarray] | None
@@ -105,6 +107,7 @@ class Curvature:
     profile: dict[str, np.ndarray] | None
     settings: dict[str, dict]
     n_params: int
+    hessian_groups: dict[str, dict[str, np.ndarray]] | None = None
 
 
 LOADERS = {"trajectory": "load_trajectory", "velocities": "load_velocities", "flatness": "load_flatness",
@@ -309,6 +312,12 @@ class ViewerData:
             if "hessian" in present:
                 stored = store.analysis("hessian").compute()
                 hessian = {name: np.asarray(stored[name], dtype=np.float64) for name in stored.data_vars}
+            groups = None
+            if "hessian_groups" in present:  # `group_top_eigenvalue` over (epoch, group) -> `top_eigenvalue` by group
+                stored = store.analysis("hessian_groups").compute()
+                groups = {str(group): {name.removeprefix("group_"): np.asarray(stored[name].sel(group=group),
+                                                                                dtype=np.float64)
+                                       for name in stored.data_vars} for group in stored["group"].values}
             antithetic = "antithetic" in present
             return Curvature(
                 summary=store.curvature_summary(FLATNESS_THRESHOLD) if antithetic else None,
@@ -317,7 +326,7 @@ class ViewerData:
                 hessian=hessian,
                 profile=store.curvature_profile() if "profile" in present else None,
                 settings={name: store.analysis_settings(name) for name in present},
-                n_params=store.n_trainable)
+                n_params=store.n_trainable, hessian_groups=groups)
 
         return self._load(("curvature",), compute)
 
@@ -363,7 +372,7 @@ class ViewerData:
 
     def missing(self, needs: str) -> str | None:
         """Why a dock (or a choice in it) that `needs` `metrics` or an analysis (`flatness`, `antithetic`,
-        `profile`, `hessian`) cannot show this store, or None."""
+        `profile`, `hessian`, `hessian_groups`) cannot show this store, or None."""
         if needs == "metrics":
             return None if self.metrics else "No training metrics recorded by this store's sources."
         if needs in self.analyses:

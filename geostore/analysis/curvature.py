@@ -10,8 +10,9 @@ The Hessian itself is reached through exact Hessian-vector products (`torch.func
 the family's fast loss: Hutchinson's estimator `Tr(H) = E[v'Hv]` over Rademacher vectors `v`, with its
 standard error, and the largest eigenvalue by Lanczos with full reorthogonalisation. The estimators take an
 `hvp` callable, so they are tested on a quadratic with a known Hessian; `hessian_for_params` binds them to an
-epoch's weights. Random vectors come from a CPU `torch.Generator` seeded per call: the same (seed, weights)
-give the same numbers.
+epoch's weights. Restricted to a component group's entries, the same probes' products estimate the trace
+of that group's Hessian block, and Lanczos on the projected operator its top eigenvalue. Random vectors come
+from a CPU `torch.Generator` seeded per call: the same (seed, weights) give the same numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ HESSIAN_DEFINITION = (
     "forward-over-reverse, float32); trace: Hutchinson mean of v'Hv over Rademacher v (torch.randint on a CPU "
     "torch.Generator(seed)), standard error std/sqrt(n_probes); top eigenvalue: largest Ritz value of "
     "`iterations` Lanczos steps with full reorthogonalisation started from the first probe, with its residual"
+)
+
+HESSIAN_GROUPS_DEFINITION = (
+    "per component group g (the groups but `all`, names in `groups`): trace of the Hessian block H_gg, the "
+    "Hutchinson mean of v_g'(Hv)_g over the hessian analysis's Rademacher probes v (the same products), with its "
+    "standard error; top eigenvalue of H_gg: largest Ritz value of `iterations` Lanczos steps of P_g H P_g (P_g "
+    "zeroes the entries outside g) started from the first probe restricted to g, with its residual"
 )
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
@@ -96,10 +104,31 @@ def hutchinson_trace(hvp: Hvp, probes: torch.Tensor) -> tuple[float, float, np.n
     their sample standard deviation over the square root of the probe count (NaN for one probe). For
     Rademacher probes the variance of one form is `2 (||H||_F^2 - sum_i H_ii^2)`: exact for diagonal `H`.
     """
-    forms = np.concatenate([
-        (block.double() * hvp(block).double()).sum(dim=1).numpy()
-        for block in probes.split(PROBE_BLOCK)]) if len(probes) else np.empty(0)
+    forms = hutchinson_forms(hvp, probes)[:, 0]
     return float(forms.mean()), float(standard_error(forms)), forms
+
+
+def hutchinson_forms(hvp: Hvp, probes: torch.Tensor, groups: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """`(n_probes, 1 + len(groups))` float64 quadratic forms of the rows `v` of `probes`: column 0 `v'Hv`,
+    column `1 + g` `v_g'(Hv)_g`, restricted to the indices `groups[g]`.
+
+    For Rademacher `v`, `E[v_g'(Hv)_g] = sum_{i in g} sum_j H_ij E[v_i v_j] = Tr(H_gg)`, the trace of the
+    group's Hessian block: every group's trace comes from the products the whole trace takes, for free.
+    """
+    indices = [torch.as_tensor(np.asarray(g, dtype=np.int64)) for g in groups]
+    rows = []
+    for block in probes.split(PROBE_BLOCK):
+        terms = block.double() * hvp(block).double()
+        rows.append(torch.stack([terms.sum(dim=1), *(terms[:, i].sum(dim=1) for i in indices)], dim=1))
+    return torch.cat(rows).numpy() if rows else np.empty((0, 1 + len(indices)))
+
+
+def group_mask(indices: np.ndarray, n_params: int) -> torch.Tensor:
+    """`(n_params,)` float32: 1 at `indices`, 0 elsewhere (the projection onto a group's entries: exact in any
+    precision)."""
+    mask = torch.zeros(n_params)
+    mask[torch.as_tensor(np.asarray(indices, dtype=np.int64))] = 1.0
+    return mask
 
 
 def lanczos_top_eigenvalue(hvp: Hvp, start: torch.Tensor, iterations: int) -> tuple[float, float]:
@@ -111,21 +140,48 @@ def lanczos_top_eigenvalue(hvp: Hvp, start: torch.Tensor, iterations: int) -> tu
     of the operator lies within `residual = |beta_k s_k|` of `top` (`s_k` the last entry of its Ritz vector);
     the iteration stops early, with residual 0, when the Krylov space is invariant.
     """
-    q = start.double() / torch.linalg.vector_norm(start.double())
-    basis, alphas, betas = [q], [], []
+    return lanczos_top_eigenvalues(hvp, start[None], iterations)[0]
+
+
+def lanczos_top_eigenvalues(hvp: Hvp, starts: torch.Tensor, iterations: int,
+                            masks: torch.Tensor | None = None) -> list[tuple[float, float]]:
+    """`lanczos_top_eigenvalue` from each row of `starts` `(B, D)`, the runs in lockstep: each step takes the
+    products of every unfinished run together, `PROBE_BLOCK` at a time (vectorised, cheaper than one by one).
+
+    With `masks` `(B, D)` (see `group_mask`), run `i` is of the block `P_i H P_i`: its vectors are multiplied by
+    `masks[i]` before and after the product, so a start inside a group stays inside it and the Ritz values
+    are those of the group's Hessian block.
+    """
+    bases = [[start.double() / torch.linalg.vector_norm(start.double())] for start in starts]
+    alphas: list[list[float]] = [[] for _ in bases]
+    betas: list[list[float]] = [[] for _ in bases]
+    active = list(range(len(bases)))
     for _ in range(iterations):
-        w = hvp(q.to(start.dtype)[None])[0].double()
-        alphas.append(float(torch.dot(q, w)))
-        stacked = torch.stack(basis)
-        for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice
-            w = w - stacked.T @ (stacked @ w)
-        beta = float(torch.linalg.vector_norm(w))
-        if beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas)):
-            betas.append(0.0)
+        if not active:
             break
-        betas.append(beta)
-        q = w / beta
-        basis.append(q)
+        block = torch.stack([bases[i][-1] for i in active]).to(starts.dtype)
+        mask = None if masks is None else masks[active]
+        products = torch.cat([hvp(chunk) for chunk in (block if mask is None else block * mask).split(PROBE_BLOCK)])
+        finished = set()
+        for i, w in zip(active, products if mask is None else products * mask, strict=True):
+            q, w = bases[i][-1], w.double()
+            alphas[i].append(float(torch.dot(q, w)))
+            stacked = torch.stack(bases[i])
+            for _ in range(2):  # classical Gram-Schmidt against the whole basis, twice
+                w = w - stacked.T @ (stacked @ w)
+            beta = float(torch.linalg.vector_norm(w))
+            if beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas[i])):
+                betas[i].append(0.0)
+                finished.add(i)
+                continue
+            betas[i].append(beta)
+            bases[i].append(w / beta)
+        active = [i for i in active if i not in finished]
+    return [_top_ritz_value(a, b) for a, b in zip(alphas, betas, strict=True)]
+
+
+def _top_ritz_value(alphas: list[float], betas: list[float]) -> tuple[float, float]:
+    """`(top, residual)` of a Lanczos tridiagonal: its largest eigenvalue and `|beta_k s_k|`."""
     k = len(alphas)
     tridiagonal = np.diag(alphas) + np.diag(betas[: k - 1], 1) + np.diag(betas[: k - 1], -1)
     values, vectors = np.linalg.eigh(tridiagonal)
@@ -181,15 +237,33 @@ def hessian_for_params(
     iterations: int,
     seed: int,
     device: str = "cpu",
-) -> dict[str, float]:
+    groups: Mapping[str, np.ndarray] | None = None,
+    total: bool = True,
+) -> dict[str, float | np.ndarray]:
     """Hessian trace (Hutchinson, `n_probes` Rademacher probes), its standard error, and the top eigenvalue
     (`iterations` Lanczos steps from the first probe) with its residual, for one epoch's stored parameters.
 
-    Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the loss.
+    With `groups` (name -> indices into the trainable vector, see `ParameterTable.flat_indices`), also the same
+    four numbers of each group's Hessian block as `(n_groups,)` arrays (`group_hessian_trace`, ...): traces from
+    the same probes' products, top eigenvalues from Lanczos on the block, started from the first probe
+    restricted to the group. `total=False` leaves out the whole vector's four (adding the groups to a store
+    that holds them). Costs `n_probes + iterations` Hessian-vector products, each about ten evaluations of the
+    loss, plus `iterations` per group (taken together, `PROBE_BLOCK` groups per vectorised product).
     """
     hvp, n_params = loss_hvp(params, model, probe, device)
     probes = rademacher(n_params, n_probes, seed)
-    trace, stderr, _ = hutchinson_trace(hvp, probes)
-    top, residual = lanczos_top_eigenvalue(hvp, probes[0], iterations)
-    return {"hessian_trace": trace, "hessian_trace_stderr": stderr, "top_eigenvalue": top,
-            "top_eigenvalue_residual": residual}
+    indices = list((groups or {}).values())
+    forms = hutchinson_forms(hvp, probes, indices)
+    out: dict[str, float | np.ndarray] = {}
+    if total:
+        top, residual = lanczos_top_eigenvalue(hvp, probes[0], iterations)
+        out.update(hessian_trace=float(forms[:, 0].mean()), hessian_trace_stderr=float(standard_error(forms[:, 0])),
+                   top_eigenvalue=top, top_eigenvalue_residual=residual)
+    if groups is not None:
+        masks = torch.stack([group_mask(g, n_params) for g in indices])
+        blocks = lanczos_top_eigenvalues(hvp, probes[0] * masks, iterations, masks)
+        out.update(group_hessian_trace=forms[:, 1:].mean(axis=0),
+                   group_hessian_trace_stderr=standard_error(forms[:, 1:], axis=0),
+                   group_top_eigenvalue=np.array([b[0] for b in blocks]),
+                   group_top_eigenvalue_residual=np.array([b[1] for b in blocks]))
+    return out

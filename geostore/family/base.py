@@ -144,6 +144,24 @@ class ParameterTable:
         """Numbers in the trainable vector."""
         return sum(self[name].size for name in self.trainable)
 
+    def flat_indices(self, group: str) -> np.ndarray:
+        """Positions of a group's members in the trainable vector (the trainable parameters flattened and
+        concatenated in table order), sorted int64: what restricts a landscape analysis to the group."""
+        offsets, start = {}, 0
+        for name in self.trainable:
+            offsets[name] = start
+            start += self[name].size
+        parts = []
+        for member in self.resolve(group):
+            base, _, layer = member.partition("[")
+            size = self[base].size
+            if layer:  # `name[l]`: layer l of a parameter stacked along its first dimension
+                size //= self[base].shape[0]
+                parts.append(offsets[base] + int(layer[:-1]) * size + np.arange(size))
+            else:
+                parts.append(offsets[base] + np.arange(size))
+        return np.unique(np.concatenate(parts)).astype(np.int64)
+
     def resolve(self, group: str | Sequence[str]) -> tuple[str, ...]:
         """Parameter names of a group name, one parameter's name, or a list of parameter names; KeyError else."""
         if isinstance(group, str):

@@ -22,7 +22,7 @@ from geostore.store.location import Location
 
 # The `geostore flatness` options that add each analysis to a store.
 ADD_OPTIONS = {"flatness": "", "antithetic": " --antithetic", "profile": " --profile-epsilons E1,E2,...",
-               "hessian": " --hessian"}
+               "hessian": " --hessian", "hessian_groups": " --hessian"}
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -231,16 +231,20 @@ class Store:
         return [name for name, arrays in schema.ANALYSES.items() if all(a in self._group for a in arrays)]
 
     def analysis(self, name: str) -> xr.Dataset:
-        """A stored analysis (`flatness`, `antithetic`, `profile`, `hessian`) as a lazy Dataset over `epoch`.
+        """A stored analysis (`flatness`, `antithetic`, `profile`, `hessian`, `hessian_groups`) as a lazy Dataset
+        over `epoch`.
 
         Its variables are the analysis's arrays (`schema.ANALYSES[name]`, e.g. `baseline_loss` and
         `delta_losses` for flatness); rows of epochs where the analysis is incomplete are NaN; `attrs` are
-        the settings it was computed with. StoreError, naming the command that adds it, when not stored.
+        the settings it was computed with; a `group` dimension has the group names as its coordinate.
+        StoreError, naming the command that adds it, when not stored.
         """
         self._require(name)
         dataset = self._masked(self._dataset()[list(schema.ANALYSES[name])], [name])
         dataset.attrs = self.analysis_settings(name)
-        return dataset
+        labels = {dim: list(dataset.attrs[schema.ANALYSIS_DIM_SETTINGS[dim]]) for dim in schema.LABELLED_DIMS
+                  if dim in dataset.dims}
+        return dataset.assign_coords(labels)
 
     def analysis_settings(self, name: str) -> dict:
         """How a stored analysis (`flatness`, `antithetic`, `profile`, `hessian`) was computed."""

@@ -85,6 +85,7 @@ def family_of(attrs: Mapping[str, object]) -> str:
 
 DIRECTION_DIM = "direction"
 EPSILON_DIM = "epsilon"
+GROUP_DIM = "group"
 
 # Per-epoch analysis arrays: name -> dimension names (float64, NaN where not computed). They share
 # the epoch axis with the weights, so appends and inserts move them along with the weights.
@@ -101,6 +102,10 @@ ANALYSIS_ARRAYS: dict[str, tuple[str, ...]] = {
     "hessian_trace_stderr": (EPOCH_DIM,),
     "top_eigenvalue": (EPOCH_DIM,),
     "top_eigenvalue_residual": (EPOCH_DIM,),
+    "group_hessian_trace": (EPOCH_DIM, GROUP_DIM),
+    "group_hessian_trace_stderr": (EPOCH_DIM, GROUP_DIM),
+    "group_top_eigenvalue": (EPOCH_DIM, GROUP_DIM),
+    "group_top_eigenvalue_residual": (EPOCH_DIM, GROUP_DIM),
 }
 
 # Analyses a store can hold, by the arrays that make them up (their completion flags: `DONE_ARRAYS`).
@@ -109,6 +114,12 @@ ANALYSES: dict[str, tuple[str, ...]] = {
     "antithetic": ("curvature", "slope"),
     "profile": ("profile_curvature", "profile_curvature_stderr", "profile_flatness_ratio", "profile_epsilon"),
     "hessian": ("hessian_trace", "hessian_trace_stderr", "top_eigenvalue", "top_eigenvalue_residual"),
+    # The Hessian's four numbers for each component group's block, beside the whole vector's. An analysis of its
+    # own (own settings, done flags and arrays, computed whenever the Hessian is): stores written before it hold
+    # `hessian` complete without these arrays, and a later run adds them, epoch by epoch, without touching or
+    # recomputing the stored totals (the group traces reuse the totals' probe products when both are missing).
+    "hessian_groups": ("group_hessian_trace", "group_hessian_trace_stderr", "group_top_eigenvalue",
+                       "group_top_eigenvalue_residual"),
 }
 
 # Each analysis's completion, recorded apart from its values (so a NaN value, e.g. the loss at NaN weights, is a
@@ -123,7 +134,10 @@ ANALYSIS_SETTINGS: dict[str, tuple[str, ...]] = {
     "antithetic": ("epsilon", "n_directions", "seed"),
     "profile": ("epsilons", "relative", "n_directions", "seed", "threshold"),
     "hessian": ("n_probes", "iterations", "seed"),
+    "hessian_groups": ("n_probes", "iterations", "seed", "groups"),
 }
 
 # The settings key giving the size of each non-epoch analysis dimension (a count, or a list's length).
-ANALYSIS_DIM_SETTINGS: dict[str, str] = {DIRECTION_DIM: "n_directions", EPSILON_DIM: "epsilons"}
+ANALYSIS_DIM_SETTINGS: dict[str, str] = {DIRECTION_DIM: "n_directions", EPSILON_DIM: "epsilons", GROUP_DIM: "groups"}
+# Dimensions whose settings list names their positions: `Store.analysis` gives the names as the coordinate.
+LABELLED_DIMS = (GROUP_DIM,)

@@ -26,6 +26,8 @@ def _describe_settings(analysis: str, settings: dict) -> str:
         scale = " x the weight norm" if settings["relative"] else ""
         values = ", ".join(f"{e:g}" for e in settings["epsilons"])
         return f"epsilon {values}{scale}, {settings['n_directions']} directions"
+    if analysis == "hessian_groups":
+        return f"trace and top eigenvalue of the Hessian block of {', '.join(settings['groups'])}"
     return (f"Hutchinson trace ({settings['n_probes']} probes), top eigenvalue ({settings['iterations']} Lanczos "
             f"steps), seed {settings['seed']}")
 

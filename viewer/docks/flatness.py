@@ -1,6 +1,7 @@
 """Flatness and curvature over training: one-sided Δloss or antithetic curvature (a statistic over directions,
 with its p10-p90 band), the Hessian trace (Hutchinson, ±2 standard errors, beside the trace the antithetic
-curvature implies) or the top Hessian eigenvalue, and the baseline loss.
+curvature implies) or the top Hessian eigenvalue, of the whole Hessian or of one component group's block (the
+group chooser, for the Hessian measures of stores that hold `hessian_groups`), and the baseline loss.
 
 The baseline loss sits on a secondary (right, log) axis in its own view box, linked in x (pyqtgraph's
 MultiplePlotAxes pattern), so a flat landscape can be read against where the loss itself is. Measures the
@@ -17,7 +18,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QDoubleSpinBox
 
 from viewer import palette
-from viewer.data import METRIC_LABELS
+from viewer.data import METRIC_LABELS, group_label
 from viewer.docks.base import ViewerDock
 
 MEASURES = {"one_sided": "one-sided Δloss", "antithetic": "antithetic curvature",
@@ -47,6 +48,15 @@ class FlatnessDock(ViewerDock):
         if self.data.missing("antithetic") is None:
             self.measure.setCurrentIndex(self.measure.findData("antithetic"))
         self.statistic = self.combo("statistic", METRIC_LABELS, self._draw)
+        # the Hessian measures have no statistic: the group chooser takes its place (and its label's), so the
+        # toolbar keeps its width
+        self.statistic_label = self.toolbar.itemAt(self.toolbar.indexOf(self.statistic) - 1).widget()
+        self.group = self.combo(None, {group: "whole Hessian" if group == "all" else f"{group_label(group)} block"
+                                       for group in self.data.groups}, self._draw)
+        self.group_reason = self.data.missing("hessian_groups")  # None when the store holds the groups' blocks
+        self.group.setToolTip(self.group_reason or "The Hessian of all weights, or one component group's block")
+        self.group.setEnabled(not self.group_reason)
+        self.group.hide()
         self.log_y = self.checkbox("log y", False, self._on_log_changed)
         # shown in the log-y box's place while the flatness ratio (never log) is drawn: the toolbar keeps its width
         self.threshold = QDoubleSpinBox(decimals=3, minimum=0.001, maximum=100.0, singleStep=0.05,
@@ -107,6 +117,11 @@ class FlatnessDock(ViewerDock):
         """The measure shown: `one_sided`, `antithetic`, `hessian_trace` or `top_eigenvalue`."""
         return self.measure.currentData()
 
+    @property
+    def group_name(self) -> str:
+        """The component group whose Hessian block the Hessian measures show (`all`: the whole Hessian)."""
+        return "all" if self.group_reason else self.group.currentData()
+
     def series(self) -> dict[str, np.ndarray] | None:
         """What the current measure draws, per epoch: `value`, optionally `low`/`high` (the band) and `compare`
         (a second estimate of the same quantity); None until loaded."""
@@ -122,11 +137,12 @@ class FlatnessDock(ViewerDock):
             if self.key in BANDED:
                 out.update(low=summary[f"p10_{suffix}"], high=summary[f"p90_{suffix}"])
             return out
-        hessian = curvature.hessian
+        group = self.group_name
+        hessian = curvature.hessian if group == "all" else curvature.hessian_groups[group]
         if kind == "hessian_trace":
             trace, error = hessian["hessian_trace"], 2 * hessian["hessian_trace_stderr"]
             out = {"value": trace, "low": trace - error, "high": trace + error}
-            if curvature.summary is not None:
+            if curvature.summary is not None and group == "all":  # the antithetic pairs see the whole vector
                 out["compare"] = curvature.summary["trace_estimate"]
             return out
         top, residual = hessian["top_eigenvalue"], hessian["top_eigenvalue_residual"]
@@ -143,7 +159,11 @@ class FlatnessDock(ViewerDock):
             for index in range(self.statistic.count()):
                 self.statistic.setItemText(index, labels[self.statistic.itemData(index)])
         self.statistic.setEnabled(directional)
-        name = labels[key] if directional else MEASURES[kind]
+        for widget in (self.statistic_label, self.statistic):
+            widget.setVisible(directional)
+        self.group.setVisible(not directional)
+        block = "" if directional or self.group_name == "all" else f" of the {group_label(self.group_name)} block"
+        name = labels[key] if directional else MEASURES[kind] + block
         band = {"one_sided": "p10–p90 band", "antithetic": "p10–p90 band", "hessian_trace": "±2 s.e.",
                 "top_eigenvalue": "± Lanczos residual"}[kind]
         compare = "2D/ε² × mean antithetic curvature"
@@ -165,7 +185,7 @@ class FlatnessDock(ViewerDock):
             what = "Δloss" if kind == "one_sided" else "curvature"
             label = f"share of flat directions ({what} < {threshold:g}·baseline)"
         else:
-            label = f"{name} (nats)" if directional else MEASURE_AXES[kind]
+            label = f"{name} (nats)" if directional else MEASURE_AXES[kind] + block
         self.flatness_plot.setLabel("left", label)
         self.log_y.setEnabled(not ratio)
         self.log_y.setVisible(not ratio)
@@ -215,7 +235,7 @@ class FlatnessDock(ViewerDock):
 
     def get_settings(self) -> dict:
         return {"measure": self.kind, "metric": self.key, "log_y": self.log_y.isChecked(),
-                "threshold": self.state.threshold}
+                "threshold": self.state.threshold, "group": self.group_name}
 
     def set_settings(self, settings: dict) -> None:
         index = self.measure.findData(settings.get("measure"))
@@ -224,6 +244,9 @@ class FlatnessDock(ViewerDock):
         index = self.statistic.findData(settings.get("metric"))
         if index >= 0:
             self.statistic.setCurrentIndex(index)
+        index = self.group.findData(settings.get("group"))
+        if index >= 0:
+            self.group.setCurrentIndex(index)
         self.log_y.setChecked(bool(settings.get("log_y", self.log_y.isChecked())))
         threshold = settings.get("threshold")
         if isinstance(threshold, int | float) and threshold > 0:
