@@ -1,7 +1,8 @@
 """geostore: training runs as chunked, epoch-indexed Zarr stores, read lazily with Dask.
 
 `open_store(path)` is the entry point for notebooks, the CLI and the viewer alike; `ingest(sources, store)` and
-`compute(store, analyses)` do what `geostore ingest` and `geostore flatness` do. Heavy dependencies (dask, zarr,
+`compute(store, analyses)` do what `geostore ingest` and `geostore flatness` do, `loss_plane(store, group)` what
+`geostore plane` does. Heavy dependencies (dask, zarr,
 torch) load on first use, so importing geostore is instant.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from geostore.api import compute, ingest
+from geostore.api import compute, ingest, loss_plane
 from geostore.errors import GeostoreError, ModelMismatchError, SourceError, StoreError, UnsafeCheckpointError
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = [
     "compute",
     "compute_landscape_flatness",
     "ingest",
+    "loss_plane",
     "open_store",
     "open_sweep",
 ]

@@ -1,7 +1,7 @@
-"""The library's two verbs, equal to the command line: `ingest` checkpoints into a store (or a sweep), and
-`compute` the landscape analyses of a store from its weights alone.
+"""The library's verbs, equal to the command line: `ingest` checkpoints into a store (or a sweep), `compute`
+the landscape analyses of a store from its weights alone, and `loss_plane` on the plane of two PCA components.
 
-`geostore ingest` and `geostore flatness` call these and only print what they return. Everything the
+`geostore ingest`, `geostore flatness` and `geostore plane` call these and only print what they return. Everything the
 commands decide lives here: store, sweep or one run of a sweep; the `auto` device; each setting given,
 else the store's recorded one, else the default. Errors name these functions' arguments in backticks
 (`n_directions`), which the command line shows as its flags. Importing this module is cheap.
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from geostore.ingestion import IngestReport
     from geostore.landscape import FlatnessReport, FlatnessSettings
+    from geostore.plane import PlaneReport
     from geostore.store.location import Location
 
 PathLike = str | os.PathLike
@@ -148,6 +149,42 @@ def compute(
             reports[name] = compute_store_flatness(target, settings, probe=probe, recompute=recompute,
                                                    progress=progress, client=client)
     return reports if whole_sweep else reports[run]
+
+
+def loss_plane(
+    store: PathLike,
+    group: str | Sequence[str] = "all",
+    *,
+    run: str | None = None,
+    resolution: int | None = None,
+    span: float | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
+    recompute: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+    storage_options: dict | None = None,
+) -> PlaneReport:
+    """Compute (or finish) the loss on the plane of `group`'s PC1 and PC2 through the PCA origin
+    (`geostore plane`), stored in the store and read back with `Store.loss_plane(group)`.
+
+    A `resolution` x `resolution` grid spanning the trajectory's PC scores `span` times their half-range either
+    side of their middle, evaluated in `dtype` (`float32`, or `float64` to check against); each setting given,
+    else the stored plane's, else 41, 1.25 and float32. Only rows not yet stored are computed; other settings, or
+    a plane whose basis changed since (epochs added), are refused unless `recompute`. `run`: the run of a sweep.
+    `device`, `workers` and `scheduler` as for `compute`. See `geostore.plane`.
+    """
+    from geostore.cluster import open_client
+    from geostore.landscape import resolve_device
+    from geostore.plane import compute_plane
+    from geostore.store.location import Location
+    from geostore.store.sweep import open_store
+
+    target = open_store(Location.of(store, storage_options), run).location
+    with open_client(workers, scheduler) as client:
+        return compute_plane(target, group, resolution=resolution, span=span, dtype=dtype,
+                             device=resolve_device(device), recompute=recompute, progress=progress, client=client)
 
 
 def _settings(target: Location, analyses: Collection[str], *, profile_epsilons: Sequence[float] | str | None,

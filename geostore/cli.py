@@ -66,7 +66,8 @@ def _format_summary(summary: dict) -> str:
 FLAGS = {"n_directions": "--directions", "epsilon": "--epsilon", "seed": "--seed", "device": "--device",
          "profile_epsilons": "--profile-epsilons", "profile_relative": "--profile-relative", "hessian": "--hessian",
          "hessian_probes": "--hessian-probes", "lanczos_steps": "--lanczos-steps", "recompute": "--recompute",
-         "workers": "--workers", "scheduler": "--scheduler", "run": "--run", "probe": "--probe", "family": "--family"}
+         "workers": "--workers", "scheduler": "--scheduler", "run": "--run", "probe": "--probe", "family": "--family",
+         "resolution": "--resolution", "span": "--span", "dtype": "--float64", "group": "--group"}
 
 
 CURVATURE_SETTINGS = ("profile_epsilons", "profile_relative", "hessian_probes", "lanczos_steps")
@@ -140,6 +141,25 @@ def _follow_flatness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plane(args: argparse.Namespace) -> int:
+    from geostore.api import loss_plane
+
+    try:
+        report = loss_plane(args.store, _group(args.group), run=args.run, resolution=args.resolution,
+                            span=args.span, dtype="float64" if args.float64 else None, device=args.device,
+                            recompute=args.recompute, workers=args.workers, scheduler=args.scheduler,
+                            progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"geostore: interrupted ({args.store} keeps the rows of the plane finished so far: run the same "
+              "command again to compute the rest)", file=sys.stderr)
+        return 130
+    n = report.resolution
+    rate = f" in {report.seconds:.1f} s" if report.computed else ""
+    print(f"{args.store}: loss plane of group {report.group} ({n} x {n} points, span {report.span:g}): "
+          f"{report.computed} rows computed{rate} ({report.already} already complete)")
+    return 0
+
+
 def _families(args: argparse.Namespace) -> int:
     from geostore.family.registry import families
 
@@ -189,10 +209,14 @@ def _add_flatness_options(parser: argparse.ArgumentParser) -> None:
                            help="Lanczos steps for the top eigenvalue (default: the store's, else 20)")
     parser.add_argument("--recompute", action="store_true",
                         help="replace stored analyses computed with other settings")
+    _add_cluster_options(parser, "flatness")
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="compute flatness on a local Dask cluster of N single-threaded worker processes")
+                        help=f"compute {what} on a local Dask cluster of N single-threaded worker processes")
     parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="compute flatness on an existing Dask cluster (default: $DASK_SCHEDULER_ADDRESS)")
+                        help=f"compute {what} on an existing Dask cluster (default: $DASK_SCHEDULER_ADDRESS)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -457,6 +481,29 @@ def build_parser() -> argparse.ArgumentParser:
     per.add_argument("--per-checkpoint", action="store_true",
                      help="step lengths, not divided by the gap (the default; kept for older scripts)")
     velocity.set_defaults(handler=_velocity)
+
+    plane = sub.add_parser("plane", help="the loss on the plane of the trajectory's PC1 and PC2 (stored)",
+                           description="Evaluate the loss on an N x N grid of the plane through the PCA origin "
+                                       "(the mean of the epochs) spanned by a group's PC1 and PC2, parameters "
+                                       "outside the group at their mean; incremental: only rows not stored yet "
+                                       "are computed. Read it with Store.loss_plane(group); geoview draws it.")
+    plane.add_argument("store", metavar="STORE", help="a store (local path or URL) or a sweep with --run")
+    _add_run_option(plane, "the run to analyse")
+    plane.add_argument("--group", default="all", metavar="G",
+                       help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+    plane.add_argument("--resolution", type=int, metavar="N",
+                       help="points along each axis (default: the stored plane's, else 41)")
+    plane.add_argument("--span", type=float, metavar="S",
+                       help="each axis reaches S times the trajectory's half-range either side of its middle "
+                            "(default: the stored plane's, else 1.25)")
+    plane.add_argument("--float64", action="store_true", help="evaluate in float64 (default float32)")
+    plane.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where losses are evaluated (default: CUDA when present)")
+    plane.add_argument("--recompute", action="store_true",
+                       help="replace a stored plane of other settings, or one whose basis changed")
+    _add_cluster_options(plane, "the rows")
+    plane.add_argument("--quiet", action="store_true", help="no progress bar")
+    plane.set_defaults(handler=_plane)
 
     spectrum = sub.add_parser("spectrum", help="effective dimensionality of a weight matrix per epoch",
                               description="The participation ratio (sum s)^2 / sum s^2 of the singular values s "

@@ -486,7 +486,8 @@ def compute_store_flatness(
 
 
 
-def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
-    """A checkpoint progress bar on stderr, shown on terminals only (logs and pipes get clean lines)."""
-    return tqdm(total=total, unit="ckpt", desc=desc, disable=None if progress else True, file=sys.stderr,
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "ckpt") -> tqdm:
+    """A progress bar on stderr counting `unit`s (checkpoints), shown on terminals only (logs and pipes get
+    clean lines)."""
+    return tqdm(total=total, unit=unit, desc=desc, disable=None if progress else True, file=sys.stderr,
                 dynamic_ncols=True)

@@ -15,6 +15,7 @@ from geostore.cluster import open_client
 from geostore.family.modular_addition import model_config
 from geostore.ingestion import ingest
 from geostore.landscape import FlatnessSettings, compute_store_flatness
+from geostore.plane import compute_plane
 from tests.conftest import snapshot
 from tests.test_ingest import state_dict_dir
 
@@ -32,11 +33,16 @@ def test_cluster_flatness_equals_serial_bit_for_bit_even_when_a_worker_dies(tmp_
     parallel, killed = tmp_path / "parallel.zarr", tmp_path / "killed.zarr"
     shutil.copytree(weights_only, parallel)
     shutil.copytree(weights_only, killed)
+    compute_plane(weights_only, resolution=4, progress=False)
+    plane_copy = tmp_path / "plane.zarr"
+    shutil.copytree(weights_only, plane_copy)
     env_before = os.environ.get("OMP_NUM_THREADS")
     with open_client(workers=2) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         assert os.environ.get("OMP_NUM_THREADS") == env_before  # LocalCluster's setting does not leak here
         compute_store_flatness(parallel, SETTINGS, progress=False, client=client)
+        # the loss plane's rows as cluster tasks, too (the PCA cached by the serial plane, copied with it)
+        assert compute_plane(plane_copy, progress=False, recompute=True, client=client).computed == 4
 
         def kill_a_worker_once_work_is_done() -> None:
             store_done = 0
@@ -54,6 +60,8 @@ def test_cluster_flatness_equals_serial_bit_for_bit_even_when_a_worker_dies(tmp_
     assert report.computed + report.already == 30
     assert snapshot(parallel) == snapshot(serial)
     assert snapshot(killed) == snapshot(serial)
+    planes = [geostore.open_store(path).loss_plane()["loss"].values for path in (weights_only, plane_copy)]
+    assert planes[0].tobytes() == planes[1].tobytes() and np.isfinite(planes[0]).all()
 
 
 def test_cli_workers_and_scheduler_errors(tmp_path, capsys):

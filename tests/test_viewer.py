@@ -161,6 +161,9 @@ def test_a_store_without_flatness_shows_those_docks_disabled_with_a_reason(qtbot
         assert not dock.export_button.isEnabled() and dock.isVisible()
     trajectory = window.docks["trajectory"]
     assert not trajectory.colour.model().item(trajectory.colour.findData("baseline")).isEnabled()
+    landscape = window.docks["landscape"]  # no loss plane either: the dock names the command that adds one
+    assert landscape.pages.currentWidget() is landscape.message and not landscape.export_button.isEnabled()
+    assert f"geostore plane {bare_store}" in landscape.message.text()
     window.epoch_control.slider.setValue(5)  # the disabled docks ignore scrubbing without failing
     assert window.docks["velocity"].line.value() == EPOCHS[5]
 
@@ -248,7 +251,8 @@ def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
 def test_every_dock_exports_png_svg_and_csv(qtbot, open_window, flat_store, tmp_path):
     window = open_window(flat_store)
     window.epoch_control.slider.setValue(2)
-    assert [name for name, dock in window.docks.items() if dock.reason] == ["profile"]  # no profile stored
+    # no profile and no loss plane stored (test_plane.py exports the landscape)
+    assert [name for name, dock in window.docks.items() if dock.reason] == ["profile", "landscape"]
     for name, dock in window.docks.items():
         if dock.reason:
             continue

@@ -110,8 +110,49 @@ class Curvature:
     hessian_groups: dict[str, dict[str, np.ndarray]] | None = None
 
 
+@dataclass(frozen=True)
+class Plane:
+    """A group's stored loss plane (`Store.loss_plane`): `loss` `(len(pc1), len(pc2))` on the grid `pc1` x `pc2`,
+    NaN in rows not computed; the trajectory's `projections` `(len(epochs), 2)` in the plane's basis and the two
+    components' `explained` variance ratios; `stale` when epochs were added after its basis was fitted."""
+
+    group: str
+    pc1: np.ndarray
+    pc2: np.ndarray
+    loss: np.ndarray
+    epochs: np.ndarray
+    projections: np.ndarray
+    explained: np.ndarray
+    stale: bool
+
+    def position(self, epoch: int) -> np.ndarray | None:
+        """`(pc1, pc2)` of a stored epoch on the plane, or None when the plane's basis predates it."""
+        index = int(np.searchsorted(self.epochs, epoch))
+        if index < self.epochs.size and self.epochs[index] == epoch:
+            return self.projections[index]
+        return None
+
+    def loss_near(self, a: float, b: float) -> float:
+        """The loss at the grid point nearest `(pc1, pc2)` = `(a, b)`."""
+        return float(self.loss[np.abs(self.pc1 - a).argmin(), np.abs(self.pc2 - b).argmin()])
+
+
+def upsample(values: np.ndarray, factor: int) -> np.ndarray:
+    """`values` `(n, m)` linearly interpolated onto a grid `factor` times finer along both axes (same corners):
+    smooth contours from a coarse grid. NaN spreads to the points it touches."""
+    out = values
+    for axis in (0, 1):
+        n = out.shape[axis]
+        fine = np.linspace(0, n - 1, (n - 1) * factor + 1)
+        low = np.minimum(np.floor(fine).astype(np.intp), n - 2)
+        weight = (fine - low).reshape((-1, 1) if axis == 0 else (1, -1))
+        out = np.take(out, low, axis=axis) * (1 - weight) + np.take(out, low + 1, axis=axis) * weight
+    return out
+
+
 LOADERS = {"trajectory": "load_trajectory", "velocities": "load_velocities", "flatness": "load_flatness",
-           "curvature": "load_curvature", "weights": "load_weight_histograms", "spectrum": "load_spectrum"}
+           "curvature": "load_curvature", "weights": "load_weight_histograms", "spectrum": "load_spectrum",
+           "plane": "load_plane"}
 """The `load_*` method of each cache key's first part: what `ViewerData.follow` loads again on a newer commit."""
 
 
@@ -370,11 +411,36 @@ class ViewerData:
         values = self.flatness.deltas if kind == "one_sided" else self.curvature.values
         return flatness_summary(self.flatness.summary["baseline_loss"], values, threshold)["flatness_ratio"]
 
+    @property
+    def planes(self) -> list[str]:
+        """The groups whose loss planes the store holds (listed once)."""
+        return self._load(("planes",), self.store.planes)
+
+    def plane(self, group: str) -> Plane | None:
+        """The cached loss plane of `group`, or None until `load_plane` ran."""
+        return self._cache.get(("plane", group))
+
+    def load_plane(self, group: str) -> Plane:
+        """A group's stored loss plane, through `Store.loss_plane` (a small file: read at once)."""
+
+        def compute() -> Plane:
+            plane = self.store.loss_plane(group)
+            return Plane(group=group, pc1=plane["pc1"].values, pc2=plane["pc2"].values,
+                         loss=np.asarray(plane["loss"], dtype=np.float64), epochs=plane["epoch"].values,
+                         projections=np.asarray(plane["projections"], dtype=np.float64),
+                         explained=np.asarray(plane["explained_variance_ratio"], dtype=np.float64),
+                         stale=bool(plane.attrs["stale"]))
+
+        return self._load(("plane", group), compute)
+
     def missing(self, needs: str) -> str | None:
-        """Why a dock (or a choice in it) that `needs` `metrics` or an analysis (`flatness`, `antithetic`,
-        `profile`, `hessian`, `hessian_groups`) cannot show this store, or None."""
+        """Why a dock (or a choice in it) that `needs` `metrics`, a loss `plane` or an analysis (`flatness`,
+        `antithetic`, `profile`, `hessian`, `hessian_groups`) cannot show this store, or None."""
         if needs == "metrics":
             return None if self.metrics else "No training metrics recorded by this store's sources."
+        if needs == "plane":
+            return None if self.planes else (f"No loss plane stored — run `geostore plane {self.store.path}` "
+                                             "to add it.")
         if needs in self.analyses:
             return None
         what, option = ANALYSIS_HELP[needs]

@@ -18,6 +18,7 @@ from viewer.data import ViewerData
 from viewer.docks.base import ViewerDock
 from viewer.docks.distribution import DistributionDock
 from viewer.docks.flatness import FlatnessDock
+from viewer.docks.landscape import LandscapeDock
 from viewer.docks.profile import ProfileDock
 from viewer.docks.spectrum import SpectrumDock
 from viewer.docks.training import TrainingDock
@@ -31,7 +32,7 @@ from viewer.worker import Jobs
 SETTINGS_ENV = "GEOVIEW_SETTINGS"
 """Environment variable naming an INI file to keep the settings in (tests point it into a temp dir)."""
 LAYOUT_VERSION = 1
-LOAD_ORDER = ("training", "flatness", "distribution", "profile", "velocity", "spectrum", "trajectory")
+LOAD_ORDER = ("training", "flatness", "distribution", "profile", "landscape", "velocity", "spectrum", "trajectory")
 FOLLOW_MS = 1000
 """How often a window that follows its store (`geoview --follow`) looks for new epochs."""
 PIXMAP_CACHE_KB = 256 * 1024
@@ -89,6 +90,7 @@ class MainWindow(QMainWindow):
         distribution = self.add_dock(DistributionDock, Qt.DockWidgetArea.LeftDockWidgetArea, below=trajectory)
         self.add_dock(ProfileDock, Qt.DockWidgetArea.LeftDockWidgetArea, tabify_with=distribution)
         self.add_dock(SpectrumDock, Qt.DockWidgetArea.LeftDockWidgetArea, tabify_with=distribution)
+        self.add_dock(LandscapeDock, Qt.DockWidgetArea.LeftDockWidgetArea, tabify_with=distribution)
         distribution.raise_()
         for name in LOAD_ORDER:  # one worker thread: the quick loads first, the PCA last
             self.docks[name].start()

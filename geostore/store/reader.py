@@ -436,6 +436,25 @@ class Store:
 
         return weights.matrices(self)
 
+    def loss_plane(self, group: str | Sequence[str] = "all") -> xr.Dataset:
+        """The stored loss on the plane of a group's PC1 and PC2 through the PCA origin (`geostore plane`).
+
+        A Dataset: `loss` over (`pc1`, `pc2`), the grid's coordinates in the units of the trajectory's PC scores
+        (NaN in rows not computed yet); the trajectory in the same basis, `projections` over (`epoch`,
+        `component`), and the two components' `explained_variance_ratio`; `attrs` the settings (`resolution`,
+        `span`, `dtype`, `fit_epochs`, ...), `complete_rows`, and `stale`: True when epochs were added since
+        the basis was fitted. StoreError, naming the command that adds it, when the store has none.
+        """
+        from geostore.store import plane
+
+        return plane.loss_plane(self, group)
+
+    def planes(self) -> list[str]:
+        """The groups whose loss planes the store holds (`loss_plane`)."""
+        from geostore.store import plane
+
+        return plane.names(self.location)
+
     # ---------------------------------------------------------------------------------- protocol
     def changed(self) -> bool:
         """Whether the store holds a newer commit than the one this handle reads: one read of the root `zarr.json`,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from geostore.store.plane import describe as describe_planes
+
 if TYPE_CHECKING:
     from geostore.store.reader import Store
 
@@ -71,6 +73,7 @@ def describe(store: Store) -> str:
         done = f"{store.analysis_epochs(name).size} of {store.epochs.size} epochs complete"
         lines.append(f"{name:<11} {_describe_settings(name, settings)}: {done}")
     lines.append(f"analyses    {', '.join(analyses) if analyses else 'none stored yet'}")
+    lines.extend(describe_planes(store))
     return "\n".join(lines)
 
 

@@ -363,7 +363,8 @@ class ViewerDock(QDockWidget):
     # -------------------------------------------------------------------------- read-outs
     def hover(self, plot: pg.PlotItem) -> None:
         """Read out the drawn point nearest the pointer in `plot` (its curve's name, x and y) beside it."""
-        text = pg.TextItem(color=palette.FOREGROUND, fill=palette.translucent("w", 220), anchor=(-0.05, 1.1))
+        text = pg.TextItem(color=palette.FOREGROUND, fill=palette.translucent(palette.BACKGROUND, 220),
+                           anchor=(-0.05, 1.1))
         text.setZValue(40)
         text.hide()
         plot.addItem(text, ignoreBounds=True)
