@@ -18,12 +18,14 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from geostore.recorder import Recorder
     from geostore.store.reader import Store
     from geostore.store.sweep import Sweep
 
 __all__ = [
     "GeostoreError",
     "ModelMismatchError",
+    "Recorder",
     "SourceError",
     "Store",
     "StoreError",
@@ -79,6 +81,10 @@ def __getattr__(name: str):
         from geostore.store.reader import Store
 
         return Store
+    if name == "Recorder":
+        from geostore.recorder import Recorder
+
+        return Recorder
     if name == "Sweep":
         from geostore.store.sweep import Sweep
 

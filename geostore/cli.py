@@ -39,9 +39,15 @@ def _train(args: argparse.Namespace) -> int:
         data_seed=given(args.data_seed, defaults.data_seed),
         schedule=given(args.schedule, defaults.schedule),
     )
-    run = train(spec, Path(args.out_dir), progress=not args.quiet, threads=args.threads)
+    if args.store is None:
+        run = train(spec, Path(args.out_dir), progress=not args.quiet, threads=args.threads)
+    else:
+        from geostore.recorder import train_into_store
+
+        run = train_into_store(spec, args.out_dir, args.store, progress=not args.quiet, threads=args.threads)
     summary = grokking_summary(run)
-    print(f"wrote {len(run['checkpoints'])} checkpoints to {args.out_dir}")
+    print(f"wrote {len(run['checkpoints'])} checkpoints to {args.out_dir}"
+          + ("" if args.store is None else f" and recorded them into {args.store}"))
     print(_format_summary(summary))
     return 0
 
@@ -106,12 +112,32 @@ def _ingest(args: argparse.Namespace) -> int:
 def _flatness(args: argparse.Namespace) -> int:
     from geostore.api import compute
 
+    if args.until_idle is not None and not args.follow:
+        raise GeostoreError("--until-idle ends --follow: add --follow")
+    if args.follow:
+        return _follow_flatness(args)
     result = compute(args.store, _analyses(args), run=args.run, probe=args.probe, **_settings(args))
     for name, report in (result if isinstance(result, dict) else {args.run: result}).items():
-        rate = f" in {report.seconds:.1f} s" if report.computed else ""
-        where = args.store if name is None else f"{args.store} run {name}"
-        print(f"{where}: {', '.join(report.analyses)} computed for {report.computed} epochs{rate} "
-              f"({report.already} already complete)")
+        _print_flatness(args.store if name is None else f"{args.store} run {name}", report)
+    return 0
+
+
+def _print_flatness(where: str, report) -> None:
+    rate = f" in {report.seconds:.1f} s" if report.computed else ""
+    print(f"{where}: {', '.join(report.analyses)} computed for {report.computed} epochs{rate} "
+          f"({report.already} already complete)", flush=True)
+
+
+def _follow_flatness(args: argparse.Namespace) -> int:
+    from geostore.follow import follow_compute
+
+    where = args.store if args.run is None else f"{args.store} run {args.run}"
+    try:
+        for report in follow_compute(args.store, _analyses(args), run=args.run, until_idle=args.until_idle,
+                                     probe=args.probe, **_settings(args)):
+            _print_flatness(where, report)
+    except KeyboardInterrupt:
+        print(f"{where}: stopped following (every finished pass is kept)", file=sys.stderr)
     return 0
 
 
@@ -374,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-seed", type=int, help="train/test split seed")
     train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--store", metavar="STORE",
+                       help="also record each checkpoint into this store as it trains (created or extended; "
+                            "`geoview STORE --follow` watches it)")
     train.set_defaults(handler=_train)
 
     ingest = sub.add_parser("ingest", help="write a run's checkpoints into a store (incremental)",
@@ -402,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     flatness.add_argument("store", metavar="STORE")
     _add_run_option(flatness, "only this run (default: every run)")
     flatness.add_argument("--quiet", action="store_true", help="no progress bar")
+    flatness.add_argument("--follow", action="store_true",
+                          help="keep computing epochs as they arrive (a training run recording into the store) "
+                               "until interrupted (Ctrl-C: exit 0, finished epochs kept)")
+    flatness.add_argument("--until-idle", type=float, metavar="SECONDS",
+                          help="with --follow: stop once no epoch arrived for this long")
     _add_flatness_options(flatness)
     flatness.set_defaults(handler=_flatness)
 

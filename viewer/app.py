@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--screenshot", metavar="OUT.png", type=Path,
                         help="render the whole window offscreen into this image and exit")
     parser.add_argument("--epoch", type=int, help="open at this stored epoch (default: the first)")
+    parser.add_argument("--follow", action="store_true",
+                        help="show new epochs as a run records them into the store (`geostore train --store`); "
+                             "opens at the newest epoch and follows it unless you move the slider away")
     parser.add_argument("--group", default="all", metavar="G",
                         help="component group of the trajectory (the store's groups; default all)")
     parser.add_argument("--log-epoch", action="store_true",
@@ -60,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.screenshot is not None:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     try:
-        data = load_data(args.store, args.run)
-        index = 0 if args.epoch is None else data.index_of(args.epoch)
+        data = load_data(args.store, args.run, follow=args.follow)
+        index = (data.n_epochs - 1 if args.follow else 0) if args.epoch is None else data.index_of(args.epoch)
         if args.group not in data.groups:
             raise GeostoreError(f"--group {args.group}: not a group of {args.store} ({', '.join(data.groups)})")
     except GeostoreError as exc:
@@ -77,8 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     palette.apply_theme()
     settings = None if args.screenshot is not None else open_settings(args.settings)
-    kind = CompareWindow if isinstance(data, SweepViewerData) else MainWindow
-    window = kind(data, settings=settings, index=index, group=args.group)
+    if isinstance(data, SweepViewerData):
+        window = CompareWindow(data, settings=settings, index=index, group=args.group)
+    else:
+        window = MainWindow(data, settings=settings, index=index, group=args.group, follow=args.follow)
     if args.log_epoch:
         window.state.set_log_epoch(True)
     if args.screenshot is not None:
@@ -89,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return app.exec()
 
 
-def load_data(store: str, run: str | None) -> ViewerData | SweepViewerData:
-    """What the viewer shows of `store`: every run of a sweep when `run` is None (comparison mode), else one run."""
+def load_data(store: str, run: str | None, *, follow: bool = False) -> ViewerData | SweepViewerData:
+    """What the viewer shows of `store`: every run of a sweep when `run` is None (comparison mode), else one run
+    (with `follow`, once it holds the two epochs the viewer draws)."""
     from viewer.data import ViewerData
     from viewer.sweep_data import SweepViewerData
 
@@ -100,8 +107,23 @@ def load_data(store: str, run: str | None) -> ViewerData | SweepViewerData:
         except StoreError:  # not a sweep (a single store, or nothing: open_store says which)
             sweep = None
         if sweep is not None:
+            if follow:
+                raise GeostoreError(f"--follow watches one run: add --run (runs of {store}: "
+                                    f"{', '.join(sweep.runs)})")
             return SweepViewerData(sweep)
-    return ViewerData(open_store(store, run))
+    opened = open_store(store, run)
+    return ViewerData(wait_for_epochs(opened) if follow else opened)
+
+
+def wait_for_epochs(store, needed: int = 2, poll: float = 1.0):
+    """`store`, or its first commit holding the `needed` epochs the viewer draws (a run that just began recording
+    into it), saying once on stderr that it waits."""
+    if store.epochs.size < needed:
+        print(f"geoview: {store.path} holds {store.epochs.size} epoch(s); waiting for {needed}", file=sys.stderr)
+    while store.epochs.size < needed:
+        time.sleep(poll)
+        store = store.reopen()
+    return store
 
 
 def screenshot(window, out: Path, size: tuple[int, int]) -> int:

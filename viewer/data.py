@@ -8,11 +8,12 @@ a worker thread; each caches its result, so asking twice costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from geostore import Store, StoreError
+from geostore import GeostoreError, Store, StoreError
 from geostore.analysis.flatness_stats import flatness_summary
 from viewer.epoch_axis import EpochAxis
 
@@ -148,6 +149,18 @@ def upsample(values: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
+LOADERS = {"trajectory": "load_trajectory", "velocities": "load_velocities", "flatness": "load_flatness",
+           "curvature": "load_curvature", "weights": "load_weight_histograms", "spectrum": "load_spectrum",
+           "plane": "load_plane"}
+"""The `load_*` method of each cache key's first part: what `ViewerData.follow` loads again on a newer commit."""
+
+
+def _signature(store: Store) -> tuple:
+    """What the viewer shows of a store changes with: its epochs and the epochs each analysis completed."""
+    return (tuple(store.epochs.tolist()),
+            tuple((name, store.analysis_epochs(name).size) for name in store.analyses()))
+
+
 def fixed_histograms(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Histograms of every row of `values` `(n, m)` over one set of `bins` edges spanning all finite values.
 
@@ -206,6 +219,25 @@ class ViewerData(EpochAxis):
         self.weight_choices = (*self.groups, *store.param_shapes())  # what `Store.histograms` takes
         self.matrices = store.matrices  # what `Store.spectrum` takes
         # self._cache keys: ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
+
+    # ----------------------------------------------------------------------------- following
+    def follow(self) -> ViewerData | None:
+        """The store's latest commit as new data when it changed (epochs, analyses or their completed epochs: a
+        run recording into it, `geostore flatness --follow`), else None. The new data comes with what this one
+        has loaded (PCA, velocities, flatness, ...) loaded again, so the docks swap to it at once; the store's
+        caches make that cost only the new epochs. Slow: call it on the worker thread."""
+        if not self.store.changed():
+            return None
+        store = self.store.reopen()
+        if _signature(store) == _signature(self.store):
+            return None
+        data = ViewerData(store)
+        for key in list(self._cache):
+            loader = LOADERS.get(key[0])  # a cache without a loader here is loaded by its dock, as on opening
+            with contextlib.suppress(GeostoreError):  # the dock that asks again shows the error
+                if loader is not None:
+                    getattr(data, loader)(*key[1:])
+        return data
 
     # ----------------------------------------------------------------------------- analyses
     @property

@@ -22,7 +22,6 @@ class EpochSpinBox(QSpinBox):
     def __init__(self, data: ViewerData, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._data = data
-        self.setRange(int(data.epochs[0]), int(data.epochs[-1]))
         self.setKeyboardTracking(False)
         self.setPrefix(f"{data.unit} ")
         self.setAccelerated(True)
@@ -48,11 +47,10 @@ class EpochControl(QWidget):
             self.speed.addItem(f"{speed} ckpt/s", speed)
         self.speed.setCurrentIndex(SPEEDS.index(25))
         self.slider = QSlider(Qt.Orientation.Horizontal)
-        self.slider.setRange(0, data.n_epochs - 1)
-        self.slider.setPageStep(max(1, data.n_epochs // 20))
         self.spin = EpochSpinBox(data)
         self.position = QLabel()
         self.position.setMinimumWidth(110)
+        self._set_ranges()
 
         layout = QHBoxLayout(self)
         layout.setContentsMargins(6, 2, 6, 2)
@@ -73,14 +71,31 @@ class EpochControl(QWidget):
         self._on_speed_changed()
         self._on_epoch_changed(state.index)
 
+    def set_data(self, data: ViewerData) -> None:
+        """Cover the epochs of `data`, the store's newer commit (`geoview --follow`), and resize the state to them:
+        at the newest epoch it follows to the new newest, anywhere else it stays (`ViewerState.resize`)."""
+        self._data = self.spin._data = data
+        self._set_ranges()
+        self._state.resize(data.n_epochs)
+        self._on_epoch_changed(self._state.index)
+
+    def _set_ranges(self) -> None:
+        data = self._data
+        for widget, (low, high) in ((self.slider, (0, data.n_epochs - 1)),
+                                    (self.spin, (int(data.epochs[0]), int(data.epochs[-1])))):
+            widget.blockSignals(True)  # a range that clamps the value must not move the state
+            widget.setRange(low, high)
+            widget.blockSignals(False)
+        self.slider.setPageStep(max(1, data.n_epochs // 20))
+
     def _step_buttons(self) -> list[QToolButton]:
         """First/previous/next/last buttons; their actions and the keys-only ones are added to this widget."""
-        state, last = self._state, self._data.n_epochs - 1
+        state = self._state
         buttons = []
         for icon, tip, key, slot in (("SkipBackward", "First epoch", "Home", lambda: state.set_index(0)),
                                      ("SeekBackward", "Previous epoch", "Left", lambda: state.step(-1)),
                                      ("SeekForward", "Next epoch", "Right", lambda: state.step(1)),
-                                     ("SkipForward", "Last epoch", "End", lambda: state.set_index(last))):
+                                     ("SkipForward", "Last epoch", "End", lambda: state.set_index(state.n_epochs - 1))):
             action = self._add_action(tip, key, slot)
             action.setIcon(self._icons[icon])
             action.setToolTip(f"{tip} ({key})")

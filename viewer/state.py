@@ -18,8 +18,10 @@ class Event:
         self._callbacks: list[Callable] = []
 
     def connect(self, callback: Callable) -> None:
-        """Call `callback(value)` on every emission."""
-        self._callbacks.append(callback)
+        """Call `callback(value)` on every emission (once: connecting an equal callback again changes nothing, so a
+        dock built again on grown data, `geoview --follow`, is not called twice)."""
+        if callback not in self._callbacks:
+            self._callbacks.append(callback)
 
     def emit(self, value: object) -> None:
         """Call every connected callback with `value`."""
@@ -51,6 +53,13 @@ class ViewerState:
         if index != self.index:
             self.index = index
             self.epoch_changed.emit(index)
+
+    def resize(self, n_epochs: int) -> None:
+        """The store now holds `n_epochs` (it grew while followed): at the newest epoch before, the position moves
+        to the newest one; anywhere else (the user moved it) it stays."""
+        newest = self.index == self.n_epochs - 1
+        self.n_epochs = n_epochs
+        self.set_index(n_epochs - 1 if newest else self.index)
 
     def step(self, delta: int) -> None:
         """Move `delta` stored epochs forward (negative: back)."""

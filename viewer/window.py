@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence, QPixmapCache
 from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QProgressBar, QToolBar
 
@@ -33,6 +33,8 @@ SETTINGS_ENV = "GEOVIEW_SETTINGS"
 """Environment variable naming an INI file to keep the settings in (tests point it into a temp dir)."""
 LAYOUT_VERSION = 1
 LOAD_ORDER = ("training", "flatness", "distribution", "profile", "landscape", "velocity", "spectrum", "trajectory")
+FOLLOW_MS = 1000
+"""How often a window that follows its store (`geoview --follow`) looks for new epochs."""
 PIXMAP_CACHE_KB = 256 * 1024
 """Room for the item caches of every dock (`ViewerDock.static`): Qt's default 10 MB holds about a dozen
 plot-sized pixmaps, so with all docks open they evicted each other and every epoch change redrew all."""
@@ -62,7 +64,7 @@ class MainWindow(QMainWindow):
     """geoview's window over one store; `docks` maps each dock's name to it."""
 
     def __init__(self, data: ViewerData, *, settings: QSettings | None = None, index: int = 0,
-                 group: str = "all") -> None:
+                 group: str = "all", follow: bool = False) -> None:
         super().__init__()
         self._build_frame(data, ViewerState(data.n_epochs, data.groups, index=index, group=group), settings)
         self.setWindowTitle(f"geoview — {data.name}")
@@ -86,6 +88,8 @@ class MainWindow(QMainWindow):
         self.resize(1500, 940)
         if settings is not None:
             self._sized = self.restore_settings()
+        if follow:
+            self.follow_timer.start()
 
     def _build_frame(self, data: ViewerData, state: ViewerState, settings: QSettings | None) -> None:
         """What a geoview window holds before its docks: data, state, worker thread, settings, the epoch toolbar."""
@@ -103,6 +107,9 @@ class MainWindow(QMainWindow):
         bar = QToolBar("Epoch", objectName="epoch_toolbar", movable=False, floatable=False)
         bar.addWidget(self.epoch_control)
         self.addToolBar(Qt.ToolBarArea.BottomToolBarArea, bar)
+        self.follow_timer = QTimer(self, interval=FOLLOW_MS)  # started by windows that follow their store
+        self.follow_timer.timeout.connect(self._poll)
+        self._polling = False
 
     def add_dock(self, kind: type[ViewerDock], area: Qt.DockWidgetArea, *, below: ViewerDock | None = None,
                  tabify_with: ViewerDock | None = None) -> ViewerDock:
@@ -143,12 +150,8 @@ class MainWindow(QMainWindow):
         help_menu.addAction("Keys and mouse", lambda: QMessageBox.information(self, "geoview", KEYS_HELP))
 
     def _build_status_bar(self) -> None:
-        data, task = self.data, self.data.store.task
-        facts = [f"{k} = {v}" for k, v in task.items() if k != "family" and isinstance(v, int | float | str)]
-        what = ", ".join([data.store.family.replace("_", " "), *facts[:2]])
-        analyses = ", ".join(data.analyses) or "no analyses"
-        self.statusBar().addWidget(QLabel(f"  {data.name} · {what} · {data.n_epochs} {data.unit}s "
-                                          f"({data.epochs[0]}–{data.epochs[-1]}) · {analyses}"))
+        self.summary = QLabel(self._summary_text())
+        self.statusBar().addWidget(self.summary)
         self.busy_label = QLabel("computing…")
         self.busy_bar = QProgressBar(maximumWidth=120, maximumHeight=12, textVisible=False)
         self.busy_bar.setRange(0, 0)
@@ -157,9 +160,41 @@ class MainWindow(QMainWindow):
         self.jobs.busy_changed.connect(self._on_busy_changed)
         self._on_busy_changed(self.jobs.busy)
 
+    def _summary_text(self) -> str:
+        data, task = self.data, self.data.store.task
+        facts = [f"{k} = {v}" for k, v in task.items() if k != "family" and isinstance(v, int | float | str)]
+        what = ", ".join([data.store.family.replace("_", " "), *facts[:2]])
+        analyses = ", ".join(data.analyses) or "no analyses"
+        span = f"{data.n_epochs} {data.unit}s ({data.epochs[0]}–{data.epochs[-1]})"
+        return f"  {data.name} · {what} · {span} · {analyses}"
+
     def _on_busy_changed(self, busy: bool) -> None:
         self.busy_label.setVisible(busy)
         self.busy_bar.setVisible(busy)
+
+    # ------------------------------------------------------------------------------ follow
+    def _poll(self) -> None:
+        """Look for a newer commit of the store on the worker thread (quietly); skipped while docks load."""
+        if self._polling or self.jobs.busy:
+            return
+        self._polling = True
+        self.jobs.submit(self.data.follow, self._on_followed, self._on_follow_failed, quiet=True)
+
+    def _on_followed(self, data: ViewerData | None) -> None:
+        """Show the newer commit: every dock renewed on it, then the epoch control (it follows the newest epoch
+        unless the user moved away from it). A load that started meanwhile defers it to the next poll."""
+        self._polling = False
+        if data is None or self.jobs.busy:
+            return
+        for dock in self.docks.values():
+            dock.renew(data)
+        self.data = data  # only now: a renewal that failed is tried again at the next poll
+        self.epoch_control.set_data(data)
+        self.summary.setText(self._summary_text())
+
+    def _on_follow_failed(self, message: str) -> None:
+        self._polling = False
+        self.statusBar().showMessage(f"following the store: {message}", 2 * FOLLOW_MS)
 
     def reset_layout(self) -> None:
         """Put every dock back where, and as large as, it opens by default."""
@@ -219,6 +254,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event) -> None:
         self.epoch_control.timer.stop()
+        self.follow_timer.stop()
         self.save_settings()
         self.jobs.close()
         self.collector.release()

@@ -44,37 +44,46 @@ class Jobs(QObject):
         self._relay.finished.connect(self._on_finished)
         self._keys = itertools.count()
         self._pending: dict[int, tuple[Callable, Callable | None]] = {}
+        self._quiet: set[int] = set()  # pending jobs that do not count as busy (`submit(quiet=True)`)
         self._closed = False
         self.failures: list[str] = []  # every job's one-line failure, in order (a damaged store, ...)
 
     @property
     def busy(self) -> bool:
-        """Whether any job is queued or running."""
-        return bool(self._pending)
+        """Whether any job but the quiet ones is queued or running."""
+        return len(self._pending) > len(self._quiet)
 
     def submit(self, fn: Callable[[], object], on_done: Callable[[object], None],
-               on_failed: Callable[[str], None] | None = None) -> None:
-        """Run `fn()` on the worker thread, then `on_done(result)` (or `on_failed(message)`) here."""
+               on_failed: Callable[[str], None] | None = None, *, quiet: bool = False) -> None:
+        """Run `fn()` on the worker thread, then `on_done(result)` (or `on_failed(message)`) here. A `quiet` job
+        (a follower's poll, every second) neither shows as busy nor counts among the `failures`."""
         if self._closed:
             return
+        was_busy = self.busy
         key = next(self._keys)
         self._pending[key] = (on_done, on_failed)
-        if len(self._pending) == 1:
+        if quiet:
+            self._quiet.add(key)
+        if self.busy and not was_busy:
             self.busy_changed.emit(True)
         self._pool.start(_Job(key, fn, self._relay))
 
     @Slot(int, bool, object)
     def _on_finished(self, key: int, ok: bool, result: object) -> None:
+        was_busy = self.busy
         on_done, on_failed = self._pending.pop(key, (None, None))
+        quiet = key in self._quiet
+        self._quiet.discard(key)
         if self._closed:
             return
         if ok and on_done is not None:
             on_done(result)
         elif not ok:
-            self.failures.append(str(result))
+            if not quiet:
+                self.failures.append(str(result))
             if on_failed is not None:
                 on_failed(result)
-        if not self._pending:
+        if was_busy and not self.busy:
             self.busy_changed.emit(False)
 
     def wait(self, timeout_ms: int = 120_000) -> bool:

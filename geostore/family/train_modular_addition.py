@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,10 +186,13 @@ def _prepare_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int | None = None) -> dict:
+def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int | None = None,
+          on_checkpoint: Callable[[int, torch.nn.Module, dict], None] | None = None) -> dict:
     """Train `spec` full-batch and write checkpoints and run.json into the new directory `out_dir`.
 
     Returns the final run.json dict. `threads` sets torch's intra-op threads (default: unchanged).
+    `on_checkpoint(epoch, model, run)` runs after each checkpoint is written (`run`: the run.json dict, the new
+    checkpoint's entry last), e.g. to record it into a store as it trains (`geostore.recorder`).
     """
     out_dir = Path(out_dir)
     # Everything that can be wrong with the spec fails here, before any file is written.
@@ -259,6 +263,8 @@ def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int
         save_file(_parameters_state(model), str(out_dir / entry["file"]))
         run["checkpoints"].append(entry)
         _write_json_atomic(out_dir / RUN_FILE, run)
+        if on_checkpoint is not None:
+            on_checkpoint(epoch, model, run)
         if bar is not None:
             bar.set_postfix(train_acc=f"{entry['train_accuracy']:.3f}", test_acc=f"{entry['test_accuracy']:.3f}",
                             refresh=False)

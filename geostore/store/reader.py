@@ -456,6 +456,20 @@ class Store:
         return plane.names(self.location)
 
     # ---------------------------------------------------------------------------------- protocol
+    def changed(self) -> bool:
+        """Whether the store holds a newer commit than the one this handle reads: one read of the root `zarr.json`,
+        what a follower does each time before it pays for `reopen`."""
+        try:
+            return self.location.read_bytes(layout.ROOT_META) != self._group.store.root_bytes
+        except FileNotFoundError:
+            return True
+
+    def reopen(self) -> Store:
+        """A new handle on the store's latest commit; this one keeps reading the commit it opened. How a follower
+        (`geoview --follow`, `geostore flatness --follow`) sees the epochs written since: one read of the root
+        `zarr.json` and of the epoch axis."""
+        return type(self)(self.location, families=self._families)
+
     def close(self) -> None:
         """Release the handle (a no-op for local stores; kept for the context-manager protocol)."""
 

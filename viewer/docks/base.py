@@ -68,10 +68,26 @@ class ViewerDock(QDockWidget):
         self.data, self.state, self.jobs = data, state, jobs
         self.reason: str | None = None
         self._running = 0
-        self.epoch_plots: list[pg.PlotItem] = []
-        self.phase_regions: dict[pg.PlotItem, list[pg.LinearRegionItem]] = {}
-        self.readouts: dict[pg.PlotItem, pg.TextItem] = {}
 
+        self.busy_bar = QProgressBar(maximumWidth=48, maximumHeight=10, textVisible=False, toolTip="computing…")
+        self.busy_bar.setRange(0, 0)
+        self.export_button = QToolButton(text="Export", toolTip="Save this dock as PNG or SVG, its data as CSV")
+        self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        menu = QMenu(self.export_button)
+        for kind, label in EXPORTS.items():
+            menu.addAction(f"Save {label.split(' (')[0]}…", lambda k=kind: self._ask_export(k))
+        self.export_button.setMenu(menu)
+        # the busy bar takes the export button's place while the dock loads (nothing to export yet), so a
+        # loading dock is no wider than a loaded one
+        self.corner = QStackedWidget()
+        self.corner.addWidget(self.export_button)
+        self.corner.addWidget(self.busy_bar)
+        self._build_page()
+        state.epoch_changed.connect(self._on_epoch_changed)
+        state.epoch_axis_changed.connect(self._on_epoch_axis_changed)
+
+    def _build_page(self) -> None:
+        """The dock's page on `data`: its toolbar of controls and plots (`build`), or the reason it is unavailable."""
         body = QWidget()
         layout = QVBoxLayout(body)
         layout.setContentsMargins(4, 2, 4, 4)
@@ -88,32 +104,31 @@ class ViewerDock(QDockWidget):
         self.pages.addWidget(self.canvas)
         self.pages.addWidget(self.message)
         layout.addWidget(self.pages, stretch=1)
-        self.setWidget(body)
 
-        self.busy_bar = QProgressBar(maximumWidth=48, maximumHeight=10, textVisible=False, toolTip="computing…")
-        self.busy_bar.setRange(0, 0)
-        self.export_button = QToolButton(text="Export", toolTip="Save this dock as PNG or SVG, its data as CSV")
-        self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
-        menu = QMenu(self.export_button)
-        for kind, label in EXPORTS.items():
-            menu.addAction(f"Save {label.split(' (')[0]}…", lambda k=kind: self._ask_export(k))
-        self.export_button.setMenu(menu)
-
-        self.reason = data.missing(self.NEEDS) if self.NEEDS else None
+        self.epoch_plots: list[pg.PlotItem] = []  # filled by `plot`, for this page's plots
+        self.phase_regions: dict[pg.PlotItem, list[pg.LinearRegionItem]] = {}
+        self.readouts: dict[pg.PlotItem, pg.TextItem] = {}
+        self.reason = self.data.missing(self.NEEDS) if self.NEEDS else None
         self.build()
         self.toolbar.addStretch(1)
-        # the busy bar takes the export button's place while the dock loads (nothing to export yet), so a
-        # loading dock is no wider than a loaded one
-        self.corner = QStackedWidget()
-        self.corner.addWidget(self.export_button)
-        self.corner.addWidget(self.busy_bar)
         self.toolbar.addWidget(self.corner)
+        self.corner.setEnabled(True)
         self._show_busy(False)
         if self.reason:
             self.set_unavailable(self.reason)
-        state.epoch_changed.connect(self._on_epoch_changed)
-        state.epoch_axis_changed.connect(self._on_epoch_axis_changed)
         self.canvas.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.setWidget(body)
+
+    def renew(self, data: ViewerData) -> None:
+        """Show `data`, the store's newer commit (`geoview --follow`): the page is built again on it and loaded,
+        the controls keep their settings. The window calls it only while no job runs, so no result of the old data
+        arrives afterwards (`ViewerData.follow` has already loaded what the docks ask for)."""
+        settings, old = self.get_settings(), self.widget()
+        self.data = data
+        self._build_page()
+        old.deleteLater()
+        self.start()
+        self.set_settings(settings)
 
     def start(self) -> None:
         """Begin loading the dock's data (the window starts the cheap docks first)."""

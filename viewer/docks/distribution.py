@@ -52,10 +52,14 @@ class DistributionDock(ViewerDock):
         self.caption = pg.LabelItem(justify="right", size="10pt", color=palette.FOREGROUND)
         self.caption.setParentItem(self.histogram_plot.vb)
         self.caption.anchor(itemPos=(1, 0), parentPos=(1, 0), offset=(-8, 4))
-        self.state.threshold_changed.connect(lambda _t: self.refresh(self.state.index))
+        # a method, not a lambda: connected once however often the page is built (`renew`)
+        self.state.threshold_changed.connect(self._on_threshold_changed)
         self._build_weights()
         self.reason = self._missing()
         self._arrange()
+
+    def _on_threshold_changed(self, _threshold: float) -> None:
+        self.refresh(self.state.index)
 
     def _build_weights(self) -> None:
         """The weights source's plots: this epoch's histogram above the epoch x value heat map."""
