@@ -139,6 +139,8 @@ def test_geoview_opens_a_sweep_in_comparison_mode_and_one_run_with_run(sweep_pat
     assert main([str(sweep_path), "--epoch", "7", "--screenshot", str(tmp_path / "bad.png")]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "epoch 7 is not stored (nearest: 5)" in err
+    assert main([str(sweep_path), "--follow", "--screenshot", str(tmp_path / "follow.png")]) == 1
+    assert "--follow watches one run: add --run" in capsys.readouterr().err
 
 
 def test_the_run_selection_emits_only_real_changes_and_refuses_unknown_runs():
