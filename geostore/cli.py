@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.store is None:
         run = train(spec, Path(args.out_dir), progress=not args.quiet, threads=args.threads)
     else:
-        from geostore.recorder import train_into_store
+        from geostore.family.train_modular_addition import train_into_store
 
         run = train_into_store(spec, args.out_dir, args.store, progress=not args.quiet, threads=args.threads)
     summary = grokking_summary(run)

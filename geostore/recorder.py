@@ -1,5 +1,6 @@
 """Record a training run into a store while it trains: one `Recorder.record(epoch, model, metrics)` call per
-checkpoint, from `geostore train --store` or a training loop of your own.
+checkpoint, from a training loop of your own or `geostore train --store` (the demo family's trainer records
+through it).
 
 Each `record` is one writer session of the ingest's writer (store/writer.py): it takes the store's lock, appends
 the epoch with its metrics, commits (the root `zarr.json` is replaced once per recorded epoch) and lets the lock
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     import torch
 
     from geostore.family.base import Model
-    from geostore.family.train_modular_addition import TrainSpec
     from geostore.sources.base import RunSource
 
 
@@ -143,23 +143,3 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()  # an exception in the training loop keeps every committed epoch
-
-
-def train_into_store(spec: TrainSpec, out_dir: str | os.PathLike, store: str | os.PathLike, *, progress: bool = True,
-                     threads: int | None = None, storage_options: dict | None = None) -> dict:
-    """`geostore train OUT_DIR --store STORE`: train `spec` into the run directory `out_dir` as `train` does, and
-    record every checkpoint into `store` as it is written, with the same task, split, metrics and source record
-    that `geostore ingest OUT_DIR STORE --no-flatness` would give (so a later ingest of the run adds nothing)."""
-    from geostore.family.train_modular_addition import train
-    from geostore.sources import open_source
-
-    recorder: Recorder | None = None
-
-    def record(epoch: int, model: torch.nn.Module, run: dict) -> None:
-        nonlocal recorder
-        if recorder is None:  # the first checkpoint is written: the run directory says what an ingest would store
-            recorder = Recorder.of_run(open_source(out_dir), store, storage_options=storage_options)
-        entry = run["checkpoints"][-1]
-        recorder.record(epoch, model, {name: entry[name] for name in METRICS})
-
-    return train(spec, Path(out_dir), progress=progress, threads=threads, on_checkpoint=record)

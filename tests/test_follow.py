@@ -15,8 +15,9 @@ from conftest import random_params, snapshot
 
 import geostore
 from geostore.cli import main
+from geostore.family.train_modular_addition import train_into_store
 from geostore.follow import follow_compute
-from geostore.recorder import Recorder, train_into_store
+from geostore.recorder import Recorder
 
 N_EPOCHS = 10
 

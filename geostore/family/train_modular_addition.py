@@ -286,3 +286,24 @@ def train(spec: TrainSpec, out_dir: Path, *, progress: bool = True, threads: int
             bar.close()
         model.eval()
     return run
+
+
+def train_into_store(spec: TrainSpec, out_dir: str | os.PathLike, store: str | os.PathLike, *, progress: bool = True,
+                     threads: int | None = None, storage_options: dict | None = None) -> dict:
+    """`geostore train OUT_DIR --store STORE`: train `spec` into the run directory `out_dir` as `train` does, and
+    record every checkpoint into `store` as it is written, with the same task, split, metrics and source record
+    that `geostore ingest OUT_DIR STORE --no-flatness` would give (so a later ingest of the run adds nothing)."""
+    from geostore.recorder import Recorder
+    from geostore.sources import open_source
+    from geostore.store.schema import METRICS
+
+    recorder: Recorder | None = None
+
+    def record(epoch: int, model: torch.nn.Module, run: dict) -> None:
+        nonlocal recorder
+        if recorder is None:  # the first checkpoint is written: the run directory says what an ingest would store
+            recorder = Recorder.of_run(open_source(out_dir), store, storage_options=storage_options)
+        entry = run["checkpoints"][-1]
+        recorder.record(epoch, model, {name: entry[name] for name in METRICS})
+
+    return train(spec, Path(out_dir), progress=progress, threads=threads, on_checkpoint=record)
