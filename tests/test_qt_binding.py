@@ -1,7 +1,7 @@
 """The installed Qt binding keeps Python's reference counts: PySide6 6.12.0 on Python 3.11 drops a reference to None
 on every `QGraphicsItem.setPos` (pyqtgraph calls it for every moved line and label), so a viewer session aborts with
 `Fatal Python error: none_dealloc` after a few thousand epoch changes (None is immortal only from Python 3.12).
-This is why pyproject.toml keeps `PySide6-Essentials<6.12`; the test says so plainly if that pin is ever lifted
+This is why pyproject.toml excludes `PySide6-Essentials==6.12.0`; the test says so plainly if that exclusion is lifted
 onto a binding with the bug, instead of a crash in the middle of the suite."""
 
 from __future__ import annotations
