@@ -136,10 +136,12 @@ class StoreWriter:
         location = Location.of(path, storage_options)
         if location.is_file():
             raise StoreError(f"{location}: exists and is not a geostore store (a file)")
-        if not location.is_empty():  # refuse a non-store before the lock file is made in it
-            _check_same_run(location, layout.read_root_attrs(location), model, task, split, index_unit)
-        else:
+        if location.is_empty():
             location.make_folder()
+        elif location.exists(layout.ROOT_META) or not location.exists(LOCK_KEY):
+            # refuse a non-store before the lock file is made in it; a store without its root zarr.json yet but
+            # with a lock is being created by another writer: wait for the lock, then look again
+            _check_same_run(location, layout.read_root_attrs(location), model, task, split, index_unit)
         key = lock.acquire(location, timeout=lock_timeout)
         try:
             if location.is_empty():  # nobody created it while this process waited
