@@ -29,6 +29,7 @@ def main() -> int:
     from viewer.data import ViewerData
     from viewer.window import MainWindow
 
+    args.out.mkdir(parents=True, exist_ok=True)
     app = application()
     palette.apply_theme()
     data = ViewerData(geostore.open_store(args.store))
@@ -38,7 +39,7 @@ def main() -> int:
     window.show()
     window.jobs.wait()
     app.processEvents()
-    window.grab().save(str(args.out / "geoview.png"))
+    saved = [window.grab().save(str(args.out / "geoview.png"))]
     distribution = window.docks["distribution"]
     distribution.set_settings({"source": "weights", "weights_group": "mlp"})
     for name, image in (("distribution", "geoview_weights.png"), ("spectrum", "geoview_spectrum.png"),
@@ -47,11 +48,10 @@ def main() -> int:
         dock.raise_()
         window.jobs.wait()
         app.processEvents()
-        dock.grab().save(str(args.out / image))
-        print(f"wrote {args.out / image}")
+        saved.append(dock.grab().save(str(args.out / image)))
     window.close()
-    print(f"wrote {args.out / 'geoview.png'}")
-    return 1 if window.jobs.failures else 0
+    print(f"wrote {sum(saved)} of {len(saved)} images to {args.out}")
+    return 1 if window.jobs.failures or not all(saved) else 0
 
 
 if __name__ == "__main__":

@@ -647,6 +647,7 @@ def test_the_flatness_threshold_is_adjustable_and_shared(qtbot, open_window, cur
     deltas = store.analysis("flatness")["delta_losses"].values
     ratio = flatness_summary(baseline, deltas, 0.5)["flatness_ratio"][4]
     assert f"<b>{ratio:.2f}</b>" in distribution.caption.text
+    assert "(&lt; 0.5× baseline)" in distribution.caption.text  # escaped: a bare "<" opened a tag, hiding the rest
     window.close()
     assert open_window(curved_store).state.threshold == 0.5  # remembered
 

@@ -188,7 +188,7 @@ class DistributionDock(ViewerDock):
             threshold = self.state.threshold
             self.threshold.setValue(threshold * summary["baseline_loss"][index])
             ratio = self.data.flatness_ratio("one_sided", threshold)[index]
-            self.caption.setText(f"{self.data.unit} {epoch} · flatness ratio (< {threshold:g}× baseline) "
+            self.caption.setText(f"{self.data.unit} {epoch} · flatness ratio (&lt; {threshold:g}× baseline) "
                                  f"<b>{ratio:.2f}</b>"
                                  f" · ε = {flatness.settings.get('epsilon', float('nan')):g}"
                                  f" · {flatness.deltas.shape[1]} directions")
