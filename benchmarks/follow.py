@@ -128,6 +128,8 @@ def main() -> None:
     child.wait()
     reader.join()
     window.close()
+    window.deleteLater()  # gone before the interpreter tears Qt down (else a segfault at exit)
+    app.processEvents()
     values = [latencies[e] for e in range(args.start, last + 1) if e in latencies]
     print(f"store of {args.start} epochs (p={P}, d_model={D_MODEL}), {args.epochs} recorded every {args.every:g} s "
           f"by another process; poll every {window.follow_timer.interval()} ms")
