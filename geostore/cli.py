@@ -366,11 +366,16 @@ def _add_run_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--run", metavar="NAME", help=f"in a sweep, {what}")
 
 
-def _add_trajectory_options(parser: argparse.ArgumentParser) -> None:
+def _add_group_options(parser: argparse.ArgumentParser) -> None:
+    """STORE, --run and --group: the component group of one store (or run) a command analyses."""
     parser.add_argument("store", metavar="STORE", help="a store (local path or URL) or a sweep with --run")
     _add_run_option(parser, "the run to analyse")
     parser.add_argument("--group", default="all", metavar="G",
                         help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+
+
+def _add_trajectory_options(parser: argparse.ArgumentParser) -> None:
+    _add_group_options(parser)
     parser.add_argument("--csv", metavar="OUT", help="write CSV to OUT instead of printing a table")
 
 
@@ -487,10 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(the mean of the epochs) spanned by a group's PC1 and PC2, parameters "
                                        "outside the group at their mean; incremental: only rows not stored yet "
                                        "are computed. Read it with Store.loss_plane(group); geoview draws it.")
-    plane.add_argument("store", metavar="STORE", help="a store (local path or URL) or a sweep with --run")
-    _add_run_option(plane, "the run to analyse")
-    plane.add_argument("--group", default="all", metavar="G",
-                       help="all, embedding, attention, mlp, or comma-separated parameter names (default all)")
+    _add_group_options(plane)
     plane.add_argument("--resolution", type=int, metavar="N",
                        help="points along each axis (default: the stored plane's, else 41)")
     plane.add_argument("--span", type=float, metavar="S",

@@ -12,16 +12,13 @@ that a committed epoch's weights never change.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import zipfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.store.derived import COMPONENT, DEFAULT_MEMORY_BUDGET, DERIVED, units_of
+from geostore.store.derived import COMPONENT, DEFAULT_MEMORY_BUDGET, DERIVED, read_cache, units_of, write_cache
 from geostore.store.schema import EPOCH_DIM as EPOCH
 
 if TYPE_CHECKING:
@@ -57,26 +54,13 @@ def _key(unit: str) -> str:
 
 def _cached(sweep: Sweep, unit: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """A unit's cached (runs, epochs, gram) rows, or None when absent, unreadable or inconsistent."""
-    try:
-        with np.load(io.BytesIO(sweep.location.read_bytes(_key(unit))), allow_pickle=False) as data:
-            runs, epochs, gram = data["runs"].astype(str), data["epochs"].astype(np.int64), data["gram"]
-            cached_names = tuple(str(n) for n in data["names"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    cached = read_cache(sweep.location, _key(unit), ("runs", "epochs", "gram"), names)
+    if cached is None:
         return None
-    if cached_names != names or gram.shape != (runs.size, runs.size) or epochs.size != runs.size:
+    runs, epochs, gram = cached["runs"].astype(str), cached["epochs"].astype(np.int64), cached["gram"]
+    if gram.shape != (runs.size, runs.size) or epochs.size != runs.size:
         return None
     return runs, epochs, gram
-
-
-def _save(sweep: Sweep, unit: str, names: tuple[str, ...], runs: np.ndarray, epochs: np.ndarray,
-          gram: np.ndarray) -> None:
-    """Write a unit's cache atomically; skipped silently when the sweep cannot be written."""
-    if not sweep.location.writable():
-        return
-    buffer = io.BytesIO()
-    np.savez(buffer, runs=runs.astype(str), epochs=epochs, gram=gram, names=np.array(names))
-    with contextlib.suppress(OSError):
-        sweep.location.write_atomic(_key(unit), buffer.getvalue())
 
 
 def shared_gram(sweep: Sweep, stores: dict[str, Store], names: Sequence[str],
@@ -108,7 +92,7 @@ def shared_gram(sweep: Sweep, stores: dict[str, Store], names: Sequence[str],
             rows = np.flatnonzero(~known)
             gram[rows] = new[unit].gram[rows]
             gram[:, rows] = new[unit].gram[:, rows]
-            _save(sweep, unit, unit_names, runs, epochs, gram)
+            write_cache(sweep.location, _key(unit), unit_names, runs=runs.astype(str), epochs=epochs, gram=gram)
         total += gram
     return runs, epochs, total
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from geostore.analysis.trajectory import TrajectoryPass
+    from geostore.store.location import Location
     from geostore.store.reader import Store
 
 DERIVED = "derived"
@@ -55,33 +56,50 @@ def units_of(store: Store, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return units
 
 
+def read_cache(location: Location, key: str, fields: Sequence[str], names: tuple[str, ...]
+               ) -> dict[str, np.ndarray] | None:
+    """The arrays `fields` of the cache file `key` (npz) written for parameters `names`, or None when it is absent,
+    unreadable, lacks a field or was written for other parameters. Caches of derived results (the trajectory's,
+    a sweep's shared basis, the weight histograms) share this; each checks its own shapes."""
+    try:
+        with np.load(io.BytesIO(location.read_bytes(key)), allow_pickle=False) as data:
+            arrays = {field: data[field] for field in fields}
+            cached_names = tuple(str(n) for n in data["names"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    return arrays if cached_names == names else None
+
+
+def write_cache(location: Location, key: str, names: tuple[str, ...], **arrays: np.ndarray) -> None:
+    """Write a cache file (npz of `arrays` and the parameter `names`) atomically: readers see the old file or the
+    new one. Skipped silently where the location cannot be written: a cache is an optimisation."""
+    if not location.writable():
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, names=np.array(names), **arrays)
+    with contextlib.suppress(OSError):
+        location.write_atomic(key, buffer.getvalue())
+
+
 def _key(unit: str) -> str:
     return f"{DERIVED}/{TRAJECTORY}/{unit}.npz"
 
 
 def _load(store: Store, unit: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """A unit's cached (epochs, gram, steps2), or None when absent, unreadable or inconsistent."""
-    try:
-        with np.load(io.BytesIO(store.location.read_bytes(_key(unit))), allow_pickle=False) as data:
-            epochs, gram, steps2 = data["epochs"], data["gram"], data["steps2"]
-            cached_names = tuple(str(n) for n in data["names"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    cached = read_cache(store.location, _key(unit), ("epochs", "gram", "steps2"), names)
+    if cached is None:
         return None
+    epochs, gram, steps2 = cached["epochs"], cached["gram"], cached["steps2"]
     n = epochs.size
-    if (cached_names != names or gram.shape != (n, n) or steps2.shape != (max(n - 1, 0),)
-            or np.any(np.diff(epochs) <= 0)):
+    if gram.shape != (n, n) or steps2.shape != (max(n - 1, 0),) or np.any(np.diff(epochs) <= 0):
         return None
     return epochs.astype(np.int64), gram, steps2
 
 
 def _save(store: Store, unit: str, names: tuple[str, ...], result: TrajectoryPass) -> None:
-    """Write a unit's cache atomically; skipped silently when the store cannot be written."""
-    if not store.location.writable():
-        return
-    buffer = io.BytesIO()
-    np.savez(buffer, epochs=store.epochs, gram=result.gram, steps2=result.steps2, names=np.array(names))
-    with contextlib.suppress(OSError):
-        store.location.write_atomic(_key(unit), buffer.getvalue())
+    """Write a unit's cache (see `write_cache`)."""
+    write_cache(store.location, _key(unit), names, epochs=store.epochs, gram=result.gram, steps2=result.steps2)
 
 
 def unit_passes(store: Store, names: Sequence[str], memory_budget: int | None = None) -> dict[str, TrajectoryPass]:

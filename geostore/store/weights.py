@@ -13,17 +13,14 @@ Spectra are computed on every call (one read of one parameter, SVDs of small mat
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import zipfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from geostore.errors import StoreError
-from geostore.store.derived import DERIVED
+from geostore.store.derived import DERIVED, read_cache, write_cache
 from geostore.store.schema import EPOCH_DIM as EPOCH
 
 if TYPE_CHECKING:
@@ -47,27 +44,19 @@ def _key(names: tuple[str, ...], bins: int) -> str:
 def _load(store: Store, names: tuple[str, ...], bins: int) -> dict[str, np.ndarray] | None:
     """The cached `epochs`, `extremes` `(n, 2)`, `span` `(2,)` and `counts` `(n, bins)`, or None when absent,
     unreadable or inconsistent."""
-    try:
-        with np.load(io.BytesIO(store.location.read_bytes(_key(names, bins))), allow_pickle=False) as data:
-            cached = {key: data[key] for key in ("epochs", "extremes", "span", "counts")}
-            cached_names = tuple(str(n) for n in data["names"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    cached = read_cache(store.location, _key(names, bins), ("epochs", "extremes", "span", "counts"), names)
+    if cached is None:
         return None
     n = cached["epochs"].size
-    if (cached_names != names or cached["extremes"].shape != (n, 2) or cached["counts"].shape != (n, bins)
+    if (cached["extremes"].shape != (n, 2) or cached["counts"].shape != (n, bins)
             or cached["span"].shape != (2,) or np.any(np.diff(cached["epochs"]) <= 0)):
         return None
     return cached
 
 
 def _save(store: Store, names: tuple[str, ...], bins: int, **arrays: np.ndarray) -> None:
-    """Write the cache atomically; skipped silently when the store cannot be written."""
-    if not store.location.writable():
-        return
-    buffer = io.BytesIO()
-    np.savez(buffer, names=np.array(names), **arrays)
-    with contextlib.suppress(OSError):
-        store.location.write_atomic(_key(names, bins), buffer.getvalue())
+    """Write the cache (see `derived.write_cache`)."""
+    write_cache(store.location, _key(names, bins), names, **arrays)
 
 
 def histograms(store: Store, group: str | Sequence[str], bins: int = 64) -> xr.DataArray:
