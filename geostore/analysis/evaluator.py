@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from geostore.analysis.flatness import DIRECTION_BLOCK
 from geostore.errors import GeostoreError
+from geostore.threads import fitted_calls
 
 if TYPE_CHECKING:
     from geostore.family.base import Model, Probe
@@ -63,7 +64,7 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
     weights = {name: tensors[name] for name in table.trainable}
     fast = fast_loss(model, {n: v for n, v in tensors.items() if n not in weights}, for_derivatives=for_derivatives)
     if fast is not None:
-        return weights, fast
+        return weights, fitted_calls(fast)
     module, probe = _setup(model, params, _probe(model, probe), device, dtype)
     n_examples = len(probe[0])
     swapped = _swapped(model, module)
@@ -80,7 +81,7 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
             return torch.stack([sum(summed(w, block) for block in _blocks(probe, wide)) for w in sets]) / n_examples
         return sum(vmap(summed, in_dims=(0, None))(keyed, block) for block in _blocks(probe)) / n_examples
 
-    return weights, loss
+    return weights, fitted_calls(loss)
 
 
 def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None = None, device: str = "cpu",
@@ -112,7 +113,7 @@ def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | N
             total += vmap(product, in_dims=(0, None))(tangents, block)  # the primal computed once per block
         return total.cpu()
 
-    return hvp, sum(sizes)
+    return fitted_calls(hvp), sum(sizes)
 
 
 def plain_directional_losses(
