@@ -8,17 +8,50 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
 from geostore import threads
-from geostore.analysis.flatness import flatness_for_params
+from geostore.analysis.curvature import loss_hvp
+from geostore.analysis.flatness import compute_landscape_flatness, flatness_for_params
 from geostore.family import modular_addition as fam
+from geostore.family.base import Parameter, ParameterTable
 
 # A plain Python busy loop that ends itself when the test process is gone.
 BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(10**5):\n        pass\n"
+
+
+REGRESSOR_TABLE = ParameterTable((Parameter("weight", (1, 8), ("out", "in"), ("weight",)),
+                                  Parameter("bias", (1,), ("out",), ("bias",))))
+
+
+@dataclass(frozen=True)
+class CountingRegressor:
+    """A user's model family (a linear regressor, no fast loss) whose loss notes torch's thread count each time."""
+
+    table: ParameterTable = REGRESSOR_TABLE
+    counts: list[int] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    family: str = "counting_regressor"
+    needs_probe: bool = False
+
+    def build(self, params=None) -> torch.nn.Module:
+        net = torch.nn.Linear(8, 1)
+        if params is not None:
+            net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in self.table.state_dict(params).items()})
+        return net
+
+    def probe(self, stored=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+        return x, x.sum(dim=1, keepdim=True)
+
+    def losses(self, forward, probe) -> torch.Tensor:
+        self.counts.append(torch.get_num_threads())
+        x, y = probe
+        return ((forward(x) - y) ** 2).mean(dim=1)
 
 
 @pytest.fixture
@@ -68,6 +101,19 @@ def test_beside_busy_processes_torch_runs_one_thread_and_the_users_settings_win(
         assert n == torch.get_num_threads() == torch_default_threads
 
 
+def test_every_loss_evaluation_of_flatness_and_curvature_runs_fitted(torch_default_threads, busy_machine):
+    """The evaluators every entry point uses (ingest, the CLI, geoview's workers, library calls) fit each block."""
+    model = CountingRegressor()
+    params = {"weight": np.ones((1, 8), np.float32), "bias": np.zeros(1, np.float32)}
+    flatness_for_params(params, model, n_directions=2, epsilon=0.1, seed=0)
+    hvp, n_params = loss_hvp(params, model)
+    hvp(torch.ones(1, n_params))
+    compute_landscape_flatness(model.build(params), model.probe(), lambda net, probe: model.losses(net, probe).mean(),
+                               n_directions=2, epsilon=0.1, seed=0)
+    assert len(model.counts) >= 5 and set(model.counts) == {1}
+    assert torch.get_num_threads() == torch_default_threads
+
+
 def test_torch_count_is_restored_when_the_work_raises(torch_default_threads):
     with pytest.raises(RuntimeError, match="in the block"), threads.fitted():
         raise RuntimeError("in the block")
@@ -79,15 +125,17 @@ def test_torch_count_is_restored_when_the_work_raises(torch_default_threads):
 def test_flatness_is_bit_identical_whatever_thread_count_is_used(torch_default_threads):
     """The counts the fitting may choose (1 up to torch's default) give the same stored values: each count is
     fixed as a user would fix it, on a model large enough for torch to split its work between threads."""
-    config = fam.model_config(53, d_model=64, n_heads=4)
+    config = fam.model_config(31, d_model=32, n_heads=4)
     model = fam.MODULAR_ADDITION.model(config)
-    params = model.stored(model.build(seed=0))
+    rng = np.random.default_rng(0)  # weights of the init's scale, without loading TransformerLens to draw them
+    params = {p.name: (rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])).astype(np.float32)
+              for p in model.table.parameters}
     results = []
     for count in sorted({1, 2, torch_default_threads}):
         torch.set_num_threads(count)
-        results.append(flatness_for_params(params, model, n_directions=3, epsilon=0.1, seed=0))
+        results.append(flatness_for_params(params, model, n_directions=2, epsilon=0.1, seed=0))
     torch.set_num_threads(torch_default_threads)
-    results.append(flatness_for_params(params, model, n_directions=3, epsilon=0.1, seed=0))  # fitted
+    results.append(flatness_for_params(params, model, n_directions=2, epsilon=0.1, seed=0))  # fitted
     for baseline, deltas in results[1:]:
         assert baseline == results[0][0]
         np.testing.assert_array_equal(deltas, results[0][1])
