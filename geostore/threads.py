@@ -6,11 +6,13 @@ many short regions: the fast flatness path took 20 ms/direction with 2 threads o
 beside two busy processes, where one thread took 40-100 ms. `OMP_WAIT_POLICY=PASSIVE` (threads sleep at once)
 avoids that but cost the idle case as much as one thread does (36 ms; `GOMP_SPINCOUNT=1000` 33 ms), and it acts
 only if set before torch loads. So geostore leaves the wait policy alone and fits the thread count instead: before
-each block of work (`fitted()`, e.g. one call of a batched loss or of a Hessian-vector product) it uses as many
-threads as cores are free right now, between one and torch's own count, and restores torch's count after. "Free"
-is read from Linux's count of runnable threads (`/proc/loadavg`) less this process's own; elsewhere the count is
-left as it is. Every entry point (the CLI, geoview's workers, Dask tasks, library calls) gets this through the
-evaluators; Dask tasks already run one thread.
+each block of work (`fitted()`, e.g. one call of a batched loss) it uses as many threads as cores are free right
+now, between one and torch's own count, and restores torch's count after. "Free" is read from Linux's count of
+runnable threads (`/proc/loadavg`) less this process's own; elsewhere the count is left as it is. Every entry point
+(the CLI, geoview's workers, Dask tasks, library calls) gets this through the evaluators; Dask tasks already run
+one thread. Only work whose values do not depend on the count is fitted: loss evaluations (flatness, antithetic,
+profile, plane), not derivatives (Hessian-vector products differ in their last bits between 1 and 2 threads, so a
+stored Hessian value would depend on the load).
 
 Users' settings win: with `OMP_NUM_THREADS` or `MKL_NUM_THREADS` in the environment, or a torch thread count other
 than torch's default (`torch.set_num_threads(n)`), nothing is changed. Results do not depend on the count chosen
@@ -35,6 +37,7 @@ _R = TypeVar("_R")
 _inside = threading.local()  # torch's thread count is per thread too (OpenMP and MKL keep it per thread)
 
 
+@functools.cache
 def default_threads() -> int:
     """Torch's default intra-op thread count here: the physical cores (cores, not hyper-threads, as torch counts)."""
     cores = set()
@@ -88,7 +91,8 @@ def adjustable(current: int) -> bool:
 def fitted() -> Iterator[int]:
     """Torch's thread count, within, fitted to the cores free now (see the module docstring); restored after.
 
-    Yields the count used. Nested blocks keep the outer block's count.
+    Yields the count used. Nested blocks keep the outer block's count. Torch hands the last count set to threads
+    that first use it later, so a thread starting its torch work during a fitted block of another keeps that count.
     """
     import torch
 

@@ -206,7 +206,6 @@ def loss_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None
     from torch.func import grad, jvp, vmap
 
     from geostore.analysis.evaluator import batched_loss, fast_loss, generic_hvp
-    from geostore.threads import fitted_calls
 
     if fast_loss(model, {}) is None:
         return generic_hvp(params, model, probe, device, dtype)
@@ -226,7 +225,7 @@ def loss_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None
         products = vmap(product)(tangents)  # the tangents batched, the primal computed once
         return torch.cat([products[name].reshape(n, -1) for name in weights], dim=1).cpu()
 
-    return fitted_calls(hvp), sum(sizes)
+    return hvp, sum(sizes)
 
 
 def hessian_for_params(

@@ -63,8 +63,11 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
     tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype) for name in table.names}
     weights = {name: tensors[name] for name in table.trainable}
     fast = fast_loss(model, {n: v for n, v in tensors.items() if n not in weights}, for_derivatives=for_derivatives)
+    # Evaluations run on the threads free at each call (`geostore.threads`): their values do not depend on the
+    # count. Derivatives do in their last bits (backward reductions), so they keep torch's count.
+    fit = (lambda fn: fn) if for_derivatives else fitted_calls
     if fast is not None:
-        return weights, fitted_calls(fast)
+        return weights, fit(fast)
     module, probe = _setup(model, params, _probe(model, probe), device, dtype)
     n_examples = len(probe[0])
     swapped = _swapped(model, module)
@@ -81,7 +84,7 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
             return torch.stack([sum(summed(w, block) for block in _blocks(probe, wide)) for w in sets]) / n_examples
         return sum(vmap(summed, in_dims=(0, None))(keyed, block) for block in _blocks(probe)) / n_examples
 
-    return weights, fitted_calls(loss)
+    return weights, fit(loss)
 
 
 def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None = None, device: str = "cpu",
@@ -113,7 +116,7 @@ def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | N
             total += vmap(product, in_dims=(0, None))(tangents, block)  # the primal computed once per block
         return total.cpu()
 
-    return fitted_calls(hvp), sum(sizes)
+    return hvp, sum(sizes)
 
 
 def plain_directional_losses(
