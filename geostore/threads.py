@@ -1,18 +1,20 @@
 """Torch's thread count on a shared machine: fitted to the cores other processes leave free (issue 16).
 
 Torch runs its CPU work in OpenMP parallel regions whose threads spin-wait at the end of each region. With more
-runnable threads than cores, a region's threads wait for a descheduled team-mate, and geostore's evaluators run
-many short regions: the fast flatness path took 20 ms/direction with 2 threads on 2 idle cores and 1,000-4,000 ms
-beside two busy processes, where one thread took 40-100 ms. `OMP_WAIT_POLICY=PASSIVE` (threads sleep at once)
-avoids that but cost the idle case as much as one thread does (36 ms; `GOMP_SPINCOUNT=1000` 33 ms), and it acts
-only if set before torch loads. So geostore leaves the wait policy alone and fits the thread count instead: before
-each block of work (`fitted()`, e.g. one call of a batched loss) it uses as many threads as cores are free right
-now, between one and torch's own count, and restores torch's count after. "Free" is read from Linux's count of
-runnable threads (`/proc/loadavg`) less this process's own; elsewhere the count is left as it is. Every entry point
-(the CLI, geoview's workers, Dask tasks, library calls) gets this through the evaluators; Dask tasks already run
-one thread. Only work whose values do not depend on the count is fitted: loss evaluations (flatness, antithetic,
-profile, plane), not derivatives (Hessian-vector products differ in their last bits between 1 and 2 threads, so a
-stored Hessian value would depend on the load).
+runnable threads than cores, a region's threads wait for a descheduled team-mate, and geostore's evaluators run many
+short regions: the fast flatness path took 20 ms/direction with 2 threads on 2 idle cores and 1,000-4,000 ms beside
+two busy processes, where one thread took 40-100 ms. `OMP_WAIT_POLICY=PASSIVE` (threads sleep at once) avoids that
+but cost the idle case as much as one thread does (36 ms; `GOMP_SPINCOUNT=1000` 33 ms), and it acts only if set
+before torch loads. So geostore leaves the wait policy alone and fits the thread count instead: before each block of
+work (`fitted()`, e.g. one call of a batched loss) it uses as many threads as cores are free right now, between one
+and torch's own count, and restores torch's count after. "Free" is read from Linux's count of runnable threads
+(`/proc/loadavg`) less this process's own; elsewhere the count is left as it is. A batched loss that is a pure
+function of each weight set (the modular-addition fast loss) goes further (`split_sets`): its sets are shared among
+Python threads with one torch thread each, which have no barrier to wait at and equal a one-thread run bit for bit.
+Every entry point (the CLI, geoview's workers, Dask tasks, library calls) gets this through the evaluators; Dask
+tasks already run one thread. Only work whose values do not depend on the count is fitted: loss evaluations
+(flatness, antithetic, profile, plane), not derivatives (Hessian-vector products differ in their last bits between 1
+and 2 threads, so a stored Hessian value would depend on the load).
 
 Users' settings win: with `OMP_NUM_THREADS` or `MKL_NUM_THREADS` in the environment, or a torch thread count other
 than torch's default (`torch.set_num_threads(n)`), nothing is changed. Results do not depend on the count chosen
@@ -22,9 +24,10 @@ where the kernels round alike for every thread count (checked by `benchmarks/fla
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -120,3 +123,60 @@ def fitted_calls(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             return fn(*args, **kwargs)
 
     return call
+
+
+def split_sets(loss: Callable[[Mapping], object]) -> Callable[[Mapping], object]:
+    """A batched loss `loss(weights) -> (B,)` of a pure function of each weight set, run on `torch`'s count of
+    Python threads with one torch thread each, every thread on a contiguous share of the `B` sets.
+
+    Independent single-threaded workers have no OpenMP barrier to wait at: beside busy processes each one makes
+    progress whenever it is scheduled, where one team of OpenMP threads waits for its slowest (descheduled) member
+    at the end of every short parallel region. Each weight set is computed on one thread, so the values equal a
+    one-thread run bit for bit. Where geostore may not change torch's count (the user fixed it, or a Dask task runs
+    one thread), for CPU tensors of one set, or for tensors on another device, `loss` runs as it is, `fitted()`.
+    """
+    import torch
+
+    @functools.wraps(loss)
+    def call(weights: Mapping) -> object:
+        current = torch.get_num_threads()
+        sets = len(next(iter(weights.values())))
+        workers = min(current, sets)
+        on_cpu = all(w.device.type == "cpu" for w in weights.values())
+        if workers < 2 or not on_cpu or getattr(_inside, "active", False) or not adjustable(current):
+            with fitted():
+                return loss(weights)
+        bounds = [sets * i // workers for i in range(workers + 1)]
+        shares = [{name: w[a:b] for name, w in weights.items()} for a, b in itertools.pairwise(bounds)]
+        try:
+            return torch.cat(_on_own_threads(loss, shares))
+        finally:
+            torch.set_num_threads(current)  # torch's global count, which the workers set to one
+
+    return call
+
+
+def _on_own_threads(loss: Callable[[Mapping], object], shares: list[Mapping]) -> list:
+    """`[loss(share) for share in shares]`, each on a thread of its own with one torch thread; the first error
+    of any is raised once all have ended."""
+    import torch
+
+    results: list = [None] * len(shares)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        torch.set_num_threads(1)
+        _inside.active = True  # nested fitted() blocks keep the one thread
+        try:
+            results[i] = loss(shares[i])
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(i,), name=f"geostore-loss-{i}") for i in range(len(shares))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -142,3 +143,29 @@ def test_flatness_is_bit_identical_whatever_thread_count_is_used(torch_default_t
     for baseline, deltas in results[1:]:
         assert baseline == results[0][0]
         np.testing.assert_array_equal(deltas, results[0][1])
+
+
+def test_a_pure_batched_loss_is_shared_among_single_threaded_workers(torch_default_threads):
+    """`split_sets`: each worker gets a contiguous share of the weight sets and one torch thread; the losses come
+    back in order, and torch's count is the caller's again after."""
+    if torch_default_threads < 2:
+        pytest.skip("one core: nothing to share")
+    seen = []
+
+    def loss(weights):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), len(weights["w"])))
+        return weights["w"].sum(dim=1, dtype=torch.float64)
+
+    weights = {"w": torch.arange(12.0).reshape(6, 2)}
+    got = threads.split_sets(loss)(weights)
+    assert torch.equal(got, weights["w"].sum(dim=1, dtype=torch.float64))
+    workers = min(torch_default_threads, 6)
+    assert len(seen) == workers and {count for _, count, _ in seen} == {1}
+    assert len({name for name, _, _ in seen} - {threading.current_thread().name}) == workers
+    assert sum(n for *_, n in seen) == 6
+    assert torch.get_num_threads() == torch_default_threads
+
+    torch.set_num_threads(1)  # the user's own count (or a Dask task's): the loss runs as it is, in this thread
+    seen.clear()
+    threads.split_sets(loss)(weights)
+    assert seen == [(threading.current_thread().name, 1, 6)]

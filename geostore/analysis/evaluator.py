@@ -22,7 +22,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from geostore.analysis.flatness import DIRECTION_BLOCK
 from geostore.errors import GeostoreError
-from geostore.threads import fitted_calls
+from geostore.threads import fitted_calls, split_sets
 
 if TYPE_CHECKING:
     from geostore.family.base import Model, Probe
@@ -64,10 +64,11 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
     weights = {name: tensors[name] for name in table.trainable}
     fast = fast_loss(model, {n: v for n, v in tensors.items() if n not in weights}, for_derivatives=for_derivatives)
     # Evaluations run on the threads free at each call (`geostore.threads`): their values do not depend on the
-    # count. Derivatives do in their last bits (backward reductions), so they keep torch's count.
+    # count. Derivatives do in their last bits (backward reductions), so they keep torch's count. The fast loss is
+    # a pure function of each weight set: its sets are shared among single-threaded workers.
     fit = (lambda fn: fn) if for_derivatives else fitted_calls
     if fast is not None:
-        return weights, fit(fast)
+        return weights, fast if for_derivatives else split_sets(fast)
     module, probe = _setup(model, params, _probe(model, probe), device, dtype)
     n_examples = len(probe[0])
     swapped = _swapped(model, module)
