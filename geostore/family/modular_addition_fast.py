@@ -50,8 +50,9 @@ def flops_per_weight_set(config: Mapping[str, object]) -> int:
     p = prime_of(config)
     d, m, h, dh = (int(config[k]) for k in ("d_model", "d_mlp", "n_heads", "d_head"))
     tokens = 2 * p + 1
-    per_token = 2 * h * dh * d * (1 + 2 * tokens + tokens)  # q; k, v of every token; value @ W_O
-    project = 2 * (tokens * h + 1) * d * (m + p)  # every token's head outputs and the constant, @ [W_in | W_U]
+    per_token = 2 * h * dh * d * (1 + 2 * tokens)  # q; k, v of every token
+    project = 2 * h * dh * d * (m + p) + 2 * tokens * h * dh * (m + p) + 2 * d * (m + p)  # W_O @ [W_in | W_U];
+    # every token's values through it; the constant @ [W_in | W_U]
     fold = 2 * m * d * p + 2 * d * p  # W_out @ W_U and b_out @ W_U
     mix = 2 * p * p * (2 * h + 1) * (m + p)  # per pair: 2 H projected rows and the constant row
     dense = 2 * p * p * m * p  # act(.) @ (W_out @ W_U)
@@ -80,7 +81,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     scale = math.sqrt(int(config["d_head"]))
     rows = max(1, BLOCK_PAIRS // p)
     grid = torch.arange(p, device=weights["W_E"].device)
-    labels = [((grid[a0:a0 + rows, None] + grid) % p).reshape(-1) for a0 in range(0, p, rows)]
+    labels = [((grid[:, None] + grid[a0:a0 + rows]) % p).reshape(-1) for a0 in range(0, p, rows)]  # pairs (b, a)
     work = None if for_derivatives else _Workspace(rows, p, m, weights["W_E"])
     totals = []
     for i in range(len(weights["W_E"])):
@@ -89,8 +90,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
         fold = w["W_out"] @ w["W_U"][:, :p]  # (m, p)
         total = torch.zeros((), dtype=torch.float64, device=grid.device)
         for block, a0 in zip(labels, range(0, p, rows), strict=True):
-            n_a = len(block) // p
-            pre = mixer.preactivations(a0, n_a, work)  # (pairs, m + p)
+            pre = mixer.preactivations(a0, len(block) // p, work)  # (pairs, m + p)
             if for_derivatives:
                 logits = torch.addmm(pre[:, m:], pure_act(pre[:, :m]), fold)
                 total = total + _smooth_cross_entropy_sum(logits, block)
@@ -121,8 +121,7 @@ class _Workspace:
 
     def __init__(self, rows: int, p: int, m: int, like: torch.Tensor) -> None:
         pairs = rows * p
-        self._buffers = {name: like.new_empty(size) for name, size in
-                         (("a", pairs * (m + p)), ("b", pairs * (m + p)), ("logits", pairs * p))}
+        self._buffers = {name: like.new_empty(size) for name, size in (("pre", pairs * (m + p)), ("logits", pairs * p))}
 
     def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A contiguous view of buffer `name` with `shape` (its leading elements)."""
@@ -160,32 +159,33 @@ class _Mixer:
         # Everything up to the nonlinearity is linear in the residual: project each token's head outputs (and
         # the residual's constant part x_= + b_O) through [W_in | W_U] once, and mix projected rows per pair.
         # Per head the three weights sum to 1, so the `=` token's rows join the constant and each pair mixes
-        # `2 H + 1` rows (a and b relative to `=`, then the constant).
+        # `2 H + 1` rows (a and b relative to `=`, then the constant). A head's output is `value @ W_O`, so its
+        # projection is `value @ (W_O @ project)`: d_head wide instead of d_model.
         w_u = w["W_U"][:, :p]
         project = torch.cat([w["W_in"], w_u], dim=1)  # (d, m + p)
-        heads = (values @ w["W_O"]).transpose(0, 1)  # (2p + 1, H, d)
-        sources = (heads.reshape(-1, heads.shape[-1]) @ project).view(*heads.shape[:2], -1)  # (2p + 1, H, m + p)
-        const = ((x[-1] + biases["b_O"]) @ project + sources[-1].sum(dim=0)
+        head_project = w["W_O"] @ project  # (H, dh, m + p)
+        relative = ((values[:, :2 * p] - values[:, -1:]) @ head_project).transpose(0, 1)  # (2p, H, m + p)
+        const = ((x[-1] + biases["b_O"]) @ project + (values[:, -1:] @ head_project).sum(dim=0)[0]
                  + torch.cat([biases["b_in"], biases["b_out"] @ w_u + biases["b_U"][:p]]))
-        relative = sources[:2 * p] - sources[-1]
         # Token a and the constant: per a, one matmul of [weights, 1] by [rows, const].
         self.coef = torch.cat([e_a / norm, norm.new_ones(p, p, 1)], dim=-1)  # (a, b, H + 1)
         self.rows = torch.cat([relative[:p], const.expand(p, 1, -1)], dim=1)  # (a, H + 1, m + p)
-        # Token b: per b, one matmul, added transposed.
+        # Token b: per b, one matmul, accumulated into the same output.
         self.coef_b = (e_b / norm).transpose(0, 1).contiguous()  # (b, a, H)
         self.rows_b = relative[p:].contiguous()  # (b, H, m + p)
 
     def preactivations(self, a0: int, n_a: int, work: _Workspace | None) -> torch.Tensor:
-        """`(n_a * p, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
-        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`; written into `work`, or into
-        new tensors (out of place, as autograd needs) without one."""
+        """`(p * n_a, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
+        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `b * n_a + a - a0`; written into `work` in two passes
+        (token a's matmul into the transposed output, token b's accumulated onto it), or into new tensors (out
+        of place, as autograd needs) without one."""
         p, width = self.rows_b.shape[0], self.rows_b.shape[-1]
+        coef, rows, coef_b = self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], self.coef_b[:, a0:a0 + n_a]
         if work is None:
-            pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a])
-            return (pre + torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b).transpose(0, 1)).view(-1, width)
-        pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], out=work.take("a", (n_a, p, width)))
-        pre += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b, out=work.take("b", (p, n_a, width))).transpose(0, 1)
-        return pre.view(-1, width)
+            return torch.baddbmm(torch.bmm(coef, rows).transpose(0, 1), coef_b, self.rows_b).view(-1, width)
+        pre = work.take("pre", (p, n_a, width))
+        torch.bmm(coef, rows, out=pre.transpose(0, 1))
+        return pre.baddbmm_(coef_b, self.rows_b).view(-1, width)
 
 
 # The HookedTransformerConfig fields the fast loss reads; every other architecture field must keep its default.
