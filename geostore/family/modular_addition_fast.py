@@ -65,7 +65,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     `biases` the shared biases by short name. Returns float64 `(B,)`; the per-pair cross-entropies are
     summed in float64, everything else runs in the weights' dtype on their device.
 
-    Every block writes into buffers allocated once per call: a dask worker's allocator returns freed memory
+    Every block writes into one buffer allocated once per call: a dask worker's allocator returns freed memory
     to the system at once (`MALLOC_TRIM_THRESHOLD_=65536`), and fresh multi-MB blocks per step then cost
     page faults that doubled the time per direction.
 
@@ -82,7 +82,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     rows = max(1, BLOCK_PAIRS // p)
     grid = torch.arange(p, device=weights["W_E"].device)
     labels = [((grid[:, None] + grid[a0:a0 + rows]) % p).reshape(-1) for a0 in range(0, p, rows)]  # pairs (b, a)
-    work = None if for_derivatives else _Workspace(rows, p, m, weights["W_E"])
+    work = None if for_derivatives else weights["W_E"].new_empty(rows * p * (m + p))  # every block's output
     totals = []
     for i in range(len(weights["W_E"])):
         w = {name: value[i] for name, value in weights.items()}
@@ -95,7 +95,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
                 logits = torch.addmm(pre[:, m:], pure_act(pre[:, :m]), fold)
                 total = total + _smooth_cross_entropy_sum(logits, block)
             else:
-                logits = torch.addmm(pre[:, m:], act(pre[:, :m]), fold, out=work.take("logits", (len(block), p)))
+                logits = pre[:, m:].addmm_(act(pre[:, :m]), fold)  # onto the residual's logits, in place
                 total += _cross_entropy_sum_(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
@@ -114,18 +114,6 @@ def _cross_entropy_sum_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
         return torch.logsumexp(gaps, dim=1).sum(dtype=torch.float64)
     rest = gaps.scatter_(1, labels[:, None], -math.inf).exp_().sum(dim=1)
     return torch.log1p(rest).sum(dtype=torch.float64)
-
-
-class _Workspace:
-    """Named buffers for the blocks of one `losses` call, each allocated once at its largest size."""
-
-    def __init__(self, rows: int, p: int, m: int, like: torch.Tensor) -> None:
-        pairs = rows * p
-        self._buffers = {name: like.new_empty(size) for name, size in (("pre", pairs * (m + p)), ("logits", pairs * p))}
-
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A contiguous view of buffer `name` with `shape` (its leading elements)."""
-        return self._buffers[name][: math.prod(shape)].view(shape)
 
 
 def _smooth_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -174,7 +162,7 @@ class _Mixer:
         self.coef_b = (e_b / norm).transpose(0, 1).contiguous()  # (b, a, H)
         self.rows_b = relative[p:].contiguous()  # (b, H, m + p)
 
-    def preactivations(self, a0: int, n_a: int, work: _Workspace | None) -> torch.Tensor:
+    def preactivations(self, a0: int, n_a: int, work: torch.Tensor | None) -> torch.Tensor:
         """`(p * n_a, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
         pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `b * n_a + a - a0`; written into `work` in two passes
         (token a's matmul into the transposed output, token b's accumulated onto it), or into new tensors (out
@@ -183,7 +171,7 @@ class _Mixer:
         coef, rows, coef_b = self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], self.coef_b[:, a0:a0 + n_a]
         if work is None:
             return torch.baddbmm(torch.bmm(coef, rows).transpose(0, 1), coef_b, self.rows_b).view(-1, width)
-        pre = work.take("pre", (p, n_a, width))
+        pre = work[: p * n_a * width].view(p, n_a, width)
         torch.bmm(coef, rows, out=pre.transpose(0, 1))
         return pre.baddbmm_(coef_b, self.rows_b).view(-1, width)
 
