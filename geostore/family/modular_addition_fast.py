@@ -90,12 +90,12 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
         fold = w["W_out"] @ w["W_U"][:, :p]  # (m, p)
         total = torch.zeros((), dtype=torch.float64, device=grid.device)
         for block, a0 in zip(labels, range(0, p, rows), strict=True):
-            pre = mixer.preactivations(a0, len(block) // p, work)  # (pairs, m + p)
+            hidden, direct = mixer.preactivations(a0, len(block) // p, m, work)
             if for_derivatives:
-                logits = torch.addmm(pre[:, m:], pure_act(pre[:, :m]), fold)
+                logits = torch.addmm(direct, pure_act(hidden), fold)
                 total = total + _smooth_cross_entropy_sum(logits, block)
             else:
-                logits = pre[:, m:].addmm_(act(pre[:, :m]), fold)  # onto the residual's logits, in place
+                logits = direct.addmm_(act(hidden), fold)  # onto the residual's logits, in place
                 total += _cross_entropy_sum_(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
@@ -162,18 +162,23 @@ class _Mixer:
         self.coef_b = (e_b / norm).transpose(0, 1).contiguous()  # (b, a, H)
         self.rows_b = relative[p:].contiguous()  # (b, H, m + p)
 
-    def preactivations(self, a0: int, n_a: int, work: torch.Tensor | None) -> torch.Tensor:
-        """`(p * n_a, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
-        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `b * n_a + a - a0`; written into `work` in two passes
-        (token a's matmul into the transposed output, token b's accumulated onto it), or into new tensors (out
-        of place, as autograd needs) without one."""
+    def preactivations(self, a0: int, n_a: int, m: int, work: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(hidden, logits)`, `(p * n_a, m)` and `(p * n_a, p)`: the MLP pre-activations and the residual's logits
+        (biases included) of the pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `b * n_a + a - a0`. Written
+        into `work` (two contiguous blocks, each in two passes: token a's matmul into the transposed output,
+        token b's accumulated onto it), or into new tensors (out of place, as autograd needs) without one."""
         p, width = self.rows_b.shape[0], self.rows_b.shape[-1]
         coef, rows, coef_b = self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], self.coef_b[:, a0:a0 + n_a]
         if work is None:
-            return torch.baddbmm(torch.bmm(coef, rows).transpose(0, 1), coef_b, self.rows_b).view(-1, width)
-        pre = work[: p * n_a * width].view(p, n_a, width)
-        torch.bmm(coef, rows, out=pre.transpose(0, 1))
-        return pre.baddbmm_(coef_b, self.rows_b).view(-1, width)
+            pre = torch.baddbmm(torch.bmm(coef, rows).transpose(0, 1), coef_b, self.rows_b).view(-1, width)
+            return pre[:, :m], pre[:, m:]
+        outs = []
+        for start, stop in ((0, m), (m, width)):
+            out = work[p * n_a * start: p * n_a * stop].view(p, n_a, stop - start)
+            torch.bmm(coef, rows[..., start:stop], out=out.transpose(0, 1))
+            outs.append(out.baddbmm_(coef_b, self.rows_b[..., start:stop]).view(p * n_a, -1))
+        return outs[0], outs[1]
 
 
 # The HookedTransformerConfig fields the fast loss reads; every other architecture field must keep its default.
