@@ -10,7 +10,8 @@ interleaving repeats and keeping the best of each:
   fraction of peak any exact evaluation reaches;
 - seed loop: the seed's clone, add epsilon * d, forward the full grid, restore (`evaluator.plain_directional_losses`
   on the installed TransformerLens' model, along the same directions);
-- fast path: `flatness_for_params` (what ingest runs), with its counted matmul FLOPs against the peak.
+- fast path: `flatness_for_params` (what ingest runs), with its counted matmul FLOPs against the peak and its
+  time per direction (and per loss evaluation) against the irreducible matmul's, measured in the same run.
 
 It then compares the deltas of both paths with each other and, for the first few directions, with the
 float64 forward of the same loop, and checks that one torch thread gives bit-identical fast deltas.
@@ -329,6 +330,8 @@ def main() -> None:
         ("fast path achieved", f"{achieved:8.1f} GFLOP/s = {100 * achieved / peak:.0f}% of peak"),
         ("irreducible matmul act @ (W_out W_U), alone", f"{dense_rate:8.1f} GFLOP/s = {100 * dense_rate / peak:.0f}% "
          f"of peak, {1e3 * dense_s:.1f} ms = {100 * 1e3 * dense_s / per_set_ms:.0f}% of a loss evaluation"),
+        ("fast path / irreducible matmul", f"{fast_s / n / dense_s:8.2f} x per direction, "
+         f"{per_set_ms / (1e3 * dense_s):.2f} x per loss evaluation"),
         ("baseline loss / largest |delta_loss|", f"{baseline:.6f} / {np.abs(fast).max():.3e}"),
         ("fast vs seed loop: max rel diff (per dir; of max)", "{:.2e}; {:.2e}".format(*max_relative(fast, seed))),
         (f"fast vs float64 forward, {args.truth} dirs", "{:.2e}; {:.2e}".format(*max_relative(fast[:k], truth))),
