@@ -12,7 +12,7 @@ The rest is memory-bound, so a block is written as few times as possible: its pr
 two contiguous buffers, each by two batched matmuls (token a's into the transposed buffer, token b's
 accumulated onto it), the activation in place, the MLP output accumulated onto the logits in place, then the
 cross-entropy. `torch.compile` (inductor, CPU) of the mixing or the cross-entropy measured slower than these
-calls at 1 thread (28 against 24.5 ms per weight set, p=113) and costs 8-20 s to compile, so it is not used.
+calls at 1 thread (28 against 24.5 ms per weight set, p=113) and took 8-28 s to compile, so it is not used.
 This is the HookedTransformer forward reassociated, not approximated: with float64 weights it matches the
 plain float64 forward to ~1e-13 (tests/test_flatness.py).
 """
