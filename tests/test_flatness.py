@@ -227,6 +227,29 @@ def test_fast_losses_equal_the_plain_forward_in_float64(models, which, act_fn):
                                atol=4 * np.spacing(expected[0]))
 
 
+def test_fast_losses_over_several_blocks_equal_the_plain_forward_whatever_the_batch():
+    """p = 37 takes two blocks of grid rows (27, then a partial 10; P = 13 fits one): in float64 the fast loss
+    is the plain forward's, and in float32 a weight set's loss has the same bits alone or among others."""
+    config = fam.model_config(37, d_model=16, n_heads=2, d_mlp=32)
+    model = fam.MODULAR_ADDITION.model(config)
+    assert fast.BLOCK_PAIRS // 37 == 27
+    rng = np.random.default_rng(1)
+    params = {name: rng.normal(0, 0.5, model.table[name].shape).astype(np.float32)  # nonzero biases too
+              for name in model.table.names}
+    expected = plain_losses64(params, config, n_directions=2, epsilon=0.5, seed=3)
+    weights = {name: torch.as_tensor(params[name]) for name in fam.TRAINABLE}
+    moved = perturbed(weights, draw_directions(trainable_size(config), 2, 3), 0.5)
+    stacked = {name: torch.cat([weights[name][None], moved[name]]) for name in fam.TRAINABLE}
+    biases = {name: torch.as_tensor(value) for name, value in params.items() if name not in fam.TRAINABLE}
+    loss64 = model.fast_loss({name: value.double() for name, value in biases.items()})
+    np.testing.assert_allclose(loss64({name: w.double() for name, w in stacked.items()}).numpy(), expected,
+                               rtol=1e-12)
+    loss32 = model.fast_loss(biases)
+    together = loss32(stacked)
+    alone = torch.cat([loss32({name: w[i:i + 1] for name, w in stacked.items()}) for i in range(3)])
+    assert torch.equal(together, alone) and len(set(together.tolist())) == 3
+
+
 @pytest.mark.parametrize("which", ["random", "partial"])
 def test_fast_float32_deltas_match_the_plain_forward(models, which):
     """Per direction, against the float64 forward of the same float32-perturbed weights (the truth): the fast

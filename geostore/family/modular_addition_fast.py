@@ -1,13 +1,18 @@
 """The modular-addition loss of many weight sets at once, exactly, doing only the work the loss needs.
 
 The loss (`modular_addition.loss`) reads the final position only. There the query is the same for every
-pair `(a, b)`, and positions 0 and 1 each see one token, so keys, values and `value @ W_O` are computed per
-token (`2p + 1` rows, not `3 p^2`). The final residual of a pair is a mix of per-token vectors (per head, a
+pair `(a, b)`, and positions 0 and 1 each see one token, so keys and values are computed per token
+(`2p + 1` rows, not `3 p^2`). The final residual of a pair is a mix of per-token vectors (per head, a
 softmax over three scores), and everything up to the MLP's nonlinearity is linear in it: so the per-token
-vectors are projected once through `[W_in | W_U]` (MLP input and the residual's own logits), and each pair
-only mixes `2 H + 1` projected rows (two small batched matmuls per block). The one large matmul left per
-weight set is the irreducible one, `act(.) @ (W_out @ W_U)` over all pairs (the MLP output folded into the
-first `p` unembedding columns), in blocks of grid rows that stay in cache.
+head outputs are projected once through `[W_in | W_U]` (MLP input and the residual's own logits; as
+`value @ (W_O @ [W_in | W_U])`, d_head wide), and each pair only mixes `2 H + 1` projected rows. The one
+large matmul left per weight set is the irreducible one, `act(.) @ (W_out @ W_U)` over all pairs (the MLP
+output folded into the first `p` unembedding columns), in blocks of grid rows that stay in cache.
+The rest is memory-bound, so a block is written as few times as possible: its pre-activations and logits in
+two contiguous buffers, each by two batched matmuls (token a's into the transposed buffer, token b's
+accumulated onto it), the activation in place, the MLP output accumulated onto the logits in place, then the
+cross-entropy. `torch.compile` (inductor, CPU) of the mixing or the cross-entropy measured slower than these
+calls at 1 thread (28 against 24.5 ms per weight set, p=113) and took 8-28 s to compile, so it is not used.
 This is the HookedTransformer forward reassociated, not approximated: with float64 weights it matches the
 plain float64 forward to ~1e-13 (tests/test_flatness.py).
 """
@@ -50,8 +55,9 @@ def flops_per_weight_set(config: Mapping[str, object]) -> int:
     p = prime_of(config)
     d, m, h, dh = (int(config[k]) for k in ("d_model", "d_mlp", "n_heads", "d_head"))
     tokens = 2 * p + 1
-    per_token = 2 * h * dh * d * (1 + 2 * tokens + tokens)  # q; k, v of every token; value @ W_O
-    project = 2 * (tokens * h + 1) * d * (m + p)  # every token's head outputs and the constant, @ [W_in | W_U]
+    per_token = 2 * h * dh * d * (1 + 2 * tokens)  # q; k, v of every token
+    project = 2 * h * dh * d * (m + p) + 2 * tokens * h * dh * (m + p) + 2 * d * (m + p)  # W_O @ [W_in | W_U];
+    # every token's values through it; the constant @ [W_in | W_U]
     fold = 2 * m * d * p + 2 * d * p  # W_out @ W_U and b_out @ W_U
     mix = 2 * p * p * (2 * h + 1) * (m + p)  # per pair: 2 H projected rows and the constant row
     dense = 2 * p * p * m * p  # act(.) @ (W_out @ W_U)
@@ -64,7 +70,7 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     `biases` the shared biases by short name. Returns float64 `(B,)`; the per-pair cross-entropies are
     summed in float64, everything else runs in the weights' dtype on their device.
 
-    Every block writes into buffers allocated once per call: a dask worker's allocator returns freed memory
+    Every block writes into one buffer allocated once per call: a dask worker's allocator returns freed memory
     to the system at once (`MALLOC_TRIM_THRESHOLD_=65536`), and fresh multi-MB blocks per step then cost
     page faults that doubled the time per direction.
 
@@ -80,8 +86,8 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
     scale = math.sqrt(int(config["d_head"]))
     rows = max(1, BLOCK_PAIRS // p)
     grid = torch.arange(p, device=weights["W_E"].device)
-    labels = [((grid[a0:a0 + rows, None] + grid) % p).reshape(-1) for a0 in range(0, p, rows)]
-    work = None if for_derivatives else _Workspace(rows, p, m, weights["W_E"])
+    labels = [((grid[:, None] + grid[a0:a0 + rows]) % p).reshape(-1) for a0 in range(0, p, rows)]  # pairs (b, a)
+    work = None if for_derivatives else weights["W_E"].new_empty(rows * p * (m + p))  # every block's output
     totals = []
     for i in range(len(weights["W_E"])):
         w = {name: value[i] for name, value in weights.items()}
@@ -89,13 +95,12 @@ def losses(weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tenso
         fold = w["W_out"] @ w["W_U"][:, :p]  # (m, p)
         total = torch.zeros((), dtype=torch.float64, device=grid.device)
         for block, a0 in zip(labels, range(0, p, rows), strict=True):
-            n_a = len(block) // p
-            pre = mixer.preactivations(a0, n_a, work)  # (pairs, m + p)
+            hidden, direct = mixer.preactivations(a0, len(block) // p, m, work)
             if for_derivatives:
-                logits = torch.addmm(pre[:, m:], pure_act(pre[:, :m]), fold)
+                logits = torch.addmm(direct, pure_act(hidden), fold)
                 total = total + _smooth_cross_entropy_sum(logits, block)
             else:
-                logits = torch.addmm(pre[:, m:], act(pre[:, :m]), fold, out=work.take("logits", (len(block), p)))
+                logits = direct.addmm_(act(hidden), fold)  # onto the residual's logits, in place
                 total += _cross_entropy_sum_(logits, block)
         totals.append(total / (p * p))
     return torch.stack(totals)
@@ -114,19 +119,6 @@ def _cross_entropy_sum_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
         return torch.logsumexp(gaps, dim=1).sum(dtype=torch.float64)
     rest = gaps.scatter_(1, labels[:, None], -math.inf).exp_().sum(dim=1)
     return torch.log1p(rest).sum(dtype=torch.float64)
-
-
-class _Workspace:
-    """Named buffers for the blocks of one `losses` call, each allocated once at its largest size."""
-
-    def __init__(self, rows: int, p: int, m: int, like: torch.Tensor) -> None:
-        pairs = rows * p
-        self._buffers = {name: like.new_empty(size) for name, size in
-                         (("a", pairs * (m + p)), ("b", pairs * (m + p)), ("logits", pairs * p))}
-
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A contiguous view of buffer `name` with `shape` (its leading elements)."""
-        return self._buffers[name][: math.prod(shape)].view(shape)
 
 
 def _smooth_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -160,32 +152,38 @@ class _Mixer:
         # Everything up to the nonlinearity is linear in the residual: project each token's head outputs (and
         # the residual's constant part x_= + b_O) through [W_in | W_U] once, and mix projected rows per pair.
         # Per head the three weights sum to 1, so the `=` token's rows join the constant and each pair mixes
-        # `2 H + 1` rows (a and b relative to `=`, then the constant).
+        # `2 H + 1` rows (a and b relative to `=`, then the constant). A head's output is `value @ W_O`, so its
+        # projection is `value @ (W_O @ project)`: d_head wide instead of d_model.
         w_u = w["W_U"][:, :p]
         project = torch.cat([w["W_in"], w_u], dim=1)  # (d, m + p)
-        heads = (values @ w["W_O"]).transpose(0, 1)  # (2p + 1, H, d)
-        sources = (heads.reshape(-1, heads.shape[-1]) @ project).view(*heads.shape[:2], -1)  # (2p + 1, H, m + p)
-        const = ((x[-1] + biases["b_O"]) @ project + sources[-1].sum(dim=0)
+        head_project = w["W_O"] @ project  # (H, dh, m + p)
+        relative = ((values[:, :2 * p] - values[:, -1:]) @ head_project).transpose(0, 1)  # (2p, H, m + p)
+        const = ((x[-1] + biases["b_O"]) @ project + (values[:, -1:] @ head_project).sum(dim=0)[0]
                  + torch.cat([biases["b_in"], biases["b_out"] @ w_u + biases["b_U"][:p]]))
-        relative = sources[:2 * p] - sources[-1]
         # Token a and the constant: per a, one matmul of [weights, 1] by [rows, const].
         self.coef = torch.cat([e_a / norm, norm.new_ones(p, p, 1)], dim=-1)  # (a, b, H + 1)
         self.rows = torch.cat([relative[:p], const.expand(p, 1, -1)], dim=1)  # (a, H + 1, m + p)
-        # Token b: per b, one matmul, added transposed.
+        # Token b: per b, one matmul, accumulated into the same output.
         self.coef_b = (e_b / norm).transpose(0, 1).contiguous()  # (b, a, H)
         self.rows_b = relative[p:].contiguous()  # (b, H, m + p)
 
-    def preactivations(self, a0: int, n_a: int, work: _Workspace | None) -> torch.Tensor:
-        """`(n_a * p, m + p)`: the MLP pre-activations, then the residual's logits (biases included), of the
-        pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `(a - a0) * p + b`; written into `work`, or into
-        new tensors (out of place, as autograd needs) without one."""
+    def preactivations(self, a0: int, n_a: int, m: int, work: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(hidden, logits)`, `(p * n_a, m)` and `(p * n_a, p)`: the MLP pre-activations and the residual's logits
+        (biases included) of the pairs `(a, b)` with `a` in `[a0, a0 + n_a)`, row `b * n_a + a - a0`. Written
+        into `work` (two contiguous blocks, each in two passes: token a's matmul into the transposed output,
+        token b's accumulated onto it), or into new tensors (out of place, as autograd needs) without one."""
         p, width = self.rows_b.shape[0], self.rows_b.shape[-1]
+        coef, rows, coef_b = self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], self.coef_b[:, a0:a0 + n_a]
         if work is None:
-            pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a])
-            return (pre + torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b).transpose(0, 1)).view(-1, width)
-        pre = torch.bmm(self.coef[a0:a0 + n_a], self.rows[a0:a0 + n_a], out=work.take("a", (n_a, p, width)))
-        pre += torch.bmm(self.coef_b[:, a0:a0 + n_a], self.rows_b, out=work.take("b", (p, n_a, width))).transpose(0, 1)
-        return pre.view(-1, width)
+            pre = torch.baddbmm(torch.bmm(coef, rows).transpose(0, 1), coef_b, self.rows_b).view(-1, width)
+            return pre[:, :m], pre[:, m:]
+        outs = []
+        for start, stop in ((0, m), (m, width)):
+            out = work[p * n_a * start: p * n_a * stop].view(p, n_a, stop - start)
+            torch.bmm(coef, rows[..., start:stop], out=out.transpose(0, 1))
+            outs.append(out.baddbmm_(coef_b, self.rows_b[..., start:stop]).view(p * n_a, -1))
+        return outs[0], outs[1]
 
 
 # The HookedTransformerConfig fields the fast loss reads; every other architecture field must keep its default.
