@@ -7,7 +7,9 @@ panels: a panel of rows, held in float64, is multiplied with itself (a symmetric
 every row outside it that it still needs, streamed chunk by chunk. When one panel holds every row (the
 data fit the memory budget) the data are read once; otherwise peak memory is the budget and the rows
 before a panel are read again for it. The rows may be any subset of epochs: extending a cached `G` with
-new epochs is the same computation, with the new rows as panels and the old rows as the stream.
+new epochs is the same computation, with the new rows as panels and the old rows as the stream. A large
+parameter stored in column blocks too (chunked along its own axes) is summed block by block, each block's
+panels as wide as the block.
 
 Velocities (consecutive steps) come from the same pass, as differences of the rows themselves: taking
 them from `G` would cancel catastrophically (`||x||^2 ~ 1e3` against late steps of `~1e-3`).
@@ -15,6 +17,7 @@ them from `G` would cancel catastrophically (`||x||^2 ~ 1e3` against late steps 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -100,7 +103,7 @@ def trajectory_pass(
     *,
     memory_budget: int,
 ) -> dict[str, TrajectoryPass]:
-    """Gram rows and squared steps of each unit: arrays `(n, ...)` chunked along axis 0 only.
+    """Gram rows and squared steps of each unit: arrays `(n, ...)`, each stored column block a piece of work.
 
     `rows`: positions whose Gram rows to compute, against every row; `steps`: positions `i` whose step
     `x[i+1] - x[i]` to measure, each touching a row of `rows`. Float64 throughout, under the active dask
@@ -108,7 +111,7 @@ def trajectory_pass(
     dask thread, one after the other within a lane, so at most one panel per thread is held: panels take
     at most `memory_budget` bytes per process. One dask computation per panel.
     """
-    arrays = [(unit, a) for unit, group in units.items() for a in group]
+    arrays = [(unit, piece) for unit, group in units.items() for a in group for piece in _column_pieces(a)]
     n = arrays[0][1].shape[0]
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     steps = np.unique(np.asarray(steps, dtype=np.int64))
@@ -153,6 +156,17 @@ def trajectory_pass(
     return results
 
 
+def _column_pieces(array: da.Array) -> list[da.Array]:
+    """An array's stored column blocks (one per chunk of its own axes), each `(n, ...)` chunked along axis 0 only.
+
+    The Gram matrix and the squared steps are sums over columns, so each piece is a unit of work of its own:
+    a panel holds one piece's width, and a parameter split into chunks along its own axes (a large one) is
+    read once, in panels of many rows, where its whole width would leave room for one row per panel.
+    """
+    grid = itertools.product(*(range(k) for k in array.numblocks[1:]))
+    return [array.blocks[(slice(None), *index)] for index in grid]
+
+
 def _lanes(widths: list[int], threads: int) -> list[list[int]]:
     """Arrays (by index) dealt to `threads` lanes, widest first to the least loaded lane."""
     lanes: list[list[int]] = [[] for _ in range(max(1, min(threads, len(widths))))]
@@ -170,8 +184,6 @@ def _panel_tasks(array: da.Array, panel: np.ndarray, stream: np.ndarray, steps: 
     `panel` and `stream` are sorted, disjoint row positions; every step has a row in the panel. The
     panel is read only once the tasks `after` are done.
     """
-    if any(len(c) > 1 for c in array.chunks[1:]):
-        array = array.rechunk({axis: -1 for axis in range(1, array.ndim)})
     bounds = np.cumsum((0, *array.chunks[0]))
     chunk_of = np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
     blocks = array.to_delayed().reshape(array.numblocks[0])

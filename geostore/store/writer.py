@@ -116,6 +116,7 @@ class StoreWriter:
         split: tuple[np.ndarray, Sequence[str]] | None = None,
         probe: np.ndarray | None = None,
         chunk_epochs: int | None = None,
+        max_chunk_bytes: int | None = None,
         storage_options: dict | None = None,
         lock_timeout: float | None = None,
         metrics: Sequence[str] = (),
@@ -127,7 +128,10 @@ class StoreWriter:
         same model); `split` the task's train split (a boolean array and its dimension names), `probe` the
         landscape probe a user gave (recorded once; an existing store must hold the same one). A new store gets
         arrays for the `metrics` among `schema.OPTIONAL_METRICS` and records `index_unit` ("step" or "epoch": what
-        the epoch axis counts; an existing store must count the same).
+        the epoch axis counts; an existing store must count the same). A new store's chunks hold `chunk_epochs`
+        epochs (default: from the largest parameter, `layout.chunk_epochs_for`) and at most `max_chunk_bytes`
+        (default `layout.MAX_CHUNK_BYTES`; larger parameters are split along their own axes); an existing
+        store keeps its chunks.
 
         Waits for the store's lock while another process writes it (saying so on stderr), at most
         `lock_timeout` seconds (default: `GEOSTORE_LOCK_TIMEOUT`, else as long as it takes). Refuses a
@@ -145,7 +149,7 @@ class StoreWriter:
         key = lock.acquire(location, timeout=lock_timeout)
         try:
             if location.is_empty():  # nobody created it while this process waited
-                _create(location, model, task, split, probe, chunk_epochs, metrics, index_unit)
+                _create(location, model, task, split, probe, chunk_epochs, metrics, index_unit, max_chunk_bytes)
                 return cls(location, layout.read_root_attrs(location), created=True, lock_key=key)
             attrs = layout.read_root_attrs(location)  # again, under the lock
             _check_same_run(location, attrs, model, task, split, index_unit)
@@ -629,11 +633,11 @@ def _dim_size(settings: Mapping, dim: str) -> int:
 
 
 def _create(location: Location, model: Model, task, split, probe, chunk_epochs, metrics: Sequence[str] = (),
-            index_unit: str = "epoch") -> None:
+            index_unit: str = "epoch", max_chunk_bytes: int | None = None) -> None:
     """Write an empty store (no epochs) for `model`, committed."""
     table = model.table
     largest = max(p.size for p in table.parameters) * 4
-    chunks = chunk_epochs or layout.chunk_epochs_for(largest)
+    chunks = chunk_epochs or layout.chunk_epochs_for(largest, max_chunk_bytes)
     location.make_folder()
     attrs = {
         "geostore": {"format": schema.FORMAT_NAME, "version": schema.FORMAT_VERSION, "chunk_epochs": chunks},
@@ -651,7 +655,8 @@ def _create(location: Location, model: Model, task, split, probe, chunk_epochs, 
         group.create_array(schema.EPOCH_DIM, shape=(0,), chunks=(chunks,), dtype="int64",
                            fill_value=-1, dimension_names=(schema.EPOCH_DIM,), **opts)
         for parameter in table.parameters:
-            group.create_array(parameter.name, shape=(0, *parameter.shape), chunks=(chunks, *parameter.shape),
+            group.create_array(parameter.name, shape=(0, *parameter.shape),
+                               chunks=layout.chunk_shape(parameter.shape, chunks, 4, max_chunk_bytes),
                                dtype="float32", fill_value=0.0, dimension_names=(schema.EPOCH_DIM, *parameter.dims),
                                **opts)
         for name in (*schema.METRICS, *(m for m in schema.OPTIONAL_METRICS if m in metrics)):
