@@ -51,14 +51,15 @@ def quiet_zarr():
 
 
 def chunk_epochs_for(largest_param_bytes: int, max_chunk_bytes: int | None = None) -> int:
-    """Epochs per chunk: a power of two in [8, 1024] giving ~TARGET_CHUNK_BYTES for the largest array, fewer
-    (a power of two down to 1) when 8 epochs of it would exceed `max_chunk_bytes` (default MAX_CHUNK_BYTES)."""
+    """Epochs per chunk: a power of two in [8, 1024] giving ~TARGET_CHUNK_BYTES for the largest array, or, where
+    that many epochs of it exceed `max_chunk_bytes` (default MAX_CHUNK_BYTES), the most that fit (a power of
+    two, at least 1)."""
     largest = max(1, largest_param_bytes)
     limit = MAX_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
     n = max(1, TARGET_CHUNK_BYTES // largest)
-    c = min(1024, 1 << (n.bit_length() - 1))
-    if c >= 8 or 8 * largest <= limit:
-        return max(8, c)
+    c = min(1024, max(8, 1 << (n.bit_length() - 1)))
+    if c * largest <= limit:
+        return c
     fits = max(1, limit // largest)
     return 1 << (fits.bit_length() - 1)
 

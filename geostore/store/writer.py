@@ -23,6 +23,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,10 @@ REPLACED = "_replaced"
 
 # Arrays written at once: zarr's per-call overhead (metadata, event-loop round trips) overlaps.
 WRITE_THREADS = 8
+# Bytes of values being encoded and written at once (zarr holds copies of each chunk in flight): where arrays are
+# large, fewer are written at once and each with fewer concurrent chunks (a GPT-2-sized checkpoint: one array at a
+# time, two of its 30 MB chunks), which the disk, not zarr's overhead, paces anyway.
+WRITE_BUFFER_BYTES = 64 * 2**20
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -535,10 +540,15 @@ class StoreWriter:
                 array.resize((stop, *array.shape[1:]))
             array[start:stop] = columns[name]
 
-        arrays = list(columns)
+        arrays = sorted(columns, key=lambda name: -columns[name].nbytes)
         for name in arrays:
             self._array(name)  # open the handles in this thread
-        with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+        threads = max(1, min(WRITE_THREADS, WRITE_BUFFER_BYTES // max(1, columns[arrays[0]].nbytes)))
+        chunk = max(math.prod(self._array(name).chunks) * self._array(name).dtype.itemsize for name in arrays)
+        concurrency = zarr.config.get("async.concurrency")
+        if threads * concurrency * chunk > WRITE_BUFFER_BYTES:
+            concurrency = max(1, WRITE_BUFFER_BYTES // (threads * chunk))
+        with zarr.config.set({"async.concurrency": concurrency}), ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(write, arrays))
 
     def _commit(self, epochs: np.ndarray, *, moved: bool = False) -> None:
