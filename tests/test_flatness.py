@@ -326,7 +326,11 @@ def test_flatness_summary_on_a_hand_computed_case():
 def test_directions_drawn_block_by_block_are_the_cached_ones_bit_for_bit(monkeypatch):
     from geostore.analysis import flatness
 
-    cached = draw_directions(3001, 5, 3)  # drawn whole and normalised by one numpy sum
+    generator = torch.Generator().manual_seed(3)  # how directions were always drawn: whole rows, one numpy sum
+    rows = [torch.randn(3001, generator=generator).numpy().astype(np.float64) for _ in range(5)]
+    cached = draw_directions(3001, 5, 3)
+    assert torch.equal(cached, torch.from_numpy(np.stack([row / math.sqrt(np.sum(row * row)) for row in rows])
+                                                .astype(np.float32)))
     monkeypatch.setattr(flatness, "CACHED_DIRECTIONS_BYTES", 0)  # a model too large to cache its directions
     monkeypatch.setattr(flatness, "_SQUARES_CHUNK", 128)  # squares summed in many pieces
     blocks = list(flatness.direction_blocks(3001, 5, 3, 2))

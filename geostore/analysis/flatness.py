@@ -71,11 +71,11 @@ def direction_blocks(n_params: int, n_directions: int, seed: int, block: int) ->
 def _draw(generator: torch.Generator, n_params: int, count: int) -> np.ndarray:
     """The next `count` unit rows of `generator`: `torch.randn(n_params)` each, normalised in float64."""
     rows = np.empty((count, n_params), dtype=np.float32)
-    for i in range(count):
-        row = torch.randn(n_params, generator=generator, dtype=torch.float32).numpy()
+    for row in rows:
+        torch.randn(n_params, generator=generator, dtype=torch.float32, out=torch.from_numpy(row))
         norm = math.sqrt(_sum_squares(row))
-        for start in range(0, n_params, _SQUARES_CHUNK):  # float64 division, then float32, chunk by chunk
-            rows[i, start:start + _SQUARES_CHUNK] = row[start:start + _SQUARES_CHUNK].astype(np.float64) / norm
+        for start in range(0, n_params, _SQUARES_CHUNK):  # float64 division, then float32, chunk by chunk, in place
+            row[start:start + _SQUARES_CHUNK] = row[start:start + _SQUARES_CHUNK].astype(np.float64) / norm
     return rows
 
 
