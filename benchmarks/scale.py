@@ -5,7 +5,9 @@ d_model 768, d_vocab 50257, n_ctx 1024: 124 M parameters, ~500 MB per checkpoint
 the last, then measures, each phase in a fresh process (its peak RSS is the process's own):
 
 - numpy: each checkpoint read with safetensors, then its tensors written with `np.save` (write timed apart:
-  the raw write speed of the same bytes on the same disk);
+  the raw write speed of the same bytes on the same disk). Both this and the ingest end with `os.sync()`, timed:
+  10 GB outgrow the page cache's dirty limit, so what is compared is the disk's pace, not how much of each
+  run the cache happened to absorb (unsynced, the two differed by 2x from run to run here);
 - ingest: `geostore.ingestion.ingest(run, store, flatness=None)` into a fresh store: MB/s, the ratio to the numpy
   write, peak RSS against one checkpoint's size; then the largest chunk file and the store's size;
 - PCA and velocity of `'all'` (the exact float64 Gram pass, then the velocity from the cached pass): time and
@@ -65,10 +67,12 @@ def write_run(root: Path, config: dict, n: int) -> int:
 
 
 def numpy_baseline(run: Path, out: Path) -> tuple[float, float]:
-    """Seconds to read every checkpoint with safetensors, and to write its tensors with np.save (apart)."""
+    """Seconds to read every checkpoint with safetensors, and to write its tensors with np.save (apart; the write
+    time includes flushing them to the disk at the end)."""
     from safetensors.numpy import load_file
 
     out.mkdir()
+    os.sync()
     read = write = 0.0
     for file in sorted(run.glob("*.safetensors")):
         start = time.perf_counter()
@@ -80,15 +84,19 @@ def numpy_baseline(run: Path, out: Path) -> tuple[float, float]:
                 np.save(f, value)
         write += time.perf_counter() - start
         del tensors
-    return read, write
+    start = time.perf_counter()
+    os.sync()
+    return read, write + time.perf_counter() - start
 
 
 def run_ingest(run: Path, store: Path) -> float:
-    """Seconds of the ingest (imports excluded)."""
+    """Seconds of the ingest (imports excluded), flushed to the disk as the numpy baseline is."""
     from geostore.ingestion import ingest
 
+    os.sync()
     start = time.perf_counter()
     ingest(run, store, flatness=None, progress=False)
+    os.sync()
     return time.perf_counter() - start
 
 

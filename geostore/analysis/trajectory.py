@@ -5,12 +5,11 @@ matrix `G = X X^T` (float64): centring over any set of fit epochs, the eigenvalu
 of every epoch follow from it exactly. Stored chunks are row (epoch) blocks, so `G` is built by row
 panels: a panel of rows, held as stored (float32), is multiplied in float64, a block of columns at a time,
 with itself (a symmetric rank-k update) and with every row outside it that it still needs, streamed chunk
-by chunk. When one panel holds every row (the
-data fit the memory budget) the data are read once; otherwise peak memory is the budget and the rows
-before a panel are read again for it. The rows may be any subset of epochs: extending a cached `G` with
-new epochs is the same computation, with the new rows as panels and the old rows as the stream. A large
-parameter stored in column blocks too (chunked along its own axes) is summed block by block, each block's
-panels as wide as the block.
+by chunk. When one panel holds every row (the data fit the memory budget) the data are read once; otherwise
+peak memory is the budget and the rows before a panel are read again for it. The rows may be any subset of
+epochs: extending a cached `G` with new epochs is the same computation, with the new rows as panels and the
+old rows as the stream. A large parameter stored in column blocks too (chunked along its own axes) is summed
+block by block, each block's panels as wide as the block.
 
 Velocities (consecutive steps) come from the same pass, as differences of the rows themselves: taking
 them from `G` would cancel catastrophically (`||x||^2 ~ 1e3` against late steps of `~1e-3`).
