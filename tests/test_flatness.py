@@ -331,7 +331,7 @@ def test_directions_drawn_block_by_block_are_the_cached_ones_bit_for_bit(monkeyp
     cached = draw_directions(3001, 5, 3)
     assert torch.equal(cached, torch.from_numpy(np.stack([row / math.sqrt(np.sum(row * row)) for row in rows])
                                                 .astype(np.float32)))
-    monkeypatch.setattr(flatness, "CACHED_DIRECTIONS_BYTES", 0)  # a model too large to cache its directions
+    monkeypatch.setattr(flatness, "CACHED_DIRECTION_BYTES", 0)  # a model too large to cache its directions
     monkeypatch.setattr(flatness, "_SQUARES_CHUNK", 128)  # squares summed in many pieces
     blocks = list(flatness.direction_blocks(3001, 5, 3, 2))
     assert [start for start, _ in blocks] == [0, 2, 4]

@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 # Directions per call of the fast evaluator: a constant, so an epoch's result never depends on callers.
 DIRECTION_BLOCK = 8
 
-# Direction matrices up to this size are drawn once and cached (every epoch reuses them); larger ones (a GPT-2-sized
-# model's direction is 0.5-0.65 GB) are drawn block by block for each epoch, the same numbers, one block in memory.
-CACHED_DIRECTIONS_BYTES = 2**28
+# Directions up to this size are drawn once for all of them and cached (every epoch reuses them); larger ones (a
+# GPT-2-sized model's is 0.5-0.65 GB) are drawn block by block for each epoch, the same numbers, one block in memory.
+CACHED_DIRECTION_BYTES = 2**25
 
 # Values of a direction squared in float64 at once when normalising it (see `_sum_squares`).
 _SQUARES_CHUNK = 2**20
@@ -57,8 +57,8 @@ def _directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor:
 
 def direction_blocks(n_params: int, n_directions: int, seed: int, block: int) -> Iterator[tuple[int, torch.Tensor]]:
     """`(start, rows)`: the rows of `draw_directions` in consecutive blocks of `block`, bit-identical to it; drawn
-    once and cached up to CACHED_DIRECTIONS_BYTES, else drawn block by block (one block in memory)."""
-    if n_directions * n_params * 4 <= CACHED_DIRECTIONS_BYTES:
+    once and cached where a direction is at most CACHED_DIRECTION_BYTES, else drawn block by block."""
+    if cached_directions(n_params):
         directions = _directions(n_params, n_directions, seed)
         for start in range(0, n_directions, block):
             yield start, directions[start:start + block]
@@ -66,6 +66,11 @@ def direction_blocks(n_params: int, n_directions: int, seed: int, block: int) ->
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, n_directions, block):
         yield start, torch.from_numpy(_draw(generator, n_params, min(block, n_directions - start)))
+
+
+def cached_directions(n_params: int) -> bool:
+    """Whether the directions of `n_params` trainable numbers are drawn once and cached (all in memory)."""
+    return n_params * 4 <= CACHED_DIRECTION_BYTES
 
 
 def _draw(generator: torch.Generator, n_params: int, count: int) -> np.ndarray:
