@@ -1,7 +1,8 @@
 """Flatness speed and exactness on one paper-size checkpoint: the seed's loop against geostore's fast path.
 
 In one run, on the same checkpoint (a seeded random init of the p=113, d_model=128 model), the same seeded
-directions and the same torch thread count (2 by default), interleaving repeats and keeping the best of each:
+directions and the same torch thread count (torch's default, which the fast path fits to the free cores),
+interleaving repeats and keeping the best of each:
 
 - matmul peak: float32 `torch.mm` on large square matrices;
 - the irreducible matmul: `act(.) @ (W_out @ W_U)` over all pairs in the evaluator's blocks, alone: the one
@@ -21,14 +22,27 @@ tokens), each after 50 AdamW steps from its seeded initialisation, it times inst
 (`evaluator.plain_directional_losses`: perturb the module in place, forward the whole probe, restore), and
 compares both paths' deltas in float32 and float64.
 
-Run with `.venv/bin/python benchmarks/flatness.py` on an otherwise idle machine: with other processes on the
-cores, OpenMP's spinning threads make every short multithreaded op wait (2 threads then ran 15x slower than
-1 here); `OMP_WAIT_POLICY=PASSIVE` in the environment avoids that.
+With `--contention N` it measures both paths on the modular-addition checkpoint quiet and then beside busy
+processes it starts itself (and ends on exit, Ctrl-C or error): 1..N plain Python busy loops and N CPU-bound
+multithreaded torch jobs (default torch threads, like a test suite), `--busy` choosing which. It prints one row
+per condition (seed loop and fast path ms/direction, speedup, the fast path's loaded/quiet ratio), and checks that
+the fast path's results are bit-identical in every condition (geostore fits its thread count to the free cores,
+`geostore.threads`). `--fixed` also times the fast path with its thread count held (what a user's
+`OMP_NUM_THREADS` does), to show what fitting it buys.
+
+Run with `.venv/bin/python benchmarks/flatness.py` on an otherwise idle machine. `--threads N` sets torch's
+count (a count other than torch's default is the user's and geostore keeps it); by default torch's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -153,6 +167,90 @@ def generic_benchmark(args: argparse.Namespace) -> None:
         print(f"  {label:<{width}}  {value}")
 
 
+# Busy jobs beside the benchmark; each ends itself once its parent is gone (e.g. killed with SIGKILL).
+BUSY_JOBS = {
+    "python": "import os\nparent = os.getppid()\nprint('ready', flush=True)\nwhile os.getppid() == parent:\n"
+              "    for _ in range(10**6):\n        pass\n",
+    # like a test suite or a build's CPU-bound steps: torch's default threads, mid-size matmuls and elementwise ops
+    "multithreaded": "import os\nimport torch\nparent = os.getppid()\na, x = torch.randn(384, 384), "
+                     "torch.randn(200_000)\nprint('ready', flush=True)\nwhile os.getppid() == parent:\n"
+                     "    for _ in range(5):\n        a @ a\n    for _ in range(20):\n"
+                     "        x = torch.tanh(x) + 0.5 * x.sin()\n",
+}
+
+
+@contextmanager
+def busy_jobs(kind: str, n: int) -> Iterator[None]:
+    """`n` busy jobs of `kind` (see `BUSY_JOBS`) running beside this process within; killed on exit."""
+    jobs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            jobs.append(subprocess.Popen([sys.executable, "-c", BUSY_JOBS[kind]], stdout=subprocess.PIPE, text=True))
+        for job in jobs:
+            if job.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a busy {kind} job did not start (exit code {job.wait()})")
+        yield
+    finally:
+        for job in jobs:
+            job.kill()
+        for job in jobs:
+            job.wait()
+
+
+@contextmanager
+def fixed_threads() -> Iterator[None]:
+    """geostore's thread fitting off within, as a user's `OMP_NUM_THREADS` turns it off (torch is already loaded,
+    so its count does not change)."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def contention_benchmark(args: argparse.Namespace, seed_loop: Callable[[], object],
+                         fast_path: Callable[[], tuple[float, np.ndarray]]) -> None:
+    """Seed loop and fast path quiet and beside busy jobs, one row per condition, and whether the fast path's
+    results are the same in every condition."""
+    conditions = [("quiet", "python", 0)]
+    if args.busy in ("python", "both"):
+        conditions += [(f"{k} busy-loop process{'es' if k > 1 else ''} beside it", "python", k)
+                       for k in range(1, args.contention + 1)]
+    if args.busy in ("multithreaded", "both"):
+        conditions.append((f"{args.contention} CPU-bound multithreaded torch job{'s' if args.contention > 1 else ''}",
+                           "multithreaded", args.contention))
+    n, rows, results = args.directions, [], []
+    seed_loop(), fast_path()  # warm-up (directions drawn, caches filled)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `busy_jobs` kills its jobs then too
+    for label, kind, count in conditions:
+        with busy_jobs(kind, count):
+            seed_s = fast_s = fixed_s = float("inf")
+            for _ in range(args.repeats):  # interleaved: a change of load hits every path alike
+                seed_s = min(seed_s, timed(seed_loop))
+                fast_s = min(fast_s, timed(lambda: results.append(fast_path())))
+                if args.fixed:
+                    with fixed_threads():
+                        fixed_s = min(fixed_s, timed(fast_path))
+        rows.append((label, seed_s, fast_s, fixed_s))
+        print(f"  measured: {label}", file=sys.stderr, flush=True)
+    quiet = rows[0][2]
+    print(f"flatness under contention: p={args.p}, {n} directions, epsilon={args.epsilon}, torch threads "
+          f"{torch.get_num_threads()} on {os.cpu_count()} cores (the fast path fits them to the free cores), "
+          f"best of {args.repeats}")
+    print("| condition | seed loop ms/dir | fast path ms/dir | speedup | fast path loaded/quiet |"
+          + (" fast path, threads fixed, ms/dir |" if args.fixed else ""))
+    print("|---|---|---|---|---|" + ("---|" if args.fixed else ""))
+    for label, seed_s, fast_s, fixed_s in rows:
+        print(f"| {label} | {1e3 * seed_s / n:.1f} | {1e3 * fast_s / n:.1f} | {seed_s / fast_s:.1f}x | "
+              f"{fast_s / quiet:.2f} |" + (f" {1e3 * fixed_s / n:.1f} |" if args.fixed else ""))
+    same = all(r[0] == results[0][0] and np.array_equal(r[1], results[0][1]) for r in results)
+    print(f"fast path results bit-identical in every condition: {'yes' if same else 'NO'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["modular_addition", "mlp", "transformer"], default="modular_addition",
@@ -170,10 +268,21 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: torch's own, which geostore fits to the free cores)")
+    parser.add_argument("--contention", type=int, metavar="N",
+                        help="time both paths quiet and beside busy jobs this benchmark starts (see --busy)")
+    parser.add_argument("--busy", choices=["python", "multithreaded", "both"], default="both",
+                        help="--contention: 1..N plain Python busy loops, N multithreaded torch jobs, or both")
+    parser.add_argument("--fixed", action="store_true",
+                        help="--contention: also time the fast path with its thread count held fixed")
     parser.add_argument("--truth", type=int, default=4, help="directions also computed in float64 (slow)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.contention is not None and args.contention < 1:
+        parser.error(f"--contention {args.contention}: must be at least 1 (busy jobs to start)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     if args.family != "modular_addition":
         return generic_benchmark(args)
 
@@ -186,6 +295,9 @@ def main() -> None:
     # the seed's loop (clone, perturb, forward, restore) along geostore's directions, on either TransformerLens
     plain_kwargs = {"n_directions": n, "scales": [args.epsilon], "seed": args.seed}
     d, m = int(config["d_model"]), int(config["d_mlp"])
+    if args.contention is not None:
+        return contention_benchmark(args, lambda: plain_directional_losses(params, family_model, probe, **plain_kwargs),
+                                    lambda: flatness_for_params(params, family_model, **kwargs))
 
     peak, seed_s, fast_s, dense_s = 0.0, float("inf"), float("inf"), float("inf")
     for _ in range(args.repeats):  # interleaved, so a busy moment on the machine hits every measurement alike

@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from geostore.analysis.flatness import DIRECTION_BLOCK
 from geostore.errors import GeostoreError
+from geostore.threads import fitted_calls
 
 if TYPE_CHECKING:
     from geostore.family.base import Model, Probe
@@ -64,8 +65,11 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
     tensors = {name: torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype) for name in table.names}
     weights = {name: tensors[name] for name in table.trainable}
     fast = fast_loss(model, {n: v for n, v in tensors.items() if n not in weights}, for_derivatives=for_derivatives)
+    # Evaluations run on the threads free at each call (`geostore.threads`): their values do not depend on the
+    # count. Derivatives do in their last bits (backward reductions), so they keep torch's count.
+    fit = (lambda fn: fn) if for_derivatives else fitted_calls
     if fast is not None:
-        return weights, fast
+        return weights, fit(fast)
     module, probe = _setup(model, params, _probe(model, probe), device, dtype)
     n_examples = len(probe[0])
     swapped = _swapped(model, module)
@@ -84,7 +88,7 @@ def batched_loss(model: Model, params: Mapping[str, np.ndarray], probe: Probe | 
 
     if n_examples * table.n_trainable() > VMAP_WORK:
         loss.block = 1  # type: ignore[attr-defined]  # callers may pass one set at a time: the same numbers
-    return weights, loss
+    return weights, fit(loss)  # (functools.wraps keeps `block`)
 
 
 def generic_hvp(params: Mapping[str, np.ndarray], model: Model, probe: Probe | None = None, device: str = "cpu",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from geostore.errors import GeostoreError
+from geostore.threads import fitted_calls
 
 if TYPE_CHECKING:
     from geostore.family.base import Model, Probe
@@ -144,6 +145,7 @@ def compute_landscape_flatness(
     directions = _directions(n_params, n_directions, secrets.randbits(63) if seed is None else seed)
     device = next(iter(original.values())).device
     deltas = np.empty(n_directions, dtype=np.float64)
+    loss_fn = fitted_calls(loss_fn)
     try:
         with torch.no_grad():
             baseline = float(loss_fn(model, probe))
