@@ -215,23 +215,31 @@ def _load(
     params = {name: [] for name in writer.table.names}
     rounded, nonfinite = notes.setdefault("rounded", []), notes.setdefault("nonfinite", [])
     for checkpoint in checkpoints:
-        state = checkpoint.load()
-        if any(np.asarray(value).dtype.itemsize > 4 and np.issubdtype(np.asarray(value).dtype, np.floating)
-               for key, value in state.items() if not buffers(key)):
-            rounded.append(checkpoint.epoch)
-        loaded = writer.table.stored(state, checkpoint.origin, ignore=buffers)
+        loaded = _stored(checkpoint, writer, buffers, rounded)
         for name in writer.table.names:
             params[name].append(loaded[name])
         if not all(np.isfinite(loaded[name]).all() for name in writer.table.names):
             nonfinite.append(checkpoint.epoch)
         bar.update(1)
 
-    stacked = {name: np.stack(values) if values else np.empty((0,)) for name, values in params.items()}
+    # one checkpoint (a large model's chunk holds one epoch) goes on as a view: stacking would copy it
+    stacked = {name: np.stack(values) if len(values) > 1 else values[0][np.newaxis] if values else np.empty((0,))
+               for name, values in params.items()}
     metrics = {
         name: np.array([values.get(int(e), np.nan) for e in epochs], dtype=np.float64)
         for name, values in run.metrics.items()
     }
     return epochs, stacked, metrics
+
+
+def _stored(checkpoint: Checkpoint, writer: StoreWriter, buffers: Callable[[str], bool], rounded: list[int]
+            ) -> dict[str, np.ndarray]:
+    """One checkpoint in the store's layout; its state dict is freed on return (only the stored arrays stay)."""
+    state = dict(checkpoint.load())
+    if any(np.asarray(value).dtype.itemsize > 4 and np.issubdtype(np.asarray(value).dtype, np.floating)
+           for key, value in state.items() if not buffers(key)):
+        rounded.append(checkpoint.epoch)
+    return writer.table.stored(state, checkpoint.origin, ignore=buffers, consume=True)
 
 
 def buffer_test(model: Model) -> Callable[[str], bool]:

@@ -440,14 +440,18 @@ def _finite(params: Mapping[str, np.ndarray]) -> bool:
 
 def check_memory(settings: FlatnessSettings, model: Model, chunk_epochs: int | None = None) -> None:
     """Refuse, before anything is written, settings whose direction matrix or stored rows cannot fit in memory:
-    the `(n_directions, D)` float32 directions, and one chunk of each per-direction float64 array."""
+    the `(n_directions, D)` float32 directions (a block of them where one is too large to cache), and one
+    chunk of each per-direction float64 array."""
+    from geostore.analysis.flatness import DIRECTION_BLOCK, cached_directions
     from geostore.store import layout
 
     n_params = model.table.n_trainable()
     if chunk_epochs is None:
         chunk_epochs = layout.chunk_epochs_for(max(p.size for p in model.table.parameters) * 4)
     per_direction = 2 + settings.antithetic * 2 + (2 * len(settings.profile.epsilons) if settings.profile else 0)
-    need = settings.n_directions * (n_params * 4 + chunk_epochs * 8 * per_direction)
+    held = settings.n_directions if cached_directions(n_params) else min(settings.n_directions, DIRECTION_BLOCK)
+    directions = held * n_params * 4
+    need = directions + settings.n_directions * chunk_epochs * 8 * per_direction
     have = _memory_bytes()
     if have and need > have // 2:
         raise StoreError(f"`n_directions` {settings.n_directions}: needs about {need / 2**30:.1f} GiB of memory "

@@ -344,3 +344,21 @@ def test_flatness_summary_on_a_hand_computed_case():
     np.testing.assert_array_equal(got["p90_delta_loss"][:2], np.percentile(deltas[:2], 90, axis=1))
     np.testing.assert_array_equal(flatness_summary(baseline[:2], deltas[:2], threshold=0.5)["flatness_ratio"],
                                   [1.0, 1.0])
+
+
+def test_directions_drawn_block_by_block_are_the_cached_ones_bit_for_bit(monkeypatch):
+    from geostore.analysis import flatness
+
+    generator = torch.Generator().manual_seed(3)  # how directions were always drawn: whole rows, one numpy sum
+    rows = [torch.randn(3001, generator=generator).numpy().astype(np.float64) for _ in range(5)]
+    cached = draw_directions(3001, 5, 3)
+    assert torch.equal(cached, torch.from_numpy(np.stack([row / math.sqrt(np.sum(row * row)) for row in rows])
+                                                .astype(np.float32)))
+    monkeypatch.setattr(flatness, "CACHED_DIRECTION_BYTES", 0)  # a model too large to cache its directions
+    monkeypatch.setattr(flatness, "_SQUARES_CHUNK", 128)  # squares summed in many pieces
+    blocks = list(flatness.direction_blocks(3001, 5, 3, 2))
+    assert [start for start, _ in blocks] == [0, 2, 4]
+    assert torch.equal(torch.cat([rows for _, rows in blocks]), cached)
+    rows = np.random.default_rng(0).standard_normal(100_003).astype(np.float32)
+    for size in (129, 1000, 4099, 100_003):
+        assert flatness._sum_squares(rows[:size], 130) == np.sum(rows[:size].astype(np.float64) ** 2)

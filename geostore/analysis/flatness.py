@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 # Directions per call of the fast evaluator: a constant, so an epoch's result never depends on callers.
 DIRECTION_BLOCK = 8
 
+# Directions up to this size are drawn once for all of them and cached (every epoch reuses them); larger ones (a
+# GPT-2-sized model's is 0.5-0.65 GB) are drawn block by block for each epoch, the same numbers, one block in memory.
+CACHED_DIRECTION_BYTES = 2**25
+
+# Values of a direction squared in float64 at once when normalising it (see `_sum_squares`).
+_SQUARES_CHUNK = 2**20
+
 
 def draw_directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor:
     """`(n_directions, n_params)` float32 unit rows (norm taken in float64), drawn on the CPU from `seed`.
@@ -46,12 +53,51 @@ def draw_directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor
 @functools.lru_cache(maxsize=2)
 def _directions(n_params: int, n_directions: int, seed: int) -> torch.Tensor:
     """Cached `draw_directions` (45 MB for the paper's model and 50 directions); callers must not modify it."""
+    return torch.from_numpy(_draw(torch.Generator().manual_seed(seed), n_params, n_directions))
+
+
+def direction_blocks(n_params: int, n_directions: int, seed: int, block: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """`(start, rows)`: the rows of `draw_directions` in consecutive blocks of `block`, bit-identical to it; drawn
+    once and cached where a direction is at most CACHED_DIRECTION_BYTES, else drawn block by block."""
+    if cached_directions(n_params):
+        directions = _directions(n_params, n_directions, seed)
+        for start in range(0, n_directions, block):
+            yield start, directions[start:start + block]
+        return
     generator = torch.Generator().manual_seed(seed)
-    rows = np.empty((n_directions, n_params), dtype=np.float32)
-    for i in range(n_directions):
-        row = torch.randn(n_params, generator=generator, dtype=torch.float32).numpy().astype(np.float64)
-        rows[i] = row / math.sqrt(np.sum(row * row))  # numpy's pairwise sum: thread-independent
-    return torch.from_numpy(rows)
+    for start in range(0, n_directions, block):
+        yield start, torch.from_numpy(_draw(generator, n_params, min(block, n_directions - start)))
+
+
+def cached_directions(n_params: int) -> bool:
+    """Whether the directions of `n_params` trainable numbers are drawn once and cached (all in memory)."""
+    return n_params * 4 <= CACHED_DIRECTION_BYTES
+
+
+def _draw(generator: torch.Generator, n_params: int, count: int) -> np.ndarray:
+    """The next `count` unit rows of `generator`: `torch.randn(n_params)` each, normalised in float64."""
+    rows = np.empty((count, n_params), dtype=np.float32)
+    for row in rows:
+        torch.randn(n_params, generator=generator, dtype=torch.float32, out=torch.from_numpy(row))
+        norm = math.sqrt(_sum_squares(row))
+        for start in range(0, n_params, _SQUARES_CHUNK):  # float64 division, then float32, chunk by chunk, in place
+            row[start:start + _SQUARES_CHUNK] = row[start:start + _SQUARES_CHUNK].astype(np.float64) / norm
+    return rows
+
+
+def _sum_squares(row: np.ndarray, chunk: int | None = None) -> float:
+    """`np.sum(row.astype(np.float64) ** 2)` bit for bit, without a float64 copy of the whole row.
+
+    numpy sums a contiguous array pairwise, halving it (at multiples of 8) down to blocks of 128 values: the
+    halvings above `chunk` values (default _SQUARES_CHUNK; at least 128) are done here, the rest by numpy, so
+    the additions are the same (a direction's values are thread-independent and equal to those drawn before).
+    """
+    if row.size <= max(128, _SQUARES_CHUNK if chunk is None else chunk):  # numpy halves only above 128
+        part = row.astype(np.float64)
+        return float(np.sum(part * part))
+    half = row.size // 2
+    half -= half % 8
+    return _sum_squares(row[:half], chunk) + _sum_squares(row[half:], chunk)
 
 
 def perturbed(weights: Mapping[str, torch.Tensor], directions: torch.Tensor, epsilon: float
@@ -165,13 +211,12 @@ def directional_losses(
 
     weights, loss = batched_loss(model, params, probe, device=device, dtype=dtype)
     n_params = sum(w.numel() for w in weights.values())
-    directions = _directions(n_params, n_directions, seed)
-    rows = []
+    deltas = torch.empty((len(scales), n_directions), dtype=torch.float64)
     with torch.no_grad():
         baseline = loss({name: w[None] for name, w in weights.items()})[0]
-        for scale in scales:
-            rows.append(torch.cat([
-                loss(perturbed(weights, directions[i:i + DIRECTION_BLOCK].to(device), scale)) - baseline
-                for i in range(0, n_directions, DIRECTION_BLOCK)]))
-    deltas = torch.stack(rows) if rows else torch.empty((0, n_directions), dtype=torch.float64)
-    return float(baseline), deltas.cpu().numpy()
+        # blocks of the weight sets the loss evaluates at once: one set of a model too large to vectorise
+        for start, rows in direction_blocks(n_params, n_directions, seed, getattr(loss, "block", DIRECTION_BLOCK)):
+            rows = rows.to(device)
+            for k, scale in enumerate(scales):
+                deltas[k, start:start + len(rows)] = (loss(perturbed(weights, rows, scale)) - baseline).cpu()
+    return float(baseline), deltas.numpy()

@@ -3,11 +3,13 @@
 A trajectory is an `(n_epoch, D)` matrix `X` with `n_epoch << D`. PCA needs only the `n x n` Gram
 matrix `G = X X^T` (float64): centring over any set of fit epochs, the eigenvalues and the projection
 of every epoch follow from it exactly. Stored chunks are row (epoch) blocks, so `G` is built by row
-panels: a panel of rows, held in float64, is multiplied with itself (a symmetric rank-k update) and with
-every row outside it that it still needs, streamed chunk by chunk. When one panel holds every row (the
-data fit the memory budget) the data are read once; otherwise peak memory is the budget and the rows
-before a panel are read again for it. The rows may be any subset of epochs: extending a cached `G` with
-new epochs is the same computation, with the new rows as panels and the old rows as the stream.
+panels: a panel of rows, held as stored (float32), is multiplied in float64, a block of columns at a time,
+with itself (a symmetric rank-k update) and with every row outside it that it still needs, streamed chunk
+by chunk. When one panel holds every row (the data fit the memory budget) the data are read once; otherwise
+peak memory is the budget and the rows before a panel are read again for it. The rows may be any subset of
+epochs: extending a cached `G` with new epochs is the same computation, with the new rows as panels and the
+old rows as the stream. A large parameter stored in column blocks too (chunked along its own axes) is summed
+block by block, each block's panels as wide as the block.
 
 Velocities (consecutive steps) come from the same pass, as differences of the rows themselves: taking
 them from `G` would cancel catastrophically (`||x||^2 ~ 1e3` against late steps of `~1e-3`).
@@ -15,6 +17,7 @@ them from `G` would cancel catastrophically (`||x||^2 ~ 1e3` against late steps 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -26,8 +29,10 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
-# Bytes per panel element: panels are float64, filled chunk by chunk.
-_PANEL_BYTES_PER_VALUE = 8
+# Columns converted to float64 at once: panels keep the stored dtype (float32 weights: half the memory of float64
+# panels, so twice the rows per panel and fewer re-reads), and every product is taken in float64 over blocks of
+# this many columns.
+_COLUMN_BLOCK = 2**14
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,12 @@ def scheduler_threads() -> int:
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
-def panel_rows(width: int, memory_budget: int, *, threads: int, chunk: int) -> int:
-    """Rows per panel so that `threads` float64 panels `width` wide fit `memory_budget` bytes.
+def panel_rows(width: int, memory_budget: int, *, threads: int, chunk: int, itemsize: int = 8) -> int:
+    """Rows per panel so that `threads` panels `width` wide of `itemsize`-byte values fit `memory_budget` bytes.
 
     Whole stored chunks when possible (a chunk split between two panels is read twice); at least one row.
     """
-    rows = memory_budget // (threads * _PANEL_BYTES_PER_VALUE * max(1, width))
+    rows = memory_budget // (threads * itemsize * max(1, width))
     return int(max(1, rows // chunk * chunk if rows >= chunk else rows))
 
 
@@ -100,7 +105,7 @@ def trajectory_pass(
     *,
     memory_budget: int,
 ) -> dict[str, TrajectoryPass]:
-    """Gram rows and squared steps of each unit: arrays `(n, ...)` chunked along axis 0 only.
+    """Gram rows and squared steps of each unit: arrays `(n, ...)`, each stored column block a piece of work.
 
     `rows`: positions whose Gram rows to compute, against every row; `steps`: positions `i` whose step
     `x[i+1] - x[i]` to measure, each touching a row of `rows`. Float64 throughout, under the active dask
@@ -108,7 +113,7 @@ def trajectory_pass(
     dask thread, one after the other within a lane, so at most one panel per thread is held: panels take
     at most `memory_budget` bytes per process. One dask computation per panel.
     """
-    arrays = [(unit, a) for unit, group in units.items() for a in group]
+    arrays = [(unit, piece) for unit, group in units.items() for a in group for piece in _column_pieces(a)]
     n = arrays[0][1].shape[0]
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     steps = np.unique(np.asarray(steps, dtype=np.int64))
@@ -118,7 +123,8 @@ def trajectory_pass(
         raise ValueError("every step to measure must touch a computed row")
     threads = scheduler_threads()
     widths = [int(np.prod(a.shape[1:])) for _, a in arrays]
-    size = panel_rows(max(widths), memory_budget, threads=threads, chunk=max(arrays[0][1].chunks[0]))
+    size = panel_rows(max(widths), memory_budget, threads=threads, chunk=max(arrays[0][1].chunks[0]),
+                      itemsize=max(a.dtype.itemsize for _, a in arrays))
     lanes = _lanes(widths, threads)
     results = {u: TrajectoryPass(np.zeros((n, n)), np.full(max(n - 1, 0), np.nan)) for u in units}
     # Panel of each row; rows outside `rows` (-1) are only read as the stream.
@@ -153,6 +159,17 @@ def trajectory_pass(
     return results
 
 
+def _column_pieces(array: da.Array) -> list[da.Array]:
+    """An array's stored column blocks (one per chunk of its own axes), each `(n, ...)` chunked along axis 0 only.
+
+    The Gram matrix and the squared steps are sums over columns, so each piece is a unit of work of its own:
+    a panel holds one piece's width, and a parameter split into chunks along its own axes (a large one) is
+    read once, in panels of many rows, where its whole width would leave room for one row per panel.
+    """
+    grid = itertools.product(*(range(k) for k in array.numblocks[1:]))
+    return [array.blocks[(slice(None), *index)] for index in grid]
+
+
 def _lanes(widths: list[int], threads: int) -> list[list[int]]:
     """Arrays (by index) dealt to `threads` lanes, widest first to the least loaded lane."""
     lanes: list[list[int]] = [[] for _ in range(max(1, min(threads, len(widths))))]
@@ -170,8 +187,6 @@ def _panel_tasks(array: da.Array, panel: np.ndarray, stream: np.ndarray, steps: 
     `panel` and `stream` are sorted, disjoint row positions; every step has a row in the panel. The
     panel is read only once the tasks `after` are done.
     """
-    if any(len(c) > 1 for c in array.chunks[1:]):
-        array = array.rechunk({axis: -1 for axis in range(1, array.ndim)})
     bounds = np.cumsum((0, *array.chunks[0]))
     chunk_of = np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
     blocks = array.to_delayed().reshape(array.numblocks[0])
@@ -200,35 +215,44 @@ def _panel_tasks(array: da.Array, panel: np.ndarray, stream: np.ndarray, steps: 
 
 
 def _gather(chunks: list[_Chunk], picks: list[np.ndarray], after: list) -> np.ndarray:
-    """The panel: the picked rows of each chunk, in one float64 array, read one chunk at a time."""
+    """The panel: the picked rows of each chunk in one array of their dtype, read one chunk at a time."""
     out = None
     start = 0
     for chunk, pick in zip(chunks, picks, strict=True):
         rows = chunk.read(pick)
         if out is None:
-            out = np.empty((sum(len(p) for p in picks), rows.shape[1]), dtype=np.float64)
+            out = np.empty((sum(len(p) for p in picks), rows.shape[1]), dtype=rows.dtype)
         out[start:start + len(pick)] = rows
         start += len(pick)
     return out
 
 
-def _squared_distances(a: np.ndarray, ia: np.ndarray, b: np.ndarray, ib: np.ndarray) -> np.ndarray:
-    """`||a[ia[k]] - b[ib[k]]||^2`, row by row (no full-size temporaries)."""
-    out = np.empty(len(ia))
-    for k, (i, j) in enumerate(zip(ia, ib, strict=True)):
-        step = a[i] - b[j]
-        out[k] = step @ step
-    return out
+def _column_blocks(width: int) -> list[slice]:
+    return [slice(start, start + _COLUMN_BLOCK) for start in range(0, width, _COLUMN_BLOCK)]
+
+
+def _products(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(a @ b.T, ||a[ia[k]] - b[ib[k]]||^2 for each k)` in float64, block of columns by block of columns (no
+    float64 copy of a whole panel)."""
+    gram = np.zeros((len(a), len(b)))
+    steps = np.zeros(len(ia))
+    for columns in _column_blocks(a.shape[1]):
+        left = a[:, columns].astype(np.float64)
+        right = left if b is a else b[:, columns].astype(np.float64)
+        gram += np.dot(left, right.T)
+        for k, (i, j) in enumerate(zip(ia, ib, strict=True)):
+            step = left[i] - right[j]
+            steps[k] += step @ step
+    return gram, steps
 
 
 def _self_products(panel: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.dot(panel, panel.T), _squared_distances(panel, ia, panel, ib)
+    return _products(panel, panel, ia, ib)
 
 
 def _cross_products(panel: np.ndarray, chunk: _Chunk, pick: np.ndarray, ia: np.ndarray,
                     ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rows = chunk.read(pick).astype(np.float64)
-    return np.dot(panel, rows.T), _squared_distances(panel, ia, rows, ib)
+    return _products(panel, chunk.read(pick), ia, ib)
 
 
 # -------------------------------------------------------------------------------- PCA from G

@@ -178,10 +178,11 @@ class ParameterTable:
 
     # ------------------------------------------------------------------------ state dicts <-> stored
     def stored(self, state_dict: Mapping[str, np.ndarray], origin: str, *,
-               ignore: Callable[[str], bool] = lambda key: False) -> dict[str, np.ndarray]:
+               ignore: Callable[[str], bool] = lambda key: False, consume: bool = False) -> dict[str, np.ndarray]:
         """The stored arrays (float32, layers stacked) of a state dict of numpy arrays; SourceError naming
         `origin` for a missing or unexpected key (other than those `ignore` accepts, e.g. buffers) or a shape
-        that does not fit."""
+        that does not fit. With `consume`, each parameter's entries are removed from `state_dict` (a dict)
+        once it is converted, so a large model's stacked layers never sit beside all of their sources."""
         known = {key for p in self.parameters for key in p.keys}
         unexpected = sorted(k for k in state_dict if k not in known and not ignore(k))
         if unexpected:
@@ -199,6 +200,10 @@ class ParameterTable:
                 parts.append(value)
             array = np.stack(parts) if parameter.layered else parts[0]
             out[parameter.name] = np.ascontiguousarray(array, dtype=np.float32)
+            if consume:
+                del array, parts
+                for key in parameter.keys:
+                    del state_dict[key]  # type: ignore[attr-defined]
         return out
 
     def state_dict(self, params: Mapping[str, Any], *, batched: bool = False) -> dict[str, Any]:

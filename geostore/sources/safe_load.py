@@ -29,6 +29,9 @@ CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 _CODE_OPCODES = {ord(c) for c in "cibRo"} | {0x81, 0x82, 0x83, 0x84, 0x92, 0x93}
 # safetensors dtypes numpy cannot represent: read through torch and widened to float32.
 _TORCH_ONLY_DTYPES = {"BF16", "F8_E4M3", "F8_E5M2"}
+# safetensors dtypes -> numpy's (little-endian, as the format stores them): read without the safetensors library.
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                 "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _NUMPY_LOCK = threading.Lock()
 
 
@@ -115,12 +118,36 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                         tensor = tensor.float()
                     out[key] = tensor.numpy()
                 return out
+        if all(entry.get("dtype") in _NUMPY_DTYPES for entry in header.values()):
+            return _read_tensors(path, header)
         with safe_open(str(path), framework="numpy") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except SafetensorError as exc:
         raise _cannot_read(path, _short(exc)) from None
     except (OSError, ValueError, TypeError) as exc:
         raise _cannot_read(path, _short(exc)) from None
+
+
+def _read_tensors(path: Path, header: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (numpy dtypes only) read into its own array, in file order.
+
+    One copy of the data and no memory map: through `safe_open`, the mapped file's pages stay resident beside
+    the arrays copied out of them, twice a checkpoint's size in the reader's memory (1.3 GB for a 652 MB one).
+    """
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        out = {}
+        for key, entry in sorted(header.items(), key=lambda item: int(item[1]["data_offsets"][0])):
+            begin, end = (int(x) for x in entry["data_offsets"])
+            array = np.empty(tuple(int(d) for d in entry["shape"]), dtype=_NUMPY_DTYPES[entry["dtype"]])
+            if end - begin != array.nbytes:
+                raise _cannot_read(path, f"invalid safetensors header ({key}: {end - begin} bytes for shape "
+                                         f"{array.shape} of {entry['dtype']})")
+            f.seek(8 + n + begin)
+            if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
+                raise _cannot_read(path, f"truncated while reading {key}")
+            out[key] = array
+    return {key: out[key] for key in header}
 
 
 # --- pickles ---------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ the middle of the epoch axis first stages the rewritten tail under `_pending/` (
 from __future__ import annotations
 
 import json
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -34,6 +35,12 @@ COMPRESSORS = (zarr.codecs.Crc32cCodec(),)
 # while an append rewrites little.
 TARGET_CHUNK_BYTES = 4 * 2**20
 
+# The most bytes a parameter's chunk holds: a bigger model gets fewer epochs per chunk (down to one), and a
+# parameter larger than this per epoch is also split along its own axes (a GPT-2 `W_E` of 154 MB into five
+# chunks), so that ingest buffers little and reading one epoch reads only that epoch. Models whose largest
+# parameter is at most TARGET_CHUNK_BYTES keep the layout they always had (8 or more epochs, whole arrays).
+MAX_CHUNK_BYTES = 32 * 2**20
+
 
 @contextmanager
 def quiet_zarr():
@@ -43,11 +50,36 @@ def quiet_zarr():
         yield
 
 
-def chunk_epochs_for(largest_param_bytes: int) -> int:
-    """Epochs per chunk: a power of two in [8, 1024] giving ~TARGET_CHUNK_BYTES for the largest array."""
-    n = max(1, TARGET_CHUNK_BYTES // max(1, largest_param_bytes))
-    c = 1 << (n.bit_length() - 1)
-    return min(1024, max(8, c))
+def chunk_epochs_for(largest_param_bytes: int, max_chunk_bytes: int | None = None) -> int:
+    """Epochs per chunk: a power of two in [8, 1024] giving ~TARGET_CHUNK_BYTES for the largest array, or, where
+    that many epochs of it exceed `max_chunk_bytes` (default MAX_CHUNK_BYTES), the most that fit (a power of
+    two, at least 1)."""
+    largest = max(1, largest_param_bytes)
+    limit = MAX_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
+    n = max(1, TARGET_CHUNK_BYTES // largest)
+    c = min(1024, max(8, 1 << (n.bit_length() - 1)))
+    if c * largest <= limit:
+        return c
+    fits = max(1, limit // largest)
+    return 1 << (fits.bit_length() - 1)
+
+
+def chunk_shape(shape: Sequence[int], epochs: int, itemsize: int, max_chunk_bytes: int | None = None
+                ) -> tuple[int, ...]:
+    """The chunk `(epochs, *inner)` of an array with per-epoch `shape`: whole per-epoch arrays, or, where
+    `epochs` of them exceed `max_chunk_bytes` (default MAX_CHUNK_BYTES), split evenly along their leading
+    axes (whole trailing axes, so a chunk is one contiguous run of each epoch's values)."""
+    limit = MAX_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
+    inner = [int(s) for s in shape]
+    for axis, size in enumerate(inner):
+        step = epochs * itemsize * math.prod(inner[axis + 1:])  # bytes of one index along this axis
+        if step * size <= limit:
+            break
+        most = max(1, limit // step)  # indices per chunk; then as even as that many chunks allow
+        inner[axis] = -(-size // -(-size // most))
+        if most > 1 or step <= limit:
+            break
+    return (epochs, *inner)
 
 
 def read_root_meta(location: Location) -> dict:

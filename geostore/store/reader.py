@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 class Store:
     """A geostore store opened for reading; use `geostore.open_store(path)`.
 
-    Parameters are dask arrays `(n_epoch, *shape)` chunked as stored along epoch; nothing is
+    Parameters are dask arrays `(n_epoch, *shape)` chunked as stored; nothing is
     read until computed. Works as a context manager.
     """
 
@@ -69,16 +69,14 @@ class Store:
     def params(self) -> Mapping[str, da.Array]:
         """Parameter name (see `table`) -> lazy dask array `(n_epoch, *shape)`, float32.
 
-        Dask chunks follow the stored chunks (`chunk_epochs` epochs), not zarr's one-task-per-chunk
-        default of `da.from_zarr` with small inner chunks.
+        Dask chunks are the stored chunks (`chunk_epochs` epochs; a large parameter's also split along its own
+        axes), so reading one epoch reads that epoch's chunks only.
         """
         if self._params is None:
             import dask.array as da
 
             self._params = MappingProxyType({
-                name: da.from_zarr(self._group[name], chunks=(self.chunk_epochs, *self._group[name].shape[1:]))[
-                    : self._n
-                ]
+                name: da.from_zarr(self._group[name], chunks=self._group[name].chunks)[: self._n]
                 for name in self.table.names
             })
         return self._params

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,10 @@ REPLACED = "_replaced"
 
 # Arrays written at once: zarr's per-call overhead (metadata, event-loop round trips) overlaps.
 WRITE_THREADS = 8
+# Bytes of values being encoded and written at once (zarr holds copies of each chunk in flight): where arrays are
+# large, fewer are written at once and each with fewer concurrent chunks (a GPT-2-sized checkpoint: one array at a
+# time, two of its 30 MB chunks), which the disk, not zarr's overhead, paces anyway.
+WRITE_BUFFER_BYTES = 64 * 2**20
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -116,6 +121,7 @@ class StoreWriter:
         split: tuple[np.ndarray, Sequence[str]] | None = None,
         probe: np.ndarray | None = None,
         chunk_epochs: int | None = None,
+        max_chunk_bytes: int | None = None,
         storage_options: dict | None = None,
         lock_timeout: float | None = None,
         metrics: Sequence[str] = (),
@@ -127,7 +133,10 @@ class StoreWriter:
         same model); `split` the task's train split (a boolean array and its dimension names), `probe` the
         landscape probe a user gave (recorded once; an existing store must hold the same one). A new store gets
         arrays for the `metrics` among `schema.OPTIONAL_METRICS` and records `index_unit` ("step" or "epoch": what
-        the epoch axis counts; an existing store must count the same).
+        the epoch axis counts; an existing store must count the same). A new store's chunks hold `chunk_epochs`
+        epochs (default: from the largest parameter, `layout.chunk_epochs_for`) and at most `max_chunk_bytes`
+        (default `layout.MAX_CHUNK_BYTES`; larger parameters are split along their own axes); an existing
+        store keeps its chunks.
 
         Waits for the store's lock while another process writes it (saying so on stderr), at most
         `lock_timeout` seconds (default: `GEOSTORE_LOCK_TIMEOUT`, else as long as it takes). Refuses a
@@ -145,7 +154,7 @@ class StoreWriter:
         key = lock.acquire(location, timeout=lock_timeout)
         try:
             if location.is_empty():  # nobody created it while this process waited
-                _create(location, model, task, split, probe, chunk_epochs, metrics, index_unit)
+                _create(location, model, task, split, probe, chunk_epochs, metrics, index_unit, max_chunk_bytes)
                 return cls(location, layout.read_root_attrs(location), created=True, lock_key=key)
             attrs = layout.read_root_attrs(location)  # again, under the lock
             _check_same_run(location, attrs, model, task, split, index_unit)
@@ -531,10 +540,15 @@ class StoreWriter:
                 array.resize((stop, *array.shape[1:]))
             array[start:stop] = columns[name]
 
-        arrays = list(columns)
+        arrays = sorted(columns, key=lambda name: -columns[name].nbytes)
         for name in arrays:
             self._array(name)  # open the handles in this thread
-        with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+        threads = max(1, min(WRITE_THREADS, WRITE_BUFFER_BYTES // max(1, columns[arrays[0]].nbytes)))
+        chunk = max(math.prod(self._array(name).chunks) * self._array(name).dtype.itemsize for name in arrays)
+        concurrency = zarr.config.get("async.concurrency")
+        if threads * concurrency * chunk > WRITE_BUFFER_BYTES:
+            concurrency = max(1, WRITE_BUFFER_BYTES // (threads * chunk))
+        with zarr.config.set({"async.concurrency": concurrency}), ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(write, arrays))
 
     def _commit(self, epochs: np.ndarray, *, moved: bool = False) -> None:
@@ -629,11 +643,11 @@ def _dim_size(settings: Mapping, dim: str) -> int:
 
 
 def _create(location: Location, model: Model, task, split, probe, chunk_epochs, metrics: Sequence[str] = (),
-            index_unit: str = "epoch") -> None:
+            index_unit: str = "epoch", max_chunk_bytes: int | None = None) -> None:
     """Write an empty store (no epochs) for `model`, committed."""
     table = model.table
     largest = max(p.size for p in table.parameters) * 4
-    chunks = chunk_epochs or layout.chunk_epochs_for(largest)
+    chunks = chunk_epochs or layout.chunk_epochs_for(largest, max_chunk_bytes)
     location.make_folder()
     attrs = {
         "geostore": {"format": schema.FORMAT_NAME, "version": schema.FORMAT_VERSION, "chunk_epochs": chunks},
@@ -651,7 +665,8 @@ def _create(location: Location, model: Model, task, split, probe, chunk_epochs, 
         group.create_array(schema.EPOCH_DIM, shape=(0,), chunks=(chunks,), dtype="int64",
                            fill_value=-1, dimension_names=(schema.EPOCH_DIM,), **opts)
         for parameter in table.parameters:
-            group.create_array(parameter.name, shape=(0, *parameter.shape), chunks=(chunks, *parameter.shape),
+            group.create_array(parameter.name, shape=(0, *parameter.shape),
+                               chunks=layout.chunk_shape(parameter.shape, chunks, 4, max_chunk_bytes),
                                dtype="float32", fill_value=0.0, dimension_names=(schema.EPOCH_DIM, *parameter.dims),
                                **opts)
         for name in (*schema.METRICS, *(m for m in schema.OPTIONAL_METRICS if m in metrics)):
