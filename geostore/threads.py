@@ -24,7 +24,6 @@ where the kernels round alike for every thread count (checked by `benchmarks/fla
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -127,13 +126,14 @@ def fitted_calls(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
 def split_sets(loss: Callable[[Mapping], object]) -> Callable[[Mapping], object]:
     """A batched loss `loss(weights) -> (B,)` of a pure function of each weight set, run on `torch`'s count of
-    Python threads with one torch thread each, every thread on a contiguous share of the `B` sets.
+    Python threads with one torch thread each, every thread taking the next weight set as it becomes free.
 
     Independent single-threaded workers have no OpenMP barrier to wait at: beside busy processes each one makes
     progress whenever it is scheduled, where one team of OpenMP threads waits for its slowest (descheduled) member
-    at the end of every short parallel region. Each weight set is computed on one thread, so the values equal a
-    one-thread run bit for bit. Where geostore may not change torch's count (the user fixed it, or a Dask task runs
-    one thread), for CPU tensors of one set, or for tensors on another device, `loss` runs as it is, `fitted()`.
+    at the end of every short parallel region; a worker that shares its core takes fewer sets. Each weight set is
+    computed alone on one thread, so the values equal a one-thread run bit for bit whoever computes it. Where
+    geostore may not change torch's count (the user fixed it, or a Dask task runs one thread), for one set, or
+    for tensors on another device than the CPU, `loss` runs as it is, `fitted()`.
     """
     import torch
 
@@ -141,42 +141,46 @@ def split_sets(loss: Callable[[Mapping], object]) -> Callable[[Mapping], object]
     def call(weights: Mapping) -> object:
         current = torch.get_num_threads()
         sets = len(next(iter(weights.values())))
-        workers = min(current, sets)
         on_cpu = all(w.device.type == "cpu" for w in weights.values())
-        if workers < 2 or not on_cpu or getattr(_inside, "active", False) or not adjustable(current):
+        if min(current, sets) < 2 or not on_cpu or getattr(_inside, "active", False) or not adjustable(current):
             with fitted():
                 return loss(weights)
-        bounds = [sets * i // workers for i in range(workers + 1)]
-        shares = [{name: w[a:b] for name, w in weights.items()} for a, b in itertools.pairwise(bounds)]
         try:
-            return torch.cat(_on_own_threads(loss, shares))
+            return torch.cat(_sets_on_own_threads(loss, weights, sets, min(current, sets)))
         finally:
             torch.set_num_threads(current)  # torch's global count, which the workers set to one
 
     return call
 
 
-def _on_own_threads(loss: Callable[[Mapping], object], shares: list[Mapping]) -> list:
-    """`[loss(share) for share in shares]`, each on a thread of its own with one torch thread; the first error
-    of any is raised once all have ended."""
+def _sets_on_own_threads(loss: Callable[[Mapping], object], weights: Mapping, sets: int, workers: int) -> list:
+    """`[loss(set i) for i in range(sets)]`, computed by `workers` threads of one torch thread each, each taking
+    the next set when free; the first error raised stops the others after their current set and is raised."""
     import torch
 
-    results: list = [None] * len(shares)
+    results: list = [None] * sets
     errors: list[BaseException] = []
+    pending = iter(range(sets))
+    take = threading.Lock()
 
-    def run(i: int) -> None:
+    def run() -> None:
         torch.set_num_threads(1)
         _inside.active = True  # nested fitted() blocks keep the one thread
-        try:
-            results[i] = loss(shares[i])
-        except BaseException as exc:
-            errors.append(exc)
+        while not errors:
+            with take:
+                i = next(pending, None)
+            if i is None:
+                return
+            try:
+                results[i] = loss({name: w[i:i + 1] for name, w in weights.items()})
+            except BaseException as exc:
+                errors.append(exc)
 
-    workers = [threading.Thread(target=run, args=(i,), name=f"geostore-loss-{i}") for i in range(len(shares))]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    threads = [threading.Thread(target=run, name=f"geostore-loss-{k}") for k in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     if errors:
         raise errors[0]
     return results

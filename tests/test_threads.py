@@ -146,26 +146,37 @@ def test_flatness_is_bit_identical_whatever_thread_count_is_used(torch_default_t
 
 
 def test_a_pure_batched_loss_is_shared_among_single_threaded_workers(torch_default_threads):
-    """`split_sets`: each worker gets a contiguous share of the weight sets and one torch thread; the losses come
-    back in order, and torch's count is the caller's again after."""
+    """`split_sets`: torch's count of workers, each with one torch thread, compute the weight sets one at a time
+    at once (a barrier proves two run together); the losses come back in order, errors reach the caller, and torch's
+    count is the caller's again after."""
     if torch_default_threads < 2:
         pytest.skip("one core: nothing to share")
     seen = []
+    together = threading.Barrier(2, timeout=30)
 
     def loss(weights):
-        seen.append((threading.current_thread().name, torch.get_num_threads(), len(weights["w"])))
+        name = threading.current_thread().name
+        if name not in {n for n, _ in seen}:  # each worker's first set: two workers must be in here at once
+            together.wait()
+        seen.append((name, torch.get_num_threads()))
+        if weights["w"][0, 0] < 0:
+            raise ValueError("a negative weight")
         return weights["w"].sum(dim=1, dtype=torch.float64)
 
     weights = {"w": torch.arange(12.0).reshape(6, 2)}
     got = threads.split_sets(loss)(weights)
     assert torch.equal(got, weights["w"].sum(dim=1, dtype=torch.float64))
-    workers = min(torch_default_threads, 6)
-    assert len(seen) == workers and {count for _, count, _ in seen} == {1}
-    assert len({name for name, _, _ in seen} - {threading.current_thread().name}) == workers
-    assert sum(n for *_, n in seen) == 6
+    assert len(seen) == 6 and {count for _, count in seen} == {1}
+    assert 2 <= len({name for name, _ in seen}) <= torch_default_threads
+    assert threading.current_thread().name not in {name for name, _ in seen}
+    assert torch.get_num_threads() == torch_default_threads
+
+    together = threading.Barrier(1)
+    with pytest.raises(ValueError, match="a negative weight"):
+        threads.split_sets(loss)({"w": -weights["w"]})
     assert torch.get_num_threads() == torch_default_threads
 
     torch.set_num_threads(1)  # the user's own count (or a Dask task's): the loss runs as it is, in this thread
     seen.clear()
     threads.split_sets(loss)(weights)
-    assert seen == [(threading.current_thread().name, 1, 6)]
+    assert seen == [(threading.current_thread().name, 1)]
