@@ -7,6 +7,7 @@ import pytest
 
 import geostore
 from tests.conftest import random_params
+from viewer import data as viewer_data
 from viewer.data import HISTOGRAM_BINS, ViewerData, fixed_histograms
 from viewer.state import ViewerState
 
@@ -107,3 +108,14 @@ def test_state_emits_only_real_changes(store):
     assert seen == [3, 4, 0, "mlp"]
     with pytest.raises(ValueError, match="unknown group"):
         state.set_group("bias")
+
+
+def test_the_spectrum_starts_on_a_matrix_whose_svd_is_quick(store, monkeypatch):
+    """A vocabulary-sized embedding (GPT-2's `W_E`: seconds of SVD per epoch) is not the Spectrum dock's default."""
+    data = ViewerData(store)
+    assert data.default_matrix == data.matrices[0] == "W_E"
+    embedding = int(np.prod(store.params["W_E"].shape[-2:]))
+    monkeypatch.setattr(viewer_data, "SPECTRUM_DEFAULT_SIZE", embedding - 1)
+    data = ViewerData(store)
+    assert data.default_matrix != "W_E"
+    assert np.prod(store.params[data.default_matrix].shape[-2:]) < embedding

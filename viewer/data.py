@@ -9,6 +9,7 @@ a worker thread; each caches its result, so asking twice costs nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,8 @@ SCREE_COMPONENTS = 10
 
 HISTOGRAM_BINS = 48
 WEIGHT_BINS = 64
+# Values per matrix (its last two axes) of the Spectrum dock's default: 2048 x 2048.
+SPECTRUM_DEFAULT_SIZE = 2**22
 """Bins of the weight histograms (`Store.histograms`), fixed for the run."""
 FLATNESS_THRESHOLD = 0.1
 """`flatness_ratio` counts directions whose loss rises by less than this fraction of the baseline."""
@@ -218,6 +221,10 @@ class ViewerData(EpochAxis):
         self.velocity_groups = ("all", *store.table.partition())  # what `Store.velocities` returns
         self.weight_choices = (*self.groups, *store.param_shapes())  # what `Store.histograms` takes
         self.matrices = store.matrices  # what `Store.spectrum` takes
+        # the Spectrum dock's first choice: the first matrix of at most SPECTRUM_DEFAULT_SIZE values (a GPT-2 `W_E`,
+        # 50257 x 768, costs seconds of SVD per epoch; the model's other matrices a fraction of that)
+        small = [name for name in self.matrices if math.prod(store.params[name].shape[-2:]) <= SPECTRUM_DEFAULT_SIZE]
+        self.default_matrix = (small or list(self.matrices) or [None])[0]
         # self._cache keys: ("trajectory", group), ("velocities", per_epoch), ("flatness",), ...
 
     # ----------------------------------------------------------------------------- following

@@ -25,6 +25,9 @@ class SpectrumDock(ViewerDock):
 
     def build(self) -> None:
         self.parameter = self.combo("matrix", {name: name for name in self.data.matrices}, self.load)
+        self.parameter.blockSignals(True)  # the first choice, before anything is drawn
+        self.parameter.setCurrentIndex(max(0, self.parameter.findData(self.data.default_matrix)))
+        self.parameter.blockSignals(False)
         self.ratio_plot = self.plot(y_label="participation ratio")
         self.epoch_axis(self.ratio_plot)
         self.line = self.epoch_line(self.ratio_plot)
