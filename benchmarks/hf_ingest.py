@@ -18,14 +18,13 @@ Run with `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/hf_ingest.py` (abo
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from timing import in_child
 
 
 def pythia_70m_config(layers: int):
@@ -48,19 +47,6 @@ def write_run(root: Path, n: int, layers: int) -> None:
             for parameter in model.parameters():
                 parameter.add_(torch.randn_like(parameter), alpha=1e-3)
         model.save_pretrained(root / f"checkpoint-{1000 * (i + 1)}")
-
-
-def _in_child(target, *args) -> tuple[float, float, object]:
-    """`(seconds, peak RSS MB, result)` of `target(*args)` run in a fresh process."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measured, (target, *args))
-
-
-def _measured(target, *args) -> tuple[float, float, object]:
-    start = time.perf_counter()
-    result = target(*args)
-    seconds = time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, result
 
 
 def read_and_save(run: Path, out: Path) -> None:
@@ -130,20 +116,20 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="hf_bench_", dir=args.tmp))
     try:
         run = root / "run"
-        seconds, _, _ = _in_child(write_run, run, args.checkpoints, args.layers)
+        seconds, _, _ = in_child(write_run, run, args.checkpoints, args.layers)
         mb = sum(f.stat().st_size for f in run.rglob("*.safetensors")) / 1e6
         print(f"{args.checkpoints} checkpoints of a Pythia-70M-shaped GPT-NeoX ({args.layers} layers): "
               f"{mb:.0f} MB of safetensors, written in {seconds:.1f} s")
-        base_s, base_rss, _ = _in_child(read_and_save, run, root / "copy")
-        ingest_s, ingest_rss, _ = _in_child(ingest_run, run, root / "store.zarr")
+        base_s, base_rss, _ = in_child(read_and_save, run, root / "copy")
+        ingest_s, ingest_rss, _ = in_child(ingest_run, run, root / "store.zarr")
         print(f"baseline read + np.save  {mb / base_s:7.1f} MB/s  peak RSS {base_rss:7.0f} MB")
         print(f"geostore ingest          {mb / ingest_s:7.1f} MB/s  peak RSS {ingest_rss:7.0f} MB   "
               f"(speed x{base_s / ingest_s:.2f}, RSS x{ingest_rss / base_rss:.2f})")
-        read_s, _, _ = _in_child(read_only, run)
-        pca_s, pca_rss, ratio = _in_child(pca, root / "store.zarr")
+        read_s, _, _ = in_child(read_only, run)
+        pca_s, pca_rss, ratio = in_child(pca, root / "store.zarr")
         print(f"PCA of 'all' (3 components, first time: Gram pass): {pca_s:.2f} s, peak RSS {pca_rss:.0f} MB; "
               f"one safetensors read of the run {read_s:.2f} s (x{pca_s / read_s:.2f}); PC1 holds {ratio:.1%}")
-        _, _, (generic_s, plain_s, diff) = _in_child(flatness, root / "store.zarr", args.batch, args.seq,
+        _, _, (generic_s, plain_s, diff) = in_child(flatness, root / "store.zarr", args.batch, args.seq,
                                                    args.directions)
         n = args.directions
         print(f"flatness, probe {args.batch} x {args.seq} tokens, {n} directions: generic evaluator "

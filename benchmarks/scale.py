@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing
 import os
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from timing import in_child
 
 
 def config_of(args: argparse.Namespace) -> dict:
@@ -170,19 +169,6 @@ def run_flatness(store: Path, batch: int, seq: int, directions: int) -> float:
         return seconds
 
 
-def _in_child(target, *args):
-    """`(seconds, peak RSS MB, result)` of `target(*args)` in a fresh process."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measured, (target, *args))
-
-
-def _measured(target, *args):
-    start = time.perf_counter()
-    result = target(*args)
-    seconds = time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, result
-
-
 def _files(path: Path) -> list[Path]:
     return [f for f in path.rglob("*") if f.is_file()]
 
@@ -208,16 +194,16 @@ def main() -> None:
     run, store = scratch / "run", scratch / "store.zarr"
     try:
         config = config_of(args)
-        _, _, checkpoint = _in_child(write_run, run, config, args.checkpoints)
+        _, _, checkpoint = in_child(write_run, run, config, args.checkpoints)
         total = checkpoint * args.checkpoints
         mb = total / 1e6
         print(f"model: {json.dumps(config)}")
         print(f"run: {args.checkpoints} checkpoints of {checkpoint / 1e6:.1f} MB ({mb:.0f} MB); machine: "
               f"{os.cpu_count()} cores")
 
-        _, numpy_rss, (read, write) = _in_child(numpy_baseline, run, scratch / "npy")
+        _, numpy_rss, (read, write) = in_child(numpy_baseline, run, scratch / "npy")
         shutil.rmtree(scratch / "npy")
-        _, ingest_rss, ingest_s = _in_child(run_ingest, run, store)
+        _, ingest_rss, ingest_s = in_child(run_ingest, run, store)
         print(f"numpy: read {mb / read:7.1f} MB/s, write {mb / write:7.1f} MB/s, read+write "
               f"{mb / (read + write):7.1f} MB/s (peak RSS {numpy_rss:.0f} MB)")
         print(f"ingest: {ingest_s:.2f} s, {mb / ingest_s:7.1f} MB/s; ratio to numpy write {write / ingest_s:.2f}, "
@@ -230,7 +216,7 @@ def main() -> None:
               f"{largest.stat().st_size / 2**20:.1f} MiB ({largest.relative_to(store)})")
 
         if "pca" in phases:
-            _, pca_rss, (pca_s, velocity_s, variance, speed) = _in_child(run_trajectory, store)
+            _, pca_rss, (pca_s, velocity_s, variance, speed) = in_child(run_trajectory, store)
             print(f"pca('all', 3): {pca_s:.2f} s ({mb / pca_s:.0f} MB/s of the store), peak RSS {pca_rss:.0f} MB; "
                   f"velocity after it: {velocity_s:.3f} s")
             if total <= 2**30:
@@ -242,11 +228,11 @@ def main() -> None:
                       f"{np.max(np.abs(variance - ref_variance) / ref_variance):.1e}, velocity rel. error "
                       f"{np.max(np.abs(speed - ref_speed) / ref_speed):.1e}")
         if "viewer" in phases:
-            _, viewer_rss, (shown, loaded, step_s) = _in_child(run_viewer, store, args.viewer_steps)
+            _, viewer_rss, (shown, loaded, step_s) = in_child(run_viewer, store, args.viewer_steps)
             print(f"viewer: window on screen {shown:.2f} s, every dock loaded {loaded:.2f} s; epoch change with "
                   f"repaint {step_s * 1e3:.1f} ms (median of {args.viewer_steps}); peak RSS {viewer_rss:.0f} MB")
         if "flatness" in phases:
-            _, flat_rss, flat_s = _in_child(run_flatness, store, args.probe_batch, args.probe_seq, args.directions)
+            _, flat_rss, flat_s = in_child(run_flatness, store, args.probe_batch, args.probe_seq, args.directions)
             print(f"flatness ({args.directions} directions, probe {args.probe_batch} x {args.probe_seq} tokens): "
                   f"{flat_s:.2f} s, peak RSS {flat_rss:.0f} MB = {flat_rss * 1e6 / checkpoint:.2f} checkpoints")
     finally:

@@ -45,13 +45,21 @@ def open_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     import dask
 
     saved = {name: os.environ.get(name) for name in _THREAD_ENV}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_":
-                          WORKER_MALLOC_TRIM_THRESHOLD}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_":
+                              WORKER_MALLOC_TRIM_THRESHOLD}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        _restore(saved)
+        with cluster, Client(cluster) as client:
+            yield client
+    finally:  # a worker restarted meanwhile (one died) set them again
+        _restore(saved)
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    """Put this process's environment variables `saved` back as they were (None: unset)."""
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    with cluster, Client(cluster) as client:
-        yield client

@@ -57,6 +57,7 @@ def test_cluster_flatness_equals_serial_bit_for_bit_even_when_a_worker_dies(tmp_
         killer.start()
         report = compute_store_flatness(killed, SETTINGS, progress=False, client=client)
         killer.join()
+    assert os.environ.get("OMP_NUM_THREADS") == env_before  # nor the restarted worker's, once the cluster is closed
     assert report.computed + report.already == 30
     assert snapshot(parallel) == snapshot(serial)
     assert snapshot(killed) == snapshot(serial)

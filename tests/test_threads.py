@@ -56,8 +56,11 @@ class CountingRegressor:
 
 
 @pytest.fixture
-def torch_default_threads() -> Iterator[int]:
-    """Torch at its default thread count (what geostore may fit) within; the test process's count restored."""
+def torch_default_threads(monkeypatch) -> Iterator[int]:
+    """Torch at its default thread count and no thread-count variable set (what geostore may fit) within; the test
+    process's count restored."""
+    for name in threads.USER_THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads.default_threads())
     yield threads.default_threads()
@@ -152,7 +155,7 @@ def test_a_pure_batched_loss_is_shared_among_single_threaded_workers(torch_defau
     if torch_default_threads < 2:
         pytest.skip("one core: nothing to share")
     seen = []
-    together = threading.Barrier(2, timeout=30)
+    together = threading.Barrier(2, timeout=10)
 
     def loss(weights):
         name = threading.current_thread().name
